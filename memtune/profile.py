@@ -1,0 +1,190 @@
+"""The Profile: what `memtune profile` measured, as a versioned JSON document (schema: docs/profile.md).
+
+Everything downstream (cost model, search, patcher, reports) reads this. Add fields only with defaults,
+never rename one without bumping SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memtune.errors import ProfileError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Hardware:
+    device: str = "cpu"  # "cuda" or "cpu"
+    gpu_name: str | None = None
+    gpu_total_bytes: int | None = None
+    gpu_free_bytes: int | None = None
+    driver: str | None = None
+    host_ram_bytes: int = 0
+    cpu_cores: int = 0
+    h2d_gbps: float = 0.0  # pinned host -> device, measured
+    d2h_gbps: float = 0.0  # device -> pinned host, measured
+    d2d_gbps: float = 0.0  # device copy, bytes read + written
+    matmul_tflops: dict[str, float] = field(default_factory=dict)  # by dtype name: "bf16", "fp32"
+    world_size: int = 1
+    allgather_gbps: float | None = None  # measured when distributed (bus bandwidth)
+    reduce_scatter_gbps: float | None = None
+
+
+@dataclass
+class BlockProfile:
+    """One block: a repeated layer (kind="repeated") or another top-level piece (embeddings, head...)."""
+
+    name: str  # module path inside the model, e.g. "blocks.3"
+    cls: str  # class name, e.g. "Block"
+    kind: str = "repeated"  # "repeated" or "other"
+    index: int = 0  # position in forward execution order among all blocks
+    param_bytes: dict[str, int] = field(default_factory=dict)  # by dtype name, e.g. {"float32": 4096}
+    trainable_param_bytes: int = 0
+    frozen_param_bytes: int = 0
+    n_params: int = 0
+    activation_bytes: int = 0  # saved for backward: unique storages, parameters and buffers excluded
+    activation_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    input_bytes: int = 0  # tensor inputs of the block's forward (what a checkpointed block keeps)
+    output_bytes: int = 0
+    transient_bytes: int = 0  # largest allocation above the running total inside its forward
+    bwd_transient_bytes: int = 0  # the same inside its backward
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    calls_per_step: int = 1  # forward calls per optimizer step (gradient accumulation multiplies this)
+
+
+@dataclass
+class OptimizerProfile:
+    cls: str  # "torch.optim.adamw.AdamW"
+    kind: str  # "adamw", "adam", "sgd", "adafactor", ... (lower-case class name)
+    n_param_groups: int = 1
+    n_params: int = 0  # elements
+    param_bytes: int = 0
+    state_bytes: int = 0  # after the first step
+    hyperparams: dict[str, Any] = field(default_factory=dict)  # lr, betas, eps, weight_decay, fused, ...
+    step_s: float = 0.0
+
+
+@dataclass
+class Peak:
+    allocated_bytes: int = 0  # max_memory_allocated on GPU; on CPU the sum of measured parts
+    reserved_bytes: int = 0
+    phase: str = "unknown"  # "forward", "loss", "backward", "optimizer"
+    measured: bool = True  # False on CPU: the peak is the sum of the measured parts, not an allocator read
+    where: str | None = None  # the block in which it happened, when known
+
+
+@dataclass
+class Profile:
+    schema_version: int = SCHEMA_VERSION
+    memtune_version: str = ""
+    torch_version: str = ""
+    created: str = ""
+    script: str | None = None  # path as given
+    module: str | None = None  # for `memtune profile -m pkg.mod`
+    argv: list[str] = field(default_factory=list)  # the script's own arguments
+    cwd: str = ""
+    device: str = "cpu"
+    hardware: Hardware = field(default_factory=Hardware)
+    model_cls: str = ""
+    blocks: list[BlockProfile] = field(default_factory=list)
+    optimizers: list[OptimizerProfile] = field(default_factory=list)
+    param_bytes: int = 0
+    trainable_param_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_state_bytes: int = 0
+    buffer_bytes: int = 0
+    other_activation_bytes: int = 0  # saved for backward outside every block (loss, glue code)
+    loss_transient_bytes: int = 0  # largest transient between the last block's forward and backward start
+    step_start_bytes: int = 0  # allocated when a step's first forward starts
+    peak: Peak = field(default_factory=Peak)
+    step_s: float = 0.0  # median of clean steps, taken without per-block hooks
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    optimizer_s: float = 0.0
+    steps: int = 0
+    warmup: int = 0
+    batch_size: int | None = None
+    seq_len: int | None = None
+    tokens_per_step: int | None = None
+    micro_batches_per_step: int = 1  # forwards per optimizer step (gradient accumulation)
+    grads_persist: bool = False  # grads already allocated when a step's first forward starts
+    autocast: str | None = None  # dtype name when the script runs under autocast
+    grad_scaler: bool = False
+    hf_gradient_checkpointing: bool = False  # the model's own (transformers) checkpointing is on
+    world_size: int = 1
+    rank: int = 0
+    ddp: bool = False  # the script wraps its model in DistributedDataParallel
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # anything a later component wants to keep
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def repeated_blocks(self) -> list[BlockProfile]:
+        return [b for b in self.blocks if b.kind == "repeated"]
+
+    def block(self, name: str) -> BlockProfile:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise ProfileError(f"no block named {name!r} in the profile: known blocks are {[b.name for b in self.blocks]}")
+
+    # --- (de)serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def digest(self) -> str:
+        """Short content hash, recorded in a plan's provenance."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> Profile:
+        if not isinstance(data, dict) or "schema_version" not in data:
+            raise ProfileError(f"{source} is not a memtune profile: write one with `memtune profile SCRIPT`")
+        if data["schema_version"] != SCHEMA_VERSION:
+            raise ProfileError(
+                f"{source} has profile schema {data['schema_version']}, this memtune reads {SCHEMA_VERSION}: "
+                "profile the script again with this version"
+            )
+        try:
+            return _build(cls, data)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ProfileError(f"{source} is malformed ({e}): profile the script again") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        from memtune.io import read_json
+
+        return cls.from_dict(read_json(path, "profile"), source=str(path))
+
+    def save(self, path: str | Path) -> Path:
+        from memtune.io import write_text_atomic
+
+        return write_text_atomic(path, self.to_json())
+
+
+_NESTED = {"hardware": Hardware, "peak": Peak}
+_LISTS = {"blocks": BlockProfile, "optimizers": OptimizerProfile}
+
+
+def _build(klass, data: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(klass)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            continue  # tolerate fields written by a newer memtune of the same schema
+        if klass is Profile and k in _NESTED:
+            v = _build(_NESTED[k], v)
+        elif klass is Profile and k in _LISTS:
+            v = [_build(_LISTS[k], x) for x in v]
+        kwargs[k] = v
+    return klass(**kwargs)

@@ -1,0 +1,1 @@
+"""Observers used by `memtune profile`: memory, timing and hardware."""

@@ -1,0 +1,118 @@
+"""The contract every strategy module fulfils (see ../../DESIGN notes in docs/strategies.md).
+
+A strategy is one module in memtune/strategies/ holding a `Strategy` subclass, decorated with `@register`:
+- `validate(section)`: the plan's YAML section -> normalized dict; unknown keys/values -> PlanError that
+  names them and lists the allowed ones.
+- `conflicts(plan, section)`: problems with other sections (e.g. a block both recomputed and offloaded).
+- `lossy(section)`: True where it changes the numbers (labelled in every output, excluded by --lossless-only).
+- `space(trial, profile, opts)`: its Optuna choices -> a section, or None to leave it absent.
+- `effect(profile, section, sim)`: change the cost model's simulated step (memtune.costmodel.SimStep).
+- `apply(ctx, section)`: patch the live run (ApplyContext) and return an undo callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from memtune.costmodel import SimStep
+    from memtune.plan import Plan
+    from memtune.profile import Profile
+
+Undo = Callable[[], None]
+
+
+def _noop() -> None:
+    pass
+
+
+@dataclass
+class BlockRef:
+    """A live block of the model, found the same way `memtune profile` finds them."""
+
+    name: str  # module path inside the model
+    module: torch.nn.Module
+    kind: str = "repeated"  # or "other"
+    index: int = 0  # position among all blocks, forward order
+
+
+@dataclass
+class SearchOptions:
+    lossless_only: bool = False
+    world_size: int = 1
+    device: str = "cuda"
+
+
+@dataclass
+class ApplyContext:
+    """What a strategy's `apply` may touch. Built by the patcher inside a Session (or by `apply_plan`)."""
+
+    model: torch.nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    blocks: list[BlockRef]
+    device: torch.device
+    plan: Plan
+    profile: Profile | None = None
+    # (strategy, what it did or why it left something alone): shown as the apply table
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    # scratch shared between strategies of one application (e.g. offload reads compress's packer)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def repeated(self) -> list[str]:
+        return [b.name for b in self.blocks if b.kind == "repeated"]
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def module(self, name: str) -> torch.nn.Module:
+        for b in self.blocks:
+            if b.name == name:
+                return b.module
+        return self.model.get_submodule(name)
+
+    def note(self, strategy: str, text: str) -> None:
+        self.notes.append((strategy, text))
+
+
+class Strategy:
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 100  # apply order: lower first
+    summary: ClassVar[str] = ""
+
+    def validate(self, section: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def conflicts(self, plan: Plan, section: dict[str, Any]) -> list[str]:
+        return []
+
+    def lossy(self, section: dict[str, Any]) -> bool:
+        return False
+
+    def space(self, trial: Any, profile: Profile, opts: SearchOptions) -> dict[str, Any] | None:
+        return None
+
+    def effect(self, profile: Profile, section: dict[str, Any], sim: SimStep) -> None:
+        pass
+
+    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
+        return _noop
+
+    def describe(self, section: dict[str, Any]) -> str:
+        """One line for tables: what this section does."""
+        return ", ".join(f"{k}={v}" for k, v in section.items())
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a `name` (its plan section)")
+    _REGISTRY[cls.name] = cls()
+    return cls
