@@ -6,6 +6,7 @@ profile's hardware section and caches its micro-benchmarks per machine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -49,10 +50,8 @@ def _nvml() -> dict[str, Any]:
     except Exception as e:
         return {"available": False, "reason": f"NVML query failed ({type(e).__name__}: {e})"}
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def triton_mode() -> dict[str, Any]:

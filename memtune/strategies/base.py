@@ -7,7 +7,17 @@ A strategy is one module in memtune/strategies/ holding a `Strategy` subclass, d
 - `lossy(section)`: True where it changes the numbers (labelled in every output, excluded by --lossless-only).
 - `space(trial, profile, opts)`: its Optuna choices -> a section, or None to leave it absent.
 - `effect(profile, section, sim)`: change the cost model's simulated step (memtune.costmodel.SimStep).
-- `apply(ctx, section)`: patch the live run (ApplyContext) and return an undo callable.
+- `install(section, session)`: optional global patch made before the script starts (e.g. take over the
+  script's DDP wrapping, replace F.cross_entropy); returns an undo. Most strategies need none.
+- `apply(ctx, section)`: patch the live run (ApplyContext) and return an undo callable. The patcher calls it
+  once the model and its optimizer exist, before the first forward, in `order`.
+
+How `effect` talks to the simulator (memtune/costmodel.py), e.g. for a checkpointed block `b`:
+    b.mode = "recompute"; b.kept_bytes = b.input_bytes; b.bwd_extra_bytes = b.act_bytes; b.recompute_s = b.fwd_s
+an offloaded block: b.mode = "offload"; b.kept_bytes = 0; b.d2h_bytes = b.h2d_bytes = b.act_bytes;
+b.bwd_extra_bytes = b.act_bytes (it is back on device for its backward); the simulator hides transfers behind
+the compute they overlap at the profile's measured bandwidth. Global fields (opt_state_bytes, grad_bytes,
+param_bytes, ...) are scaled the same way. Append to `sim.lossy` when lossy and to `sim.notes` to explain.
 """
 
 from __future__ import annotations
@@ -99,6 +109,9 @@ class Strategy:
 
     def effect(self, profile: Profile, section: dict[str, Any], sim: SimStep) -> None:
         pass
+
+    def install(self, section: dict[str, Any], session: Any) -> Undo:
+        return _noop
 
     def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
         return _noop
