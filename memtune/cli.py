@@ -106,6 +106,26 @@ def env(json_out: JsonOpt = False) -> None:
     console.print(t)
 
 
+@app.command()
+def estimate(
+    profile: Annotated[str, typer.Argument(help="profile.json written by `memtune profile`.")],
+    plan: Annotated[str | None, typer.Option("--plan", "-p", help="plan.yaml to estimate; none: the baseline.")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", "-b", help="GPU memory budget, e.g. 16GiB, 16GB, 16000MiB.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Estimate at this batch size (scaled from the profile).")] = None,
+    profile2: Annotated[str | None, typer.Option("--profile2", help="A profile of the same run at another batch size: fit batch scaling through both.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Predict the peak memory and step time of a plan (or the baseline) from a profile, with a breakdown."""
+    from memtune.costmodel import estimate_files, render_report
+
+    with user_errors():
+        rep = estimate_files(profile, plan, budget, batch_size, profile2)
+    if json_out:
+        print_json(rep.to_dict())
+    else:
+        render_report(rep, console)
+
+
 def main() -> None:
     app()
 
