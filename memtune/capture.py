@@ -1,0 +1,520 @@
+"""Session: run an unchanged training script in-process and get inside it.
+
+`memtune profile` (observe) and `memtune apply` (act) both run the user's script through a `Session`:
+
+    s = Session("train.py", argv=["--batch-size", "8"], steps=5, warmup=2)
+    s.on_ready.append(lambda s: print(s.model, s.blocks))     # model + first optimizer exist, no forward yet
+    s.on_step.append(lambda s, i: print("step", i))           # after every optimizer step (i from 0)
+    s.run()                                                    # s.failure / s.stopped say how it ended
+
+How it gets in (no change to the script):
+- `torch.optim.Optimizer.__init__` is wrapped, which catches every optimizer subclass; when the first one is
+  built, the model is the top-level `nn.Module` holding its parameters (found with `gc`, unwrapped from
+  DistributedDataParallel / torch.compile). A model built after its optimizer is found at its first forward.
+- Steps are counted with `register_optimizer_step_post_hook`; `GradScaler.step` is wrapped too so a step the
+  scaler skips (inf/nan gradients) still counts as one step of the training loop.
+- After `warmup + steps` steps `StopRun` (a BaseException, so a script's `except Exception` cannot swallow
+  it) is raised from the step hook; the runner catches it.
+Every global patch is undone when `run()` returns, also on failure.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import gc
+import importlib.util
+import os
+import runpy
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.optim.optimizer as _optim_mod
+
+from memtune.errors import InputError, ScriptError
+from memtune.strategies.base import BlockRef
+
+__all__ = ["ScriptFailure", "Session", "StopRun", "find_blocks", "unwrap_model"]
+
+
+class StopRun(BaseException):
+    """Raised inside the script after the wanted steps; `Session.run` catches it."""
+
+
+@dataclass
+class ScriptFailure:
+    exc_type: str
+    message: str
+    traceback: str  # the script's own frames only (memtune's runner frames removed)
+
+    def __str__(self) -> str:
+        return f"{self.exc_type}: {self.message}" if self.message else self.exc_type
+
+
+# --- models and blocks ------------------------------------------------------------------------------
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel / FSDP(1) / DataParallel / torch.compile wrappers."""
+    seen = set()
+    while id(module) not in seen:
+        seen.add(id(module))
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            module = inner
+            continue
+        if type(module).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel") \
+                and isinstance(getattr(module, "module", None), nn.Module):
+            module = module.module
+            continue
+        break
+    return module
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _signature(m: nn.Module) -> tuple:
+    return tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
+
+
+def _repeated_run(model: nn.Module) -> list[str]:
+    """Paths of the repeated blocks: the longest run of consecutive same-class children (searched
+    recursively) holding most parameters, plus the other outermost instances of that class in the model
+    (a ResNet's bottlenecks sit in four stages). Containers (Sequential, ModuleList) count as a class only
+    when the run's members are identical in structure, so `stem` next to `layers` is not a run."""
+    best: tuple[int, int, list[str], type | None] = (0, 0, [], None)  # (params, length, names, class)
+    for path, mod in model.named_modules():
+        children = list(mod.named_children())
+        i = 0
+        while i < len(children):
+            cls = type(children[i][1])
+            sig = _signature(children[i][1]) if issubclass(cls, _CONTAINERS) else None
+            j = i + 1
+            while j < len(children) and type(children[j][1]) is cls and (
+                    sig is None or _signature(children[j][1]) == sig):
+                j += 1
+            if j - i >= 2:
+                run = children[i:j]
+                n = sum(_n_params(c) for _, c in run)
+                if n > 0 and (n, j - i) > best[:2]:
+                    best = (n, j - i, [f"{path}.{name}" if path else name for name, _ in run], cls)
+            i = j if j > i + 1 else i + 1
+    names, cls = best[2], best[3]
+    if cls is None or issubclass(cls, _CONTAINERS):
+        return names
+    out: list[str] = []
+    for path, mod in model.named_modules():
+        if type(mod) is cls and path and not any(path.startswith(o + ".") for o in out):
+            out.append(path)
+    return out
+
+
+def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockRef]:
+    """The model's blocks: its repeated layers (kind="repeated") and the other top-level pieces that hold
+    parameters (embeddings, final norm, head, stem: kind="other"), in registration order, which is the
+    forward order for the usual `for block in self.blocks` model (the profiler records the observed order).
+
+    `pattern` is a glob over module paths (e.g. "layers.*" or "encoder.layer.*") that replaces the automatic
+    repeated set; a match inside another match is dropped, so "blocks.*" means blocks.0, blocks.1, ...
+    """
+    model = unwrap_model(model)
+    modules = dict(model.named_modules())
+    if pattern:
+        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
+        repeated = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+        if not repeated:
+            sample = [n for n in modules if n and n.count(".") <= 2][:12]
+            raise InputError(
+                f"--blocks {pattern!r} matches no module of {type(model).__name__}; module paths look like "
+                f"{', '.join(sample)}"
+            )
+    else:
+        repeated = _repeated_run(model)
+    rep = set(repeated)
+    refs: list[BlockRef] = []
+
+    def walk(path: str, mod: nn.Module) -> None:
+        for name, child in mod.named_children():
+            p = f"{path}.{name}" if path else name
+            if p in rep:
+                refs.append(BlockRef(p, child, "repeated"))
+            elif any(r.startswith(p + ".") for r in rep):
+                walk(p, child)
+            elif any(True for _ in child.parameters()):
+                refs.append(BlockRef(p, child, "other"))
+
+    walk("", model)
+    if not refs and any(True for _ in model.parameters()):
+        refs.append(BlockRef("", model, "other"))  # a model with its parameters all on the root
+    for i, b in enumerate(refs):
+        b.index = i
+    return refs
+
+
+def _find_model(params: set[int]) -> nn.Module | None:
+    """The top-level module (not a child of another candidate) holding most of the given parameters."""
+    cands = []
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), nn.Module):  # type(), not isinstance: no __class__ lookups on proxies
+            continue
+        n = sum(1 for p in obj.parameters() if id(p) in params)
+        if n:
+            cands.append((n, obj))
+    if not cands:
+        return None
+    inner = {id(m) for _, c in cands for m in c.modules() if m is not c}
+    tops = [(n, c) for n, c in cands if id(c) not in inner]
+    tops.sort(key=lambda t: -t[0])
+    return tops[0][1]
+
+
+def _optimizer_param_ids(opt: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for g in opt.param_groups for p in g["params"]}
+
+
+# --- the session -------------------------------------------------------------------------------------
+
+_RUNNER_FILES = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
+
+
+def _script_traceback(exc: BaseException) -> str:
+    """Format `exc` without the runner's leading frames (runpy, this module): the user sees their own."""
+    tb = exc.__traceback__
+    def runner(f: str) -> bool:
+        return f == "<frozen runpy>" or os.path.abspath(f) in _RUNNER_FILES
+
+    while tb is not None and runner(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    if tb is None:
+        tb = exc.__traceback__
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+class Session:
+    """Run one training script in-process as `__main__`, find its model and optimizer, count steps.
+
+    Callbacks (append to the lists):
+    - `on_before_run(session)`: before the script starts; may return an undo run after it ends (always).
+    - `on_ready(session)`: once, when the first optimizer's `__init__` returned and the model is found
+      (or, for a model built after its optimizer, at the model's first forward), before the first forward.
+    - `on_step(session, i)`: after every optimizer step, i = 0, 1, ... counting warm-up steps too
+      (`i >= session.warmup` are the measured ones; `session.measuring` says so for the current step).
+    - `on_end(session)`: after the script ended (normally, stopped or failed), before the undos.
+    Extra attributes beyond the API note: `device`, `wrapper` (the DDP/compile object around the model,
+    if any), `compiled`, `ddp`, `world_size`, `rank`, `step_start_time`, `ready_time`, `scaler_steps`.
+    """
+
+    def __init__(self, script: str | None = None, *, module: str | None = None, argv: Sequence[str] = (),
+                 steps: int | None = None, warmup: int = 0, stop: bool = True,
+                 blocks_pattern: str | None = None):
+        if (script is None) == (module is None):
+            raise InputError("give a script path or -m module, not both and not neither")
+        if steps is not None and steps < 1:
+            raise InputError(f"--steps must be at least 1 (got {steps})")
+        if warmup < 0:
+            raise InputError(f"--warmup must be 0 or more (got {warmup})")
+        self.script = script
+        self.module = module
+        self.argv = list(argv)
+        self.steps = steps
+        self.warmup = warmup
+        self.stop = stop
+        self.blocks_pattern = blocks_pattern
+
+        self.on_before_run: list[Callable[[Session], Callable[[], None] | None]] = []
+        self.on_ready: list[Callable[[Session], None]] = []
+        self.on_step: list[Callable[[Session, int], None]] = []
+        self.on_end: list[Callable[[Session], None]] = []
+
+        self.model: nn.Module | None = None
+        self.wrapper: nn.Module | None = None  # DDP / OptimizedModule the script wrapped the model in
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.blocks: list[BlockRef] = []
+        self.steps_done = 0
+        self.step_end_times: list[float] = []
+        self.scaler_steps = 0  # steps that went through GradScaler.step (skipped ones included)
+        self.scaler_skipped = 0
+        self.failure: ScriptFailure | None = None
+        self.stopped = False
+        self.ready = False
+        self.ready_time: float | None = None
+        self.start_time: float | None = None
+        self.end_time: float | None = None
+        self._pending_model = False  # optimizer seen, model not yet found
+
+    # --- facts ---------------------------------------------------------------------------------------
+    @property
+    def target_steps(self) -> int | None:
+        return None if self.steps is None else self.warmup + self.steps
+
+    @property
+    def measuring(self) -> bool:
+        """True while the current step is a measured one (past warm-up, before the target)."""
+        t = self.target_steps
+        return self.steps_done >= self.warmup and (t is None or self.steps_done < t)
+
+    @property
+    def device(self) -> torch.device:
+        if self.model is not None:
+            for p in self.model.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    @property
+    def compiled(self) -> bool:
+        return self.wrapper is not None and hasattr(self.wrapper, "_orig_mod")
+
+    @property
+    def ddp(self) -> bool:
+        return self.wrapper is not None and type(self.wrapper).__name__ == "DistributedDataParallel"
+
+    @property
+    def world_size(self) -> int:
+        d = torch.distributed
+        return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        d = torch.distributed
+        return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+    @property
+    def name(self) -> str:
+        return self.script if self.script is not None else f"-m {self.module}"
+
+    # --- internals -----------------------------------------------------------------------------------
+    def _sync_time(self) -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _set_model(self, top: nn.Module) -> None:
+        inner = unwrap_model(top)
+        self.model = inner
+        self.wrapper = top if inner is not top else None
+        self.blocks = find_blocks(inner, self.blocks_pattern)
+
+    def _fire_ready(self) -> None:
+        self.ready = True
+        self._pending_model = False
+        self.ready_time = time.perf_counter()
+        for cb in list(self.on_ready):
+            cb(self)
+
+    def _on_optimizer_init(self, opt: torch.optim.Optimizer) -> None:
+        self.optimizers.append(opt)
+        if self.ready or self._pending_model:
+            return
+        top = _find_model(_optimizer_param_ids(opt))
+        if top is None:
+            self._pending_model = True  # the model is built after its optimizer: catch its first forward
+            return
+        self._set_model(top)
+        self._fire_ready()
+
+    def _forward_pre(self, module: nn.Module, args: Any) -> None:
+        if not self._pending_model:
+            return
+        ids = set().union(*(_optimizer_param_ids(o) for o in self.optimizers))
+        if any(id(p) in ids for p in module.parameters()):
+            # The outermost module's pre-hook fires first, so this is the top-level model (or its wrapper).
+            self._set_model(module)
+            self._fire_ready()
+
+    def _after_step(self) -> None:
+        i = self.steps_done
+        self.steps_done += 1
+        self.step_end_times.append(self._sync_time())
+        for cb in list(self.on_step):
+            cb(self, i)
+        t = self.target_steps
+        if self.stop and t is not None and self.steps_done >= t:
+            self.stopped = True
+            raise StopRun
+
+    def _primary(self, opt: Any) -> bool:
+        # Count the first optimizer's steps: a script stepping two optimizers per iteration takes one step.
+        return bool(self.optimizers) and opt is self.optimizers[0]
+
+    # --- run -----------------------------------------------------------------------------------------
+    def _resolve(self) -> tuple[str, list[str]]:
+        if self.script is not None:
+            p = Path(self.script)
+            if not p.exists():
+                raise ScriptError(f"script {self.script} not found: check the path (relative to {os.getcwd()})")
+            if p.is_dir() and not (p / "__main__.py").exists():
+                raise ScriptError(f"{self.script} is a directory without __main__.py: give the training script")
+            return str(p), [str(p.resolve().parent)]
+        sys.path.insert(0, os.getcwd())  # as `python -m` does
+        try:
+            spec = importlib.util.find_spec(self.module)
+        except (ImportError, ValueError) as e:
+            spec = None
+            why = f" ({type(e).__name__}: {e})"
+        else:
+            why = ""
+        finally:
+            sys.path.remove(os.getcwd())
+        if spec is None:
+            raise ScriptError(
+                f"module {self.module} not found{why}: run from the directory that contains its package, "
+                "or install it (as with `python -m`)"
+            )
+        return self.module, [os.getcwd()]
+
+    def run(self) -> Session:
+        target, path_add = self._resolve()
+        saved_argv, saved_path = sys.argv[:], sys.path[:]
+        undos: list[Callable[[], None]] = []
+        session = self
+
+        # Optimizer construction: every optimizer class's own __init__ is wrapped (the base, the subclasses
+        # known now, and classes defined later through __init_subclass__), and the outermost one to return
+        # reports the optimizer, so a subclass that finishes its setup after super().__init__ is complete.
+        patched_classes: list[tuple[type, Any]] = []
+
+        def patch_class(cls: type) -> None:
+            if "__init__" not in cls.__dict__ or "_memtune_orig_init" in cls.__dict__:
+                return
+            orig = cls.__dict__["__init__"]
+
+            def init(opt, *args, _orig=orig, **kwargs):
+                depth = opt.__dict__.get("_memtune_init_depth", 0)
+                opt._memtune_init_depth = depth + 1
+                try:
+                    _orig(opt, *args, **kwargs)
+                finally:
+                    opt._memtune_init_depth = depth
+                if depth == 0:
+                    session._on_optimizer_init(opt)
+
+            functools.update_wrapper(init, orig)
+            cls._memtune_orig_init = orig
+            cls.__init__ = init
+            patched_classes.append((cls, orig))
+
+        def all_subclasses(c: type) -> list[type]:
+            out, todo = [c], [c]
+            while todo:
+                for s in todo.pop().__subclasses__():
+                    out.append(s)
+                    todo.append(s)
+            return out
+
+        step_hook_handle = None
+        fwd_handle = None
+        orig_scaler_step = None
+        orig_init_subclass = torch.optim.Optimizer.__dict__.get("__init_subclass__")
+
+        try:
+            for c in all_subclasses(torch.optim.Optimizer):
+                patch_class(c)
+
+            def init_subclass(cls, **kw):
+                super(torch.optim.Optimizer, cls).__init_subclass__(**kw)
+                patch_class(cls)
+
+            torch.optim.Optimizer.__init_subclass__ = classmethod(init_subclass)
+
+            def step_post(opt, args, kwargs):
+                if session._primary(opt) and not getattr(session, "_in_scaler_step", False):
+                    session._after_step()
+                elif session._primary(opt):
+                    session._scaler_inner_step = True
+
+            step_hook_handle = _optim_mod.register_optimizer_step_post_hook(step_post)
+            fwd_handle = nn.modules.module.register_module_forward_pre_hook(session._forward_pre)
+
+            scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
+            if scaler_cls is not None:
+                orig_scaler_step = scaler_cls.step
+
+                def scaler_step(scaler, optimizer, *args, **kwargs):
+                    if not session._primary(optimizer):
+                        return orig_scaler_step(scaler, optimizer, *args, **kwargs)
+                    session._in_scaler_step, session._scaler_inner_step = True, False
+                    try:
+                        out = orig_scaler_step(scaler, optimizer, *args, **kwargs)
+                    finally:
+                        session._in_scaler_step = False
+                    session.scaler_steps += 1
+                    if not session._scaler_inner_step:
+                        session.scaler_skipped += 1  # inf/nan grads: the scaler skipped optimizer.step()
+                    session._after_step()
+                    return out
+
+                scaler_cls.step = scaler_step
+
+            for cb in list(self.on_before_run):
+                u = cb(self)
+                if u is not None:
+                    undos.append(u)
+
+            sys.argv = [target if self.script is not None else self.module, *self.argv]
+            for p in reversed(path_add):
+                sys.path.insert(0, p)
+            self.start_time = time.perf_counter()
+            try:
+                if self.script is not None:
+                    runpy.run_path(target, run_name="__main__")
+                else:
+                    runpy.run_module(target, run_name="__main__", alter_sys=True)
+            except StopRun:
+                self.stopped = True
+            except SystemExit as e:
+                if e.code not in (None, 0):
+                    self.failure = ScriptFailure(
+                        "SystemExit", f"the script exited with status {e.code}", _script_traceback(e)
+                    )
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # the script's own error: recorded, shown as theirs
+                self.failure = ScriptFailure(type(e).__name__, str(e), _script_traceback(e))
+            finally:
+                self.end_time = time.perf_counter()
+                gc.collect()  # drop frames of the stopped script so their tensors can go
+        finally:
+            sys.argv[:] = saved_argv
+            sys.path[:] = saved_path
+            for cls, orig in reversed(patched_classes):
+                cls.__init__ = orig
+                with _suppress():
+                    del cls._memtune_orig_init
+            if orig_init_subclass is not None:
+                torch.optim.Optimizer.__init_subclass__ = orig_init_subclass
+            else:
+                with _suppress():
+                    del torch.optim.Optimizer.__init_subclass__
+            if step_hook_handle is not None:
+                step_hook_handle.remove()
+            if fwd_handle is not None:
+                fwd_handle.remove()
+            if orig_scaler_step is not None:
+                torch.amp.GradScaler.step = orig_scaler_step
+            try:
+                for cb in list(self.on_end):
+                    cb(self)
+            finally:
+                for u in reversed(undos):
+                    u()
+        return self
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], (AttributeError, TypeError))
