@@ -126,6 +126,81 @@ def estimate(
         render_report(rep, console)
 
 
+@app.command()
+def report(
+    source: Annotated[str, typer.Argument(metavar="PROFILE|PLAN|STUDY", help="profile.json, plan.yaml, or a study's SQLite file / storage URL.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="HTML file to write (self-contained, opens offline).")] = "report.html",
+    png: Annotated[str | None, typer.Option("--png", help="Also write each plot as a PNG into this directory.")] = None,
+    csv: Annotated[str | None, typer.Option("--csv", help="Also write each table as a CSV into this directory (columns: docs/report.md).")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="The profile a plan or study was tuned on, when it does not say.")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", "-b", help="Budget line to draw, e.g. 16GiB (default: the plan's or study's).")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study name, when the storage holds several.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write an HTML report (plots and tables) of a profile, a plan or a tuning study."""
+    from memtune.report import write_report
+
+    with user_errors():
+        res = write_report(source, out, png_dir=png, csv_dir=csv, force=force, profile=profile, budget=budget,
+                           study_name=study)
+    if json_out:
+        print_json({"html": str(res.html), "png": [str(p) for p in res.pngs], "csv": [str(p) for p in res.csvs],
+                    "sections": res.sections, "notes": res.notes})
+        return
+    console.print(f"wrote [bold]{res.html}[/] ({', '.join(res.sections) or 'no plots'})", highlight=False)
+    for p in [*res.pngs, *res.csvs]:
+        console.print(f"  {p}", highlight=False)
+    for n in res.notes:
+        console.print(f"[dim]note: {n}[/]", highlight=False)
+
+
+@app.command()
+def tune(
+    profile: Annotated[str, typer.Argument(help="profile.json written by `memtune profile`.")],
+    budget: Annotated[str, typer.Option("--budget", "-b", help="GPU memory budget, e.g. 16GiB, 16GB, 16000MiB.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the plan.")] = "plan.yaml",
+    trials: Annotated[int, typer.Option("--trials", help="Plans to evaluate on the cost model (more on a resumed study).")] = 300,
+    timeout: Annotated[str, typer.Option("--timeout", help="Stop searching after this long, e.g. 60s, 2m.")] = "60s",
+    verify: Annotated[int, typer.Option("--verify", help="Run the k best predicted plans for real and pick on measurements.")] = 0,
+    verify_steps: Annotated[int, typer.Option("--verify-steps", help="Steps per verification run.")] = 5,
+    objective: Annotated[str, typer.Option("--objective", help="throughput (fastest plan that fits) or memory (smallest peak).")] = "throughput",
+    lossless_only: Annotated[bool, typer.Option("--lossless-only", help="Leave out every choice that changes the numbers.")] = False,
+    batch_knob: Annotated[str | None, typer.Option("--batch-knob", help="Search the script's batch flag too, e.g. --batch-size=8,16,32 (objective: samples/s).")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL; default: SQLite next to the plan (resumes; opens in optuna-dashboard).")] = None,
+    study_name: Annotated[str | None, typer.Option("--study-name", help="Study to create or resume; default from the profile, budget and options.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sampler seed: the same seed gives the same study.")] = 0,
+    margin: Annotated[str | None, typer.Option("--margin", help="Share of the budget kept free, e.g. 5%; default: the cost model's measured error.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output plan.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Search plans that fit a memory budget at the highest throughput (cost model + Optuna), write plan.yaml."""
+    from memtune.search import pareto_table, tune_files
+    from memtune.units import format_bytes
+
+    with user_errors():
+        res = tune_files(profile, budget, output, trials=trials, timeout=timeout, verify=verify,
+                         verify_steps=verify_steps, objective=objective, lossless_only=lossless_only,
+                         batch_knob=batch_knob, storage=storage, study_name=study_name, seed=seed, margin=margin,
+                         force=force, progress=not json_out, console=err_console)
+    for w in res.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
+    if json_out:
+        print_json(res.to_dict())
+        return
+    console.print(pareto_table(res))
+    c = res.chosen
+    how = "measured" if c.verified_ok else "predicted"
+    m = c.measured if c.verified_ok else None
+    peak = m.get("peak_bytes") if m and m.get("peak_bytes") is not None else c.peak_bytes
+    thr = m["throughput"] if m else c.throughput
+    lossy = f" [bold yellow]LOSSY: {', '.join(c.lossy)}[/]" if c.lossy else ""
+    console.print(f"wrote [bold]{res.output}[/] ({how}: peak {format_bytes(peak)}, {thr:.4g} {c.unit}){lossy}; "
+                  f"{res.new_trials} trials in {res.elapsed_s:.1f} s, study {res.study_name!r} in {res.storage}",
+                  soft_wrap=True, highlight=False)
+    console.print(f"run it: memtune apply {res.output}", highlight=False)
+
+
 def main() -> None:
     app()
 
