@@ -1,0 +1,333 @@
+"""How good is the cost model? Predicted against measured peak memory and step time, plan by plan.
+
+For each model: `memtune profile` once, then for each plan `memtune apply PLAN --steps N --report R` in a
+subprocess (an out-of-memory plan is recorded, not fatal), and `memtune.costmodel.estimate` on the profile.
+
+    # on the GPU (writes results.json + accuracy.md into --out):
+    python benchmarks/accuracy.py --out /tmp/acc
+    # anywhere, later: re-predict from the stored profiles with the current cost model and write the doc
+    python benchmarks/accuracy.py --from /tmp/acc/results.json --doc docs/accuracy.md
+    # CPU smoke test of the whole pipeline at tiny sizes (no allocator peak on CPU, times only):
+    python benchmarks/accuracy.py --tiny --out /tmp/acc-tiny
+
+Plans are built from the strategies registered when it runs (a section that does not validate is skipped
+and said so): baseline, checkpoint all / half / selective, activation offload, optimizer-state offload,
+quantized optimizer states, bf16 parameters, and several batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (script, argv, batch size, extra batch sizes to measure)
+MODELS: dict[str, dict[str, Any]] = {
+    "gpt-125m": dict(script="examples/gpt.py", argv=["--preset", "125m"], batch=8, batches=[4, 16, 24]),
+    "gpt-350m": dict(script="examples/gpt.py", argv=["--preset", "350m"], batch=8, batches=[4, 16]),
+    "llama-1b": dict(script="examples/hf_llama.py", argv=["--preset", "1b"], batch=4, batches=[2, 6]),
+}
+TINY: dict[str, dict[str, Any]] = {
+    "gpt-tiny": dict(script="examples/gpt.py", argv=["--device", "cpu"], batch=8, batches=[4, 16]),
+    "llama-tiny": dict(script="examples/hf_llama.py", argv=["--device", "cpu"], batch=4, batches=[2]),
+}
+OOM_WORDS = ("out of memory", "OutOfMemoryError")
+
+
+def candidate_plans(n_repeated: int, batch: int, batches: list[int]) -> list[tuple[str, dict[str, Any]]]:
+    """Plans as YAML dicts; those whose strategy is missing or rejects the section are dropped later."""
+    half = f"0-{max(0, n_repeated // 2 - 1)}"
+    first_quarter = f"0-{max(0, n_repeated // 4 - 1)}"
+    big = max(batches)
+    return [
+        ("baseline", {}),
+        ("checkpoint all", {"checkpoint": {"blocks": "all"}}),
+        ("checkpoint half", {"checkpoint": {"blocks": [half]}}),
+        ("checkpoint selective", {"checkpoint": {"blocks": "all", "mode": "selective"}}),
+        ("offload act. quarter", {"offload": {"activations": [first_quarter]}}),
+        ("offload act. half", {"offload": {"activations": [half]}}),
+        ("offload opt. state", {"offload": {"optimizer_state": True}}),
+        ("8-bit optimizer", {"optimizer": {"name": "adamw", "state_bits": 8}}),
+        ("bf16 params", {"precision": {"params": "bf16"}}),
+        ("bf16 params + ckpt half", {"precision": {"params": "bf16"}, "checkpoint": {"blocks": [half]}}),
+        ("ckpt half + offload quarter", {"checkpoint": {"blocks": [f"{n_repeated // 2}-{n_repeated - 1}"]},
+                                         "offload": {"activations": [first_quarter]}}),
+        *[(f"batch {b}", {"run": {"knobs": {"--batch-size": b}}}) for b in batches],
+        (f"batch {big} + ckpt all", {"run": {"knobs": {"--batch-size": big}}, "checkpoint": {"blocks": "all"}}),
+        (f"batch {2 * big} + ckpt all", {"run": {"knobs": {"--batch-size": 2 * big}},
+                                        "checkpoint": {"blocks": "all"}}),
+    ]
+
+
+def valid_plans(cands, script: str, argv: list[str]):
+    from memtune.errors import MemtuneError
+    from memtune.plan import Plan
+
+    out, skipped = [], []
+    for name, d in cands:
+        d = dict(d)
+        run = dict(d.pop("run", {}))
+        run.update(script=script, argv=list(argv))
+        try:
+            plan = Plan.from_dict({"run": run, **d}, source=name)
+        except MemtuneError as e:
+            skipped.append((name, " ".join(str(e).split())))
+            continue
+        out.append((name, plan))
+    return out, skipped
+
+
+def sh(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        return r.returncode, r.stdout, r.stderr, time.perf_counter() - t0
+    except subprocess.TimeoutExpired as e:
+        return 124, str(e.stdout or ""), f"timed out after {timeout:.0f} s", time.perf_counter() - t0
+
+
+def measure_model(name: str, cfg: dict[str, Any], work: Path, args) -> dict[str, Any]:
+    from memtune.profile import Profile
+
+    work.mkdir(parents=True, exist_ok=True)
+    argv = list(cfg["argv"]) + ["--batch-size", str(cfg["batch"]), "--steps", "1000"]
+    prof_path = work / "profile.json"
+    cmd = [sys.executable, "-m", "memtune", "profile", cfg["script"], "-o", str(prof_path), "--force",
+           "--steps", str(args.profile_steps), "--warmup", str(args.profile_warmup), "--", *argv]
+    rc, out, err, wall = sh(cmd, args.timeout)
+    print(f"[{name}] profile rc={rc} {wall:.1f}s", flush=True)
+    if rc != 0:
+        print(err[-3000:], flush=True)
+        return {"model": name, "error": f"profile failed: {err.strip().splitlines()[-1:]}", "rows": []}
+    profile = Profile.load(prof_path)
+    rec: dict[str, Any] = {"model": name, "profile": profile.to_dict(), "profile_wall_s": wall, "rows": []}
+    cands = candidate_plans(len(profile.repeated_blocks), cfg["batch"], cfg["batches"])
+    plans, skipped = valid_plans(cands, cfg["script"], argv)
+    rec["skipped"] = skipped
+    for pname, why in skipped:
+        print(f"[{name}] skip {pname}: {why}", flush=True)
+    for i, (pname, plan) in enumerate(plans):
+        if args.only and pname not in args.only:
+            continue
+        plan_path = work / f"plan{i}.yaml"
+        plan.save(plan_path)
+        rep_path = work / f"apply{i}.json"
+        cmd = [sys.executable, "-m", "memtune", "apply", str(plan_path), "--steps", str(args.steps),
+               "--report", str(rep_path), "--force"]
+        rc, out, err, wall = sh(cmd, args.timeout)
+        row: dict[str, Any] = {"plan": pname, "plan_dict": plan.to_dict(), "rc": rc, "wall_s": wall}
+        if rep_path.is_file():
+            rep = json.loads(rep_path.read_text())
+            row.update(measured_peak=rep.get("peak_allocated_bytes"), measured_step_s=rep.get("step_s"),
+                       measured_reserved=rep.get("peak_reserved_bytes"), step_times=rep.get("step_times"),
+                       failure=rep.get("failure"))
+        text = out + err + json.dumps(row.get("failure"))
+        row["oom"] = any(w in text for w in OOM_WORDS)
+        if rc != 0 and not row["oom"]:
+            row["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
+        print(f"[{name}] {pname:32s} rc={rc} oom={row['oom']} peak={row.get('measured_peak')} "
+              f"step={row.get('measured_step_s')} {wall:.1f}s {row.get('error', '')}", flush=True)
+        rec["rows"].append(row)
+    return rec
+
+
+# --- predictions and the document --------------------------------------------------------------------
+
+
+def predict(results: dict[str, Any]) -> None:
+    """(Re)compute each row's prediction from the stored profile with the current cost model."""
+    from memtune.costmodel import estimate
+    from memtune.errors import MemtuneError
+    from memtune.plan import Plan
+    from memtune.profile import Profile
+
+    for rec in results["models"]:
+        if "profile" not in rec:
+            continue
+        profile = Profile.from_dict(rec["profile"])
+        for row in rec["rows"]:
+            try:
+                est = estimate(profile, Plan.from_dict(row["plan_dict"]))
+            except MemtuneError as e:
+                row["predict_error"] = str(e)
+                continue
+            row.update(pred_peak=est.peak_bytes, pred_step_s=est.step_s, pred_phase=est.peak_phase,
+                       pred_where=est.peak_where, lossy=est.lossy)
+
+
+def _err(pred, meas):
+    if pred is None or not meas:
+        return None
+    return 100.0 * (pred - meas) / meas
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    peak_errs, step_errs, per_model = [], [], {}
+    for rec in results["models"]:
+        pe, se = [], []
+        for row in rec["rows"]:
+            row["peak_err"] = _err(row.get("pred_peak"), row.get("measured_peak"))
+            row["step_err"] = _err(row.get("pred_step_s"), row.get("measured_step_s"))
+            if row["peak_err"] is not None and not row.get("oom"):
+                pe.append(abs(row["peak_err"]))
+            if row["step_err"] is not None and not row.get("oom"):
+                se.append(abs(row["step_err"]))
+        per_model[rec["model"]] = _stats(pe, se)
+        peak_errs += pe
+        step_errs += se
+    return {"all": _stats(peak_errs, step_errs), "models": per_model}
+
+
+def _stats(pe, se):
+    return {"n_peak": len(pe), "median_abs_peak_err": statistics.median(pe) if pe else None,
+            "worst_abs_peak_err": max(pe) if pe else None, "n_step": len(se),
+            "median_abs_step_err": statistics.median(se) if se else None,
+            "worst_abs_step_err": max(se) if se else None}
+
+
+def _gib(x):
+    return "" if x is None else f"{x / 2**30:.2f}"
+
+
+def _pct(x):
+    return "" if x is None else f"{x:+.1f}%"
+
+
+def _f(x, nd=1):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def render(results: dict[str, Any], summary: dict[str, Any]) -> str:
+    env = results.get("env", {})
+    a = summary["all"]
+    lines = [
+        "# Cost-model accuracy: predicted vs measured peak memory and step time",
+        "",
+        f"GPU: {env.get('gpu', '?')} · torch {env.get('torch', '?')} · CUDA {env.get('cuda', '?')} · "
+        f"measured {env.get('date', '?')} · predictions from the cost model at commit "
+        f"`{results.get('predicted_at', '?')}`",
+        "",
+        f"Command (on the GPU): `{env.get('command', '?')}`; predictions re-made from the stored profiles with "
+        f"`python benchmarks/accuracy.py --from results.json --doc docs/accuracy.md`.",
+        "",
+        "Measured peak = `torch.cuda.max_memory_allocated` over the applied run (`memtune apply --steps "
+        f"{env.get('steps', '?')} --report`), step time = median of its steps after the first. Predicted = "
+        "`memtune.costmodel.estimate(profile, plan)` from one `memtune profile` per model at its default "
+        "batch size (batch sizes other than the profile's are scaled from that one profile).",
+        "",
+        "## Summary",
+        "",
+        "| | plans | median \\|peak err\\| | worst \\|peak err\\| | median \\|step err\\| | worst \\|step err\\| |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, s in [*summary["models"].items(), ("all", a)]:
+        lines.append(f"| {m} | {s['n_peak']} | {_f(s['median_abs_peak_err'])}% | {_f(s['worst_abs_peak_err'])}% | "
+                     f"{_f(s['median_abs_step_err'])}% | {_f(s['worst_abs_step_err'])}% |")
+    ok = lambda v, t: "met" if v is not None and v <= t else "NOT met"
+    lines += ["", f"Targets: median |peak err| <= 3% ({ok(a['median_abs_peak_err'], 3)}), worst <= 8% "
+              f"({ok(a['worst_abs_peak_err'], 8)}), median |step err| <= 10% "
+              f"({ok(a['median_abs_step_err'], 10)}).", ""]
+    for rec in results["models"]:
+        lines += [f"## {rec['model']}", ""]
+        if rec.get("error"):
+            lines += [f"Not measured: {rec['error']}", ""]
+            continue
+        p = rec["profile"]
+        lines += [f"`{p.get('script')} {' '.join(p.get('argv', []))}` · profile peak "
+                  f"{_gib(p['peak']['allocated_bytes'])} GiB in {p['peak'].get('phase')} · step "
+                  f"{p.get('step_s', 0) * 1e3:.0f} ms", "",
+                  "| plan | measured peak GiB | predicted GiB | err | predicted phase | measured step ms | "
+                  "predicted ms | err |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in rec["rows"]:
+            name = row["plan"] + (" (lossy)" if row.get("lossy") else "")
+            if row.get("oom"):
+                lines.append(f"| {name} | OOM | {_gib(row.get('pred_peak'))} | | {row.get('pred_phase', '')} | "
+                             f"| {_f((row.get('pred_step_s') or 0) * 1e3, 0)} | |")
+                continue
+            if row.get("error"):
+                lines.append(f"| {name} | failed: {row['error'][:80]} | {_gib(row.get('pred_peak'))} | | | | | |")
+                continue
+            ms = row.get("measured_step_s")
+            lines.append(
+                f"| {name} | {_gib(row.get('measured_peak'))} | {_gib(row.get('pred_peak'))} | "
+                f"{_pct(row.get('peak_err'))} | {row.get('pred_phase', '')} | {_f(ms and ms * 1e3, 0)} | "
+                f"{_f((row.get('pred_step_s') or 0) * 1e3, 0)} | {_pct(row.get('step_err'))} |")
+        if rec.get("skipped"):
+            lines += ["", "Plans not run (their strategy was missing or refused them): "
+                      + "; ".join(f"{n} ({w[:90]})" for n, w in rec["skipped"])]
+        lines.append("")
+    if results.get("notes"):
+        lines += ["## What the measurements changed in the model", "", *results["notes"], ""]
+    return "\n".join(lines) + "\n"
+
+
+def _git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="accuracy-out", help="folder for results.json and accuracy.md")
+    ap.add_argument("--models", nargs="*", help=f"subset of {sorted(MODELS)} (or of the tiny ones)")
+    ap.add_argument("--only", nargs="*", help="run only these plan names")
+    ap.add_argument("--tiny", action="store_true", help="tiny CPU sizes: checks the pipeline, not accuracy")
+    ap.add_argument("--steps", type=int, default=5, help="steps per applied plan")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--profile-warmup", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per subprocess")
+    ap.add_argument("--from", dest="from_", help="results.json of an earlier run: re-predict and render only")
+    ap.add_argument("--doc", help="also write the markdown here")
+    ap.add_argument("--notes", help="markdown file whose lines go under 'What the measurements changed'")
+    args = ap.parse_args()
+
+    if args.from_:
+        results = json.loads(Path(args.from_).read_text())
+    else:
+        import torch
+
+        table = TINY if args.tiny else MODELS
+        names = args.models or list(table)
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+        results = {"env": {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+                           "date": datetime.date.today().isoformat(), "steps": args.steps,
+                           "command": "python " + " ".join(["benchmarks/accuracy.py", *sys.argv[1:]])},
+                   "models": []}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            results["models"].append(measure_model(n, table[n], out / n, args))
+            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if args.notes:
+        results["notes"] = Path(args.notes).read_text().splitlines()
+    results["predicted_at"] = _git_head()
+    predict(results)
+    summary = summarize(results)
+    results["summary"] = summary
+    doc = render(results, summary)
+    out = Path(args.out)
+    if not args.from_:
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "accuracy.md").write_text(doc)
+    if args.doc:
+        Path(args.doc).write_text(doc)
+    print(json.dumps(summary["all"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
