@@ -1,0 +1,214 @@
+"""Precision: autocast around the model's forward; bf16 parameters with fp32 master weights.
+
+Plan section: `precision: {autocast: bf16 | fp16 | none, params: fp32 | bf16, master_weights: true | false}`.
+- autocast: the model's forward runs under `torch.autocast(device, dtype)` (a script already under the same
+  autocast is unchanged; the loss computed outside the model stays as the script has it).
+- params bf16: floating-point parameters become bf16 in place (same Parameter objects, same state_dict keys;
+  a checkpoint saved this way loads into the fp32 model with `load_state_dict`, which casts). Buffers stay.
+- master_weights (default true with bf16 params): the optimizer keeps an fp32 copy of each parameter and
+  updates that (gradients upcast to fp32, the optimizer's own update on the masters, copied back rounded to
+  bf16), wrapping whatever optimizer class the script (or the `optimizer` section, applied before) uses. When
+  the plan also offloads the optimizer state, the masters live on the host and offload does the update.
+Changes the numbers (labelled lossy); tests check it against the same recipe written by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from memtune.errors import PlanError
+from memtune.plan import check_choice, check_keys
+from memtune.strategies.base import ApplyContext, Strategy, Undo, register
+
+AUTOCAST = ("none", "bf16", "fp16")
+PARAMS = ("fp32", "bf16")
+KEYS = {"autocast": "none | bf16 | fp16", "params": "fp32 | bf16", "master_weights": "true | false"}
+_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Autocast without measured matmul rates: saved activations and block time assumed to halve.
+AUTOCAST_BYTES = 0.5
+AUTOCAST_TIME = 0.5
+
+
+class MasterWeights:
+    """fp32 masters for one optimizer's low-precision parameters; the update runs on them."""
+
+    def __init__(self, opt: torch.optim.Optimizer, masters: dict[int, torch.Tensor]):
+        from memtune.patcher import wrap_step
+
+        self.opt = opt
+        self.params = [p for g in opt.param_groups for p in g["params"] if id(p) in masters]
+        self.subs = {id(p): masters[id(p)] for p in self.params}
+        self.ver = {id(p): p._version for p in self.params}
+        self.undo = wrap_step(opt, self._step)
+
+    @torch.no_grad()
+    def _step(self, opt, closure=None):
+        from memtune.patcher import step_on
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p in self.params:
+            m = self.subs[id(p)]
+            if p._version != self.ver[id(p)]:  # weights set from outside (load_state_dict): follow them
+                m.copy_(p)
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        try:
+            step_on(opt, self.subs)
+        finally:
+            for p in self.params:
+                m = self.subs[id(p)]
+                if m.grad is not None:
+                    p.copy_(m)
+                m.grad = None
+                self.ver[id(p)] = p._version
+        return loss
+
+
+@register
+class Precision(Strategy):
+    name = "precision"
+    order = 20
+    summary = "bf16/fp16 autocast; bf16 parameters with fp32 master weights"
+
+    def validate(self, section: Any) -> dict[str, Any]:
+        if not isinstance(section, dict):
+            raise PlanError("precision: write it as {autocast: bf16|fp16|none, params: fp32|bf16, master_weights: true}")
+        check_keys(section, KEYS, "precision")
+        out = {"autocast": check_choice(section.get("autocast", "none"), AUTOCAST, "precision.autocast"),
+               "params": check_choice(section.get("params", "fp32"), PARAMS, "precision.params")}
+        mw = section.get("master_weights", True)
+        if not isinstance(mw, bool):
+            raise PlanError(f"precision.master_weights: {mw!r} is not allowed; choose one of: true, false")
+        out["master_weights"] = mw
+        return out
+
+    def lossy(self, section: dict[str, Any]) -> bool:
+        return section["autocast"] != "none" or section["params"] != "fp32"
+
+    def describe(self, section: dict[str, Any]) -> str:
+        parts = []
+        if section["autocast"] != "none":
+            parts.append(f"{section['autocast']} autocast")
+        if section["params"] != "fp32":
+            parts.append(f"{section['params']} params" + (" + fp32 masters" if section["master_weights"] else ""))
+        return ", ".join(parts) or "unchanged"
+
+    def space(self, trial: Any, profile: Any, opts: Any) -> dict[str, Any] | None:
+        if opts.lossless_only:
+            return None
+        autocast = "none" if profile.autocast else trial.suggest_categorical("precision.autocast", ["none", "bf16"])
+        params = trial.suggest_categorical("precision.params", list(PARAMS))
+        if autocast == "none" and params == "fp32":
+            return None
+        return {"autocast": autocast, "params": params, "master_weights": True}
+
+    def effect(self, profile: Any, section: dict[str, Any], sim: Any) -> None:
+        sim.lossy.append(self.name)
+        if section["params"] == "bf16":
+            fp32 = sum(b.param_bytes.get("float32", 0) for b in profile.blocks)
+            trainable_fp32 = min(fp32, profile.trainable_param_bytes)
+            by_name = {b.name: b for b in profile.blocks}
+            for b in sim.blocks:
+                pb = by_name.get(b.name)
+                f = pb.param_bytes.get("float32", 0) if pb else 0
+                b.param_bytes -= f / 2
+                b.grad_bytes = b.grad_bytes / 2 if b.grad_bytes else b.grad_bytes
+            sim.param_bytes -= fp32 / 2
+            sim.grad_bytes -= trainable_fp32 / 2
+            if section["master_weights"]:
+                sim.master_bytes += trainable_fp32
+            else:
+                sim.opt_state_bytes /= 2
+        if section["autocast"] != "none" and not profile.autocast:
+            ratio = AUTOCAST_TIME
+            rates = profile.hardware.matmul_tflops or {}
+            if rates.get("fp32") and rates.get(section["autocast"]):
+                ratio = min(1.0, max(0.1, rates["fp32"] / rates[section["autocast"]]))
+            for b in sim.blocks:
+                b.act_bytes *= AUTOCAST_BYTES
+                b.fwd_s *= ratio
+                b.bwd_s *= ratio
+            sim.notes.append(f"autocast: activations assumed x{AUTOCAST_BYTES}, block time x{ratio:.2f}")
+
+    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
+        undos: list[Undo] = []
+        if section["params"] != "fp32":
+            undos.append(self._cast_params(ctx, section))
+        if section["autocast"] != "none":
+            undos.append(self._autocast(ctx, section["autocast"]))
+
+        def undo() -> None:
+            for u in reversed(undos):
+                u()
+
+        return undo
+
+    def _autocast(self, ctx: ApplyContext, name: str) -> Undo:
+        from memtune.strategies.checkpoint import wrap_forward
+
+        dtype, dev = _DT[name], ctx.device.type
+
+        def make(forward):
+            @functools.wraps(forward)
+            def wrapper(*args, **kwargs):
+                with torch.autocast(dev, dtype=dtype):
+                    return forward(*args, **kwargs)
+
+            return wrapper
+
+        ctx.note(self.name, f"{name} autocast around {type(ctx.model).__name__}.forward (a loss computed "
+                            "outside the model keeps the script's precision)")
+        return wrap_forward(ctx.model, make)
+
+    @torch.no_grad()
+    def _cast_params(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
+        dtype = _DT[section["params"]]
+        params = [p for p in ctx.model.parameters() if p.dtype == torch.float32]
+        offload = (ctx.plan.get("offload") or {}).get("optimizer_state", False)
+        masters: dict[int, torch.Tensor] = {}
+        if section["master_weights"]:
+            for p in params:
+                if offload:  # offload keeps them on the host and runs the update there
+                    from memtune.strategies.offload import make_transport
+
+                    m = make_transport(ctx.device).host_like(p)
+                    m.copy_(p.detach())
+                else:
+                    m = p.detach().clone()
+                masters[id(p)] = m
+        for p in params:
+            p.data = p.data.to(dtype)
+        held = {id(p) for p in params}
+        wrapped: list[MasterWeights] = []
+        for opt in ctx.optimizers:
+            mine = [p for g in opt.param_groups for p in g["params"] if id(p) in held]
+            if not mine:
+                continue
+            if not masters:  # state must match the parameters' dtype
+                for p in mine:
+                    for k, v in list(opt.state.get(p, {}).items()):
+                        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
+                            opt.state[p][k] = v.to(dtype)
+            elif not offload:
+                wrapped.append(MasterWeights(opt, masters))
+        if offload and masters:
+            ctx.shared["master_params"] = masters
+        n = sum(p.numel() for p in params)
+        where = "on the host (offload runs the update)" if offload else "on the device"
+        ctx.note(self.name, f"{len(params)} parameters ({n / 1e6:.1f}M) cast to {section['params']}"
+                            + (f"; fp32 master weights {where}" if masters else "; no master weights (lossy updates)"))
+
+        def undo() -> None:
+            for w in wrapped:
+                w.undo()
+            with torch.no_grad():
+                for p in params:
+                    m = masters.get(id(p))
+                    p.data = m.to(p.device) if m is not None else p.data.to(torch.float32)
+
+        return undo
