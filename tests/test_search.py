@@ -1,0 +1,238 @@
+"""memtune.search on hand-built profiles with small fake strategies (fast), and on a real profile."""
+
+from __future__ import annotations
+
+import pytest
+
+import memtune.strategies as strategies
+from memtune import search
+from memtune.plan import check_keys, resolve_block_refs, validate_block_refs
+from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Profile
+from memtune.strategies.base import SearchOptions, Strategy
+
+MB = 1_000_000
+
+
+def make_profile(n=8, act=100 * MB, device="cuda", batch=8):
+    blocks = [BlockProfile(name="emb", cls="Embedding", kind="other", index=0, param_bytes={"float32": 10 * MB},
+                           trainable_param_bytes=10 * MB)]
+    for i in range(n):
+        blocks.append(BlockProfile(name=f"blocks.{i}", cls="Block", index=i + 1, param_bytes={"float32": 20 * MB},
+                                   trainable_param_bytes=20 * MB, activation_bytes=act, input_bytes=10 * MB,
+                                   transient_bytes=30 * MB, bwd_transient_bytes=30 * MB, fwd_s=0.01, bwd_s=0.02))
+    blocks.append(BlockProfile(name="head", cls="Linear", kind="other", index=n + 1, param_bytes={"float32": 10 * MB},
+                               trainable_param_bytes=10 * MB, activation_bytes=2 * act, input_bytes=10 * MB,
+                               fwd_s=0.005, bwd_s=0.01))
+    params = 20 * MB + n * 20 * MB
+    return Profile(
+        script="train.py", argv=["--steps", "3"], device=device,
+        hardware=Hardware(device=device, h2d_gbps=20.0, d2h_gbps=20.0, gpu_total_bytes=4 * 10**9 if device == "cuda" else None),
+        blocks=blocks, optimizers=[OptimizerProfile(cls="torch.optim.adamw.AdamW", kind="adamw", param_bytes=params,
+                                                    state_bytes=2 * params, step_s=0.005)],
+        param_bytes=params, trainable_param_bytes=params, grad_bytes=params, optimizer_state_bytes=2 * params,
+        other_activation_bytes=40 * MB, loss_transient_bytes=50 * MB, step_start_bytes=3 * params,
+        batch_size=batch, optimizer_s=0.005, step_s=n * 0.03 + 0.02,
+    )
+
+
+class FakeCheckpoint(Strategy):
+    name, order = "checkpoint", 50
+
+    def validate(self, section):
+        check_keys(section, ["blocks"], "checkpoint")
+        return {"blocks": validate_block_refs(section["blocks"], "checkpoint.blocks")}
+
+    def space(self, trial, profile, opts):
+        blocks = search.blocks_in_mode(trial, profile, opts, "recompute")
+        return {"blocks": blocks} if blocks else None
+
+    def effect(self, profile, section, sim):
+        names = resolve_block_refs(section["blocks"], [b.name for b in profile.repeated_blocks],
+                                   [b.name for b in profile.blocks], "checkpoint")
+        for b in sim.blocks:
+            if b.name in names:
+                b.mode, b.kept_bytes, b.bwd_extra_bytes, b.recompute_s = "recompute", b.input_bytes, b.act_bytes, b.fwd_s
+
+
+class FakeCompress(Strategy):
+    """Lossy: keeps a quarter of each chosen block's activations."""
+
+    name, order = "compress", 60
+
+    def validate(self, section):
+        return {"activations": {k: v for k, v in section["activations"].items()}}
+
+    def lossy(self, section):
+        return True
+
+    def space(self, trial, profile, opts):
+        blocks = search.blocks_in_mode(trial, profile, opts, "compress")
+        return {"activations": {b: "int8" for b in blocks}} if blocks else None
+
+    def effect(self, profile, section, sim):
+        rep = [b.name for b in profile.repeated_blocks]
+        names = {rep[k] if isinstance(k, int) else k for k in section["activations"]}
+        for b in sim.blocks:
+            if b.name in names:
+                b.mode, b.kept_bytes, b.extra_fwd_s = "compress", b.act_bytes / 4, 0.001
+
+
+class FakeOptimizer(Strategy):
+    """Lossy 8-bit states (a quarter of fp32 Adam's), lossless otherwise."""
+
+    name, order = "optimizer", 10
+
+    def validate(self, section):
+        return dict(section)
+
+    def lossy(self, section):
+        return section.get("state_bits") == 8
+
+    def space(self, trial, profile, opts):
+        choices = [32] if opts.lossless_only else [32, 8]
+        bits = trial.suggest_categorical("optimizer.state_bits", choices)
+        return {"name": "adamw", "state_bits": 8} if bits == 8 else None
+
+    def effect(self, profile, section, sim):
+        if section.get("state_bits") == 8:
+            sim.opt_state_bytes /= 4
+
+
+@pytest.fixture
+def fake_strategies(monkeypatch):
+    reg = {s.name: s() for s in (FakeCheckpoint, FakeCompress, FakeOptimizer)}
+    monkeypatch.setattr(strategies, "_REGISTRY", reg)
+    monkeypatch.setattr(strategies, "_loaded", True)
+    return reg
+
+
+def opts(**kw):
+    kw.setdefault("budget_bytes", int(1.0e9))
+    kw.setdefault("trials", 40)
+    kw.setdefault("timeout_s", None)
+    kw.setdefault("margin", 0.03)
+    return search.TuneOptions(**kw)
+
+
+# --- the shared per-block helper ---------------------------------------------------------------------
+
+
+def test_block_modes_layout_and_idempotent(fake_strategies):
+    p = make_profile(n=8)
+    t = search._ProbeTrial({"blocks.compress": 3, "blocks.recompute": 7, "blocks.other.head": "recompute"})
+    o = SearchOptions(device="cuda")
+    modes = search.block_modes(t, p, o)
+    # compress first (offload is not registered), recompute clipped to what is left; the head is an exception
+    assert [modes[i] for i in range(8)] == ["compress"] * 3 + ["recompute"] * 5
+    assert modes["head"] == "recompute"
+    assert search.block_modes(t, p, o) == modes  # a second call in one trial gives the same answer
+    assert search.blocks_in_mode(t, p, o, "compress") == [0, 1, 2]
+    # lossless: compress is not offered at all
+    lo = SearchOptions(device="cuda", lossless_only=True)
+    assert "compress" not in search.available_block_modes(p, lo)
+
+
+def test_block_modes_no_offload_without_cuda(monkeypatch, fake_strategies):
+    class FakeOffload(FakeCheckpoint):
+        name = "offload"
+
+    fake_strategies["offload"] = FakeOffload()
+    p = make_profile()
+    assert "offload" in search.available_block_modes(p, SearchOptions(device="cuda"))
+    assert "offload" not in search.available_block_modes(p, SearchOptions(device="cpu"))
+
+
+# --- the search ----------------------------------------------------------------------------------------
+
+
+def test_tune_fits_budget_and_beats_checkpoint_all(fake_strategies):
+    from memtune.costmodel import estimate
+
+    p = make_profile()
+    base = estimate(p)
+    budget = int(base.peak_bytes * 0.8)
+    res = search.tune(p, opts(budget_bytes=budget))
+    est = estimate(p, res.plan)
+    assert est.peak_bytes <= budget * 0.97
+    assert res.chosen.peak_bytes == pytest.approx(est.peak_bytes)
+    # it recomputes only as many blocks as needed, so it is faster than checkpointing everything
+    all_ck = estimate(p, search._Tuner(p, opts()).plan_for({"blocks.recompute": 8}))
+    assert est.step_s < all_ck.step_s
+    assert res.plan.provenance["profile_digest"] == p.digest()
+    assert res.plan.provenance["budget_bytes"] == budget
+    assert res.plan.provenance["predicted"]["peak_bytes"] == int(res.chosen.peak_bytes)
+    assert res.plan.run["script"] == "train.py"
+    assert any(c.key == res.chosen.key for c in res.pareto)
+
+
+def test_infeasible_budget_says_smallest_peak(fake_strategies):
+    p = make_profile()
+    with pytest.raises(search.BudgetTooSmall, match=r"smallest peak .* predicted with \[.*checkpoint"):
+        search.tune(p, opts(budget_bytes=10 * MB, trials=15))
+
+
+def test_lossless_only_never_lossy(fake_strategies):
+    from memtune.costmodel import estimate
+
+    p = make_profile()
+    budget = int(estimate(p).peak_bytes * 0.6)
+    res = search.tune(p, opts(budget_bytes=budget, lossless_only=True))
+    assert res.plan.lossy == [] and res.chosen.lossy == []
+    assert all(not c.lossy for c in res.pareto)
+    assert "compress" not in res.plan.sections
+    # without the flag a lossy plan is allowed (and labelled)
+    res2 = search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.45)))
+    assert res2.chosen.lossy and "[LOSSY]" in res2.chosen.describe
+
+
+def test_same_seed_same_study_and_resume(tmp_path, fake_strategies):
+    p = make_profile()
+    budget = int(900 * MB)
+
+    def run(name, seed, trials=25):
+        o = opts(budget_bytes=budget, trials=trials, seed=seed, storage=f"sqlite:///{tmp_path / 's.db'}", study_name=name)
+        res = search.tune(p, o)
+        import optuna
+
+        study = optuna.load_study(study_name=name, storage=o.storage)
+        return res, [(t.params, t.value) for t in study.trials]
+
+    r1, t1 = run("a", 7)
+    r2, t2 = run("b", 7)
+    assert t1 == t2 and r1.chosen.key == r2.chosen.key
+    r3, t3 = run("a", 7, trials=10)  # resumed: continues the same study
+    assert len(t3) == len(t1) + 10 and t3[: len(t1)] == t1
+    assert r3.n_trials == len(t3)
+
+
+def test_batch_knob(fake_strategies):
+    from memtune.costmodel import estimate
+
+    p = make_profile(batch=8)
+    budget = int(estimate(p).peak_bytes * 1.2)
+    res = search.tune(p, opts(budget_bytes=budget, batch_flag="--batch-size", batch_values=[4, 8, 16, 32]))
+    bs = res.plan.run["knobs"]["--batch-size"]
+    assert bs in (4, 8, 16, 32) and res.chosen.unit == "samples/s"
+    assert estimate(p, res.plan).peak_bytes <= budget
+    assert bs >= 8  # more samples per step is faster and fits with recompute
+
+
+def test_parse_batch_knob_and_margin():
+    assert search.parse_batch_knob("--batch-size=16,8") == ("--batch-size", [8, 16])
+    with pytest.raises(search.InputError, match="--batch-knob"):
+        search.parse_batch_knob("batch=8")
+    assert search.parse_margin("5%") == pytest.approx(0.05)
+    assert search.parse_margin(None) is None
+
+
+def test_safety_margin_reads_accuracy_doc(tmp_path):
+    doc = tmp_path / "accuracy.md"
+    doc.write_text("| gpt | ... |\n\nMedian absolute peak error: 2.4% (worst 6.1%)\n")
+    assert search.safety_margin(doc) == (pytest.approx(0.024), "median peak error in accuracy.md")
+    assert search.safety_margin(tmp_path / "missing.md") == (0.03, "default")
+
+
+def test_pareto_front():
+    c = lambda n, peak, thr: search.Candidate(n, {}, str(n), "", peak, 1.0, thr, "steps/s", thr, True)
+    front = search.pareto_front([c(0, 10, 1.0), c(1, 5, 0.5), c(2, 7, 0.4), c(3, 12, 0.9), c(4, 6, 0.8)])
+    assert [x.number for x in front] == [1, 4, 0]
