@@ -1,0 +1,125 @@
+"""Fused linear cross-entropy vs torch eager, torch.compile and Liger-Kernel: forward+backward time and
+extra peak memory, on one CUDA GPU.
+
+    python benchmarks/loss.py                                   # 8192 tokens, hidden 2048, bf16
+    python benchmarks/loss.py --vocab 32000 128256 --chunks 256 512 1024 --json out.json
+
+"extra peak" = max_memory_allocated during loss forward+backward minus what was allocated before (x, W,
+labels). It includes the two gradients every method returns (dx: N*H, dW: V*H in the input dtype);
+"beyond grads" subtracts them. Time: CUDA events around forward+backward, median of --rep after --warmup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from memtune.kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+
+
+def eager(x, w, y):
+    return F.cross_entropy(F.linear(x, w).float(), y)
+
+
+def methods(chunks):
+    out = {"eager": eager, "torch.compile": torch.compile(eager, dynamic=False)}
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        out["liger"] = lambda x, w, y: liger(w, x, y)
+    except ImportError as e:
+        print(f"liger-kernel not installed ({e}); skipping it")
+    for c in chunks:
+        out[f"memtune c={c}"] = lambda x, w, y, c=c: linear_cross_entropy(x, w, y, chunk_tokens=c)
+    out["memtune auto"] = lambda x, w, y: linear_cross_entropy(x, w, y)
+    return out
+
+
+def measure(fn, x, w, y, warmup, rep):
+    def once():
+        x.grad = w.grad = None
+        loss = fn(x, w, y)
+        loss.backward()
+        return loss
+
+    for _ in range(warmup):
+        once()
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = once()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = (x.grad.detach().clone(), w.grad.detach().clone(), loss.detach().float().item())
+    times = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        once()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    x.grad = w.grad = None
+    return statistics.median(times), extra, grads
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rep", type=int, default=10)
+    p.add_argument("--json")
+    args = p.parse_args()
+    dt = getattr(torch, args.dtype)
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} tokens={args.tokens} hidden={args.hidden} {dt}")
+    rows = []
+    for v in args.vocab:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(args.tokens, args.hidden, device=dev, dtype=dt, generator=g).requires_grad_()
+        w = (torch.randn(v, args.hidden, device=dev, dtype=dt, generator=g) * 0.02).requires_grad_()
+        y = torch.randint(v, (args.tokens,), device=dev, generator=g)
+        grad_bytes = (x.numel() + w.numel()) * x.element_size()
+        ref = None
+        for name, fn in methods(args.chunks).items():
+            try:
+                ms, extra, grads = measure(fn, x, w, y, args.warmup, args.rep)
+            except Exception as e:  # one failing method should not lose the others' numbers
+                print(f"{name} V={v}: FAILED {type(e).__name__}: {e}")
+                torch.cuda.empty_cache()
+                continue
+            if ref is None:
+                ref = grads
+            r = dict(method=name, vocab=v, ms=ms, extra_mib=extra / 2**20, beyond_grads_mib=(extra - grad_bytes) / 2**20,
+                     loss=grads[2], rel_dx=rel(grads[0], ref[0]), rel_dw=rel(grads[1], ref[1]))
+            rows.append(r)
+            print(f"V={v:6d} {name:16s} {ms:7.2f} ms  extra {r['extra_mib']:8.0f} MiB  beyond grads "
+                  f"{r['beyond_grads_mib']:7.0f} MiB  loss {r['loss']:.5f}  rel dx {r['rel_dx']:.1e} dW {r['rel_dw']:.1e}",
+                  flush=True)
+            del grads
+            torch.cuda.empty_cache()
+        del x, w, y, ref
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
