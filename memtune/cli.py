@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memtune import __version__
@@ -37,7 +38,8 @@ def user_errors():
         yield
     except MemtuneError as e:
         msg = " ".join(str(e).split())
-        err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False, markup=True)
+        # escape: a message may hold brackets, e.g. pip install 'memtune[report]'
+        err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True, highlight=False, markup=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -148,11 +150,12 @@ def report(
         print_json({"html": str(res.html), "png": [str(p) for p in res.pngs], "csv": [str(p) for p in res.csvs],
                     "sections": res.sections, "notes": res.notes})
         return
-    console.print(f"wrote [bold]{res.html}[/] ({', '.join(res.sections) or 'no plots'})", highlight=False)
+    console.print(f"wrote [bold]{escape(str(res.html))}[/] ({', '.join(res.sections) or 'no plots'})", highlight=False,
+                  soft_wrap=True)
     for p in [*res.pngs, *res.csvs]:
-        console.print(f"  {p}", highlight=False)
+        console.print(f"  {p}", highlight=False, soft_wrap=True, markup=False)
     for n in res.notes:
-        console.print(f"[dim]note: {n}[/]", highlight=False)
+        console.print(f"note: {n}", style="dim", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

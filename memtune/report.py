@@ -40,8 +40,9 @@ CSV_COLUMNS: dict[str, list[str]] = {
     "blocks": ["block", "cls", "kind", "activation_bytes", "input_bytes", "fwd_s", "bwd_s", "plan_choice",
                "plan_kept_bytes"],
     "timeline": ["series", "index", "event", "t_s", "live_bytes"],
-    "trials": ["trial", "state", "predicted_peak_bytes", "predicted_step_s", "throughput", "throughput_unit",
-               "measured_peak_bytes", "measured_step_s", "feasible", "pareto", "chosen", "lossy", "plan"],
+    "trials": ["trial", "state", "predicted_peak_bytes", "predicted_step_s", "predicted_throughput",
+               "throughput_unit", "batch_size", "feasible", "pareto", "chosen", "lossy", "verify_status",
+               "measured_peak_bytes", "measured_step_s", "measured_throughput", "plan"],
 }
 
 # Breakdown keys as the cost model (memtune/costmodel.py `_COMPONENTS`) or the profile-only fallback spell
@@ -89,6 +90,7 @@ class ReportData:
     allocator_timeline: list[tuple[float, float]] | None = None  # (seconds from start, live bytes)
     trials: pd.DataFrame | None = None
     study_name: str | None = None
+    study_digest: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -134,15 +136,20 @@ def load_report_data(source: str | os.PathLike, *, profile: str | os.PathLike | 
             raise InputError(f"{source} does not say which profile it was tuned on: pass --profile profile.json")
         data.profile = _load_profile(prof_path)
         data.profile_source = str(prof_path)
+        _study_of_plan(data, Path(source).parent, study_name)
     else:
-        _load_study(data, study_name)
+        _load_study(data, str(source), study_name)
         prof_path = profile or data.profile_source
         if prof_path is not None:
             data.profile = _load_profile(prof_path)
             data.profile_source = str(prof_path)
+            if data.study_digest and data.profile.digest() != data.study_digest:
+                data.notes.append(f"{prof_path} is not the profile this study was tuned on (digest differs).")
+            data.notes.append("Memory and block sections show the baseline; report the tuned plan.yaml to see the "
+                              "chosen plan against it.")
         else:
-            data.notes.append("The study does not name its profile (pass --profile): memory and block "
-                              "sections are left out.")
+            data.notes.append("The study does not name its profile file: pass --profile profile.json to add the "
+                              "memory and block sections.")
     if budget is not None:
         data.budget, data.budget_label = float(parse_size(budget)), "budget"
     elif data.budget is None and data.plan is not None:
@@ -155,6 +162,22 @@ def load_report_data(source: str | os.PathLike, *, profile: str | os.PathLike | 
             data.budget, data.budget_label = float(data.profile.hardware.gpu_total_bytes), "GPU memory"
         data.allocator_timeline = _allocator_timeline(data)
     return data
+
+
+def _study_of_plan(data: ReportData, base: Path, study_name: str | None) -> None:
+    """A tuned plan names its study (provenance.study): draw it too, with the plan's trial as the chosen one."""
+    st = (data.plan.provenance if data.plan else {}).get("study")
+    if not isinstance(st, dict) or not st.get("storage"):
+        return
+    storage = str(st["storage"])
+    if "://" not in storage or storage.startswith("sqlite:///"):
+        path = Path(storage.removeprefix("sqlite:///"))
+        path = path if path.is_file() else base / path
+        if not path.is_file():
+            data.notes.append(f"The plan's study {storage} is not found here: the study section is left out.")
+            return
+        storage = str(path)
+    _load_study(data, storage, study_name or st.get("name"), st.get("trial"))
 
 
 def _load_profile(path: str | os.PathLike) -> Profile:
@@ -288,17 +311,11 @@ def snapshot_timeline(snap: dict[str, Any]) -> list[tuple[float, float]]:
 
 
 # --- studies -----------------------------------------------------------------------------------------------
-_ATTR = {  # trial user_attrs as memtune/search.py writes them, with the aliases older studies may carry
-    "predicted_peak_bytes": ("predicted_peak_bytes", "peak_bytes", "predicted_peak"),
-    "predicted_step_s": ("predicted_step_s", "step_s"),
-    "throughput": ("predicted_throughput", "throughput"),
-    "throughput_unit": ("throughput_unit",),
-    "measured_peak_bytes": ("measured_peak_bytes", "verified_peak_bytes"),
-    "measured_step_s": ("measured_step_s", "verified_step_s"),
-    "feasible": ("feasible",),
-    "lossy": ("lossy",),
-    "plan": ("plan", "plan_dict", "sections"),
-}
+# Read as memtune/search.py writes them: each search trial carries user_attrs predicted_peak_bytes,
+# predicted_step_s, predicted_throughput, unit, lossy, plan (a one-line description), plan_key, batch_size and
+# memtune_constraint ([GiB over the limit]: feasible when <= 0); a verification is a trial of its own
+# (memtune_kind "verify", of_trial, measured {status, peak_bytes, step_s, throughput}); the study carries
+# budget_bytes, limit_bytes and profile_digest.
 
 
 def _study_url(source: str) -> str:
@@ -318,81 +335,107 @@ def _study_url(source: str) -> str:
     return f"sqlite:///{p.resolve()}"
 
 
-def _load_study(data: ReportData, study_name: str | None) -> None:
+def _load_study(data: ReportData, source: str, study_name: str | None, chosen_trial: int | None = None) -> None:
     import optuna
     import pandas as pd
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = _study_url(data.source)
+    url = _study_url(source)
     try:
         names = optuna.study.get_all_study_names(storage=url)
     except Exception as e:  # storage errors come from SQLAlchemy/optuna in many classes
-        raise InputError(f"cannot open study storage {data.source} ({type(e).__name__}): check the path") from None
+        raise InputError(f"cannot open study storage {source} ({type(e).__name__}): check the path") from None
     if study_name is None:
         if len(names) != 1:
-            raise InputError(f"{data.source} holds {len(names)} studies ({', '.join(names) or 'none'}): "
+            raise InputError(f"{source} holds {len(names)} studies ({', '.join(names) or 'none'}): "
                              "choose one with --study NAME")
         study_name = names[0]
     elif study_name not in names:
-        raise InputError(f"no study {study_name!r} in {data.source}; it holds: {', '.join(names) or 'none'}")
+        raise InputError(f"no study {study_name!r} in {source}; it holds: {', '.join(names) or 'none'}")
     study = optuna.load_study(study_name=study_name, storage=url)
     data.study_name = study_name
     sattrs = study.user_attrs
     b = _first(sattrs, ("budget_bytes", "budget"))
-    if b is not None:
+    if b is not None and data.budget is None:
         data.budget = float(parse_size(b))
+    data.study_digest = sattrs.get("profile_digest")
     prof = _first(sattrs, ("profile_path", "profile"))
-    if isinstance(prof, str):
-        cands = [Path(prof)] + ([Path(data.source).parent / prof] if "://" not in data.source else [])
+    if isinstance(prof, str) and data.profile_source is None:
+        cands = [Path(prof)] + ([Path(source).parent / prof] if "://" not in source else [])
         found = next((c for c in cands if c.is_file()), None)
         if found is not None:
             data.profile_source = str(found)
-        else:
-            data.notes.append(f"The study's profile {prof} is not found here (pass --profile): memory and block "
-                              "sections are left out.")
-    chosen = _first(sattrs, ("chosen_trial", "best_trial", "chosen"))
-    rows = []
+
+    rows: dict[int, dict[str, Any]] = {}
+    keys: set[str] = set()
+    verifies = []
     for t in study.trials:
         ua = t.user_attrs
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
-        for col, keys in _ATTR.items():
-            row[col] = _first(ua, keys)
-        if row["throughput"] is None and t.values:
-            row["throughput"] = float(t.values[0])
-        if row["feasible"] is None:
-            cons = t.system_attrs.get("constraints")
-            if cons is not None:
-                row["feasible"] = all(c <= 0 for c in cons)
-            elif data.budget is not None and row["predicted_peak_bytes"] is not None:
-                row["feasible"] = row["predicted_peak_bytes"] <= data.budget
-            else:
-                row["feasible"] = t.state.name == "COMPLETE"
-        row["chosen"] = bool(ua.get("chosen")) or (chosen is not None and t.number == chosen)
-        if isinstance(row["lossy"], list):
-            row["lossy"] = ",".join(row["lossy"])
-        if row["plan"] is not None and not isinstance(row["plan"], str):
-            row["plan"] = json.dumps(row["plan"], sort_keys=True)
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=[c for c in CSV_COLUMNS["trials"] if c != "pareto"])
-    df["feasible"] = df["feasible"].astype(bool)
-    df["chosen"] = df["chosen"].astype(bool)
-    ok = (df["state"] == "COMPLETE") & df["predicted_peak_bytes"].notna() & df["throughput"].notna() & df["feasible"]
-    df["pareto"] = False
-    df.loc[ok, "pareto"] = pareto_mask(df.loc[ok, "predicted_peak_bytes"].tolist(), df.loc[ok, "throughput"].tolist())
-    if not df["chosen"].any() and ok.any():
-        # No recorded choice: the best feasible throughput, which is what `memtune tune` picks on the model.
-        df.loc[df.loc[ok, "throughput"].astype(float).idxmax(), "chosen"] = True
-        data.notes.append("The study records no chosen trial: the highlighted plan is the best feasible one.")
-    data.trials = df[CSV_COLUMNS["trials"]]
-    if data.plan is None:
-        ch = df[df["chosen"]]
-        if len(ch) and isinstance(ch.iloc[0]["plan"], str):
-            from memtune.plan import Plan
+        kind = ua.get("memtune_kind", "search")
+        if kind == "verify":
+            verifies.append(ua)
+            continue
+        if kind != "search" or (ua.get("plan_key") is not None and ua["plan_key"] in keys):
+            continue  # seeds and repeats of a plan already evaluated
+        if ua.get("plan_key") is not None:
+            keys.add(ua["plan_key"])
+        cons = ua.get("memtune_constraint") or t.system_attrs.get("constraints")
+        peak = ua.get("predicted_peak_bytes")
+        if cons is not None:
+            feasible = all(c <= 0 for c in cons)
+        else:
+            feasible = peak is not None and (data.budget is None or peak <= data.budget)
+        lossy = ua.get("lossy")
+        rows[t.number] = {
+            "trial": t.number, "state": t.state.name, "predicted_peak_bytes": peak,
+            "predicted_step_s": ua.get("predicted_step_s"), "predicted_throughput": ua.get("predicted_throughput"),
+            "throughput_unit": ua.get("unit"), "batch_size": ua.get("batch_size"),
+            "feasible": bool(feasible and t.state.name == "COMPLETE" and peak is not None), "pareto": False,
+            "chosen": False, "lossy": ",".join(lossy) if isinstance(lossy, list) else (lossy or ""),
+            "verify_status": None, "measured_peak_bytes": None, "measured_step_s": None,
+            "measured_throughput": None,
+            "plan": ua.get("plan") if isinstance(ua.get("plan"), str) else json.dumps(ua.get("plan"), sort_keys=True),
+        }
+    for ua in verifies:
+        row = rows.get(ua.get("of_trial"))
+        m = ua.get("measured") or {}
+        if row is not None:
+            row.update(verify_status=m.get("status"), measured_peak_bytes=m.get("peak_bytes"),
+                       measured_step_s=m.get("step_s"), measured_throughput=m.get("throughput"))
+    df = pd.DataFrame(list(rows.values()), columns=CSV_COLUMNS["trials"])
+    for col in ("predicted_peak_bytes", "predicted_step_s", "predicted_throughput", "measured_peak_bytes",
+                "measured_step_s", "measured_throughput"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["batch_size"] = df["batch_size"].astype("Int64")
+    valid = (df["state"] == "COMPLETE") & df["predicted_peak_bytes"].notna() & df["predicted_throughput"].notna()
+    if valid.any():
+        df.loc[valid, "pareto"] = pareto_mask(df.loc[valid, "predicted_peak_bytes"].tolist(),
+                                              df.loc[valid, "predicted_throughput"].tolist())
+    df["chosen"] = _chosen(df, chosen_trial, study.direction.name.lower() == "minimize")
+    if chosen_trial is not None and not df["chosen"].any():
+        data.notes.append(f"The plan's trial {chosen_trial} is not in study {study_name!r}.")
+    data.trials = df
 
-            try:
-                data.plan = Plan.from_dict(json.loads(ch.iloc[0]["plan"]), source=f"trial {ch.iloc[0]['trial']}")
-            except MemtuneError as e:
-                data.notes.append(f"The chosen trial's plan does not load here ({e}).")
+
+def _chosen(df: pd.DataFrame, chosen_trial: int | None, minimize_memory: bool) -> list[bool]:
+    """The plan `memtune tune` picks: the one a plan file names, else the best measured among verified plans
+    that ran, else the best feasible prediction (throughput first, or peak first for --objective memory)."""
+    if chosen_trial is not None:
+        return [t == chosen_trial for t in df["trial"]]
+    ok = df[(df["verify_status"] == "ok") & df["measured_throughput"].notna()]
+    if len(ok):
+        best = ok["measured_throughput"].idxmax()
+        if minimize_memory:
+            best = ok.assign(p=ok["measured_peak_bytes"].fillna(ok["predicted_peak_bytes"])).sort_values(
+                ["p", "measured_throughput"], ascending=[True, False]).index[0]
+    else:
+        f = df[df["feasible"]]
+        if not len(f):
+            return [False] * len(df)
+        order = (["predicted_peak_bytes", "predicted_throughput"] if minimize_memory
+                 else ["predicted_throughput", "predicted_peak_bytes"])
+        best = f.sort_values(order + ["trial"], ascending=[minimize_memory, not minimize_memory, True]).index[0]
+    return [i == best for i in df.index]
 
 
 def pareto_mask(peaks: list[float], throughputs: list[float]) -> list[bool]:
@@ -513,8 +556,7 @@ def build_figures(data: ReportData, tables: dict[str, pd.DataFrame]) -> list[Fig
         figs.append(_fig_timeline(Figure, data, tables["timeline"]))
     if "trials" in tables and len(tables["trials"]):
         figs.append(_fig_pareto(Figure, data, tables["trials"]))
-        verified = tables["trials"].dropna(subset=["measured_peak_bytes"])
-        if len(verified):
+        if tables["trials"]["verify_status"].notna().any():
             figs.append(_fig_verified(Figure, tables["trials"]))
     return figs
 
@@ -656,7 +698,7 @@ def _fig_timeline(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
 
 
 def _fig_pareto(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
-    d = df.dropna(subset=["predicted_peak_bytes", "throughput"])
+    d = df.dropna(subset=["predicted_peak_bytes", "predicted_throughput"])
     d = d[d["state"] == "COMPLETE"]
     pmax = float(d["predicted_peak_bytes"].max()) if len(d) else 1.0
     show_budget = _budget_shown(data, pmax)
@@ -666,19 +708,24 @@ def _fig_pareto(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     fig = Figure(figsize=(9.5, 4.4))
     ax = fig.subplots()
     _style(ax)
+    y = "predicted_throughput"
     feas, infeas = d[d["feasible"]], d[~d["feasible"]]
-    ax.scatter(feas["predicted_peak_bytes"] / div, feas["throughput"], s=18, color="#9aa7b4", label="feasible trial")
+    ax.scatter(feas["predicted_peak_bytes"] / div, feas[y], s=18, color="#8fa3b8", label="fits the budget")
     if len(infeas):
-        ax.scatter(infeas["predicted_peak_bytes"] / div, infeas["throughput"], s=18, marker="x",
-                   color="#d9a7a0", label="over the budget")
+        ax.scatter(infeas["predicted_peak_bytes"] / div, infeas[y], s=18, marker="x", color="#e0a89f",
+                   label="over the budget")
     front = d[d["pareto"]].sort_values("predicted_peak_bytes")
     if len(front):
-        ax.step(front["predicted_peak_bytes"] / div, front["throughput"], where="post", color="#0072B2",
-                linewidth=1.5, marker="o", markersize=5, label="Pareto front")
+        ax.step(front["predicted_peak_bytes"] / div, front[y], where="post", color="#0072B2", linewidth=1.5,
+                marker="o", markersize=5, label="Pareto front")
+    ver = d[d["verify_status"].notna()]
+    if len(ver):
+        ax.scatter(ver["predicted_peak_bytes"] / div, ver[y], s=70, facecolors="none", edgecolors="black",
+                   linewidth=1.0, label="verified for real")
     ch = d[d["chosen"]]
     if len(ch):
-        ax.scatter(ch["predicted_peak_bytes"] / div, ch["throughput"], s=220, marker="*", color="#E69F00",
-                   edgecolor="black", linewidth=0.8, zorder=5, label=f"chosen (trial {int(ch.iloc[0]['trial'])})")
+        ax.scatter(ch["predicted_peak_bytes"] / div, ch[y], s=260, marker="*", color="#E69F00", edgecolor="black",
+                   linewidth=0.8, zorder=5, label=f"chosen (trial {int(ch.iloc[0]['trial'])})")
     if not show_budget:
         _budget_note(ax, data)
     elif data.budget:
@@ -688,36 +735,42 @@ def _fig_pareto(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     ax.set_ylabel(f"predicted throughput ({unit_t})")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title("Study: peak memory against throughput", loc="left")
-    caption = (f"{len(d)} completed trials of study {data.study_name!r} on the cost model. The Pareto front joins "
-               "the plans no other plan beats on both memory and throughput; the star is the chosen plan.")
+    caption = (f"{len(d)} distinct plans of study {data.study_name!r}, predicted by the cost model. The Pareto "
+               "front joins the plans no other plan beats on both memory and throughput; the star is the chosen "
+               "plan (crosses: over the budget less the safety margin).")
     return Figure_("pareto", "Pareto front", caption, _png(fig))
 
 
 def _fig_verified(Figure, df: pd.DataFrame) -> Figure_:
-    v = df.dropna(subset=["measured_peak_bytes"])
+    v = df[df["verify_status"].notna()]
     fig = Figure(figsize=(9.5, 4.0))
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"wspace": 0.3})
-    top = float(max(v["predicted_peak_bytes"].max(), v["measured_peak_bytes"].max()))
-    div, unit = _unit(top)
     for ax in (ax1, ax2):
         _style(ax)
         ax.grid(axis="x", color="#e5e5e5", linewidth=0.8)
-    _diag(ax1, v["predicted_peak_bytes"] / div, v["measured_peak_bytes"] / div, v)
-    ax1.set_xlabel(f"predicted peak ({unit})")
-    ax1.set_ylabel(f"measured peak ({unit})")
+    pk = v.dropna(subset=["measured_peak_bytes"])
+    if len(pk):
+        div, unit = _unit(float(max(pk["predicted_peak_bytes"].max(), pk["measured_peak_bytes"].max())))
+        _diag(ax1, pk["predicted_peak_bytes"] / div, pk["measured_peak_bytes"] / div, pk)
+        ax1.set_xlabel(f"predicted peak ({unit})")
+        ax1.set_ylabel(f"measured peak ({unit})")
+    else:
+        ax1.text(0.5, 0.5, "no peaks measured", ha="center", va="center", transform=ax1.transAxes)
     ax1.set_title("Peak memory", loc="left")
-    s = v.dropna(subset=["predicted_step_s", "measured_step_s"])
-    if len(s):
-        _diag(ax2, s["predicted_step_s"] * 1e3, s["measured_step_s"] * 1e3, s)
+    st = v.dropna(subset=["predicted_step_s", "measured_step_s"])
+    if len(st):
+        _diag(ax2, st["predicted_step_s"] * 1e3, st["measured_step_s"] * 1e3, st)
         ax2.set_xlabel("predicted step (ms)")
         ax2.set_ylabel("measured step (ms)")
     else:
         ax2.text(0.5, 0.5, "no step times measured", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_title("Step time", loc="left")
-    err = (v["measured_peak_bytes"] - v["predicted_peak_bytes"]) / v["measured_peak_bytes"]
-    caption = (f"{len(v)} plans verified by running them for real. Points on the diagonal are predicted exactly; "
-               f"peak error (measured - predicted) / measured: median {err.median():+.1%}, "
-               f"worst {err.abs().max():.1%}.")
+    caption = f"{len(v)} plans run for real ({', '.join(f'{n} {k}' for k, n in v['verify_status'].value_counts().items())}). "
+    caption += "On the dashed diagonal the prediction is exact; the orange point is the chosen plan."
+    if len(pk):
+        err = (pk["measured_peak_bytes"] - pk["predicted_peak_bytes"]) / pk["measured_peak_bytes"]
+        caption += (f" Peak error (measured - predicted) / measured: median {err.median():+.1%}, "
+                    f"worst {err.abs().max():.1%}.")
     return Figure_("verified", "Predicted against measured", caption, _png(fig))
 
 
@@ -750,6 +803,7 @@ table.facts td{text-align:left}table.facts td:first-child{color:#666;padding-rig
 .kpi{border:1px solid #e3e3e3;border-radius:6px;padding:8px 14px;min-width:150px}
 .kpi b{display:block;font-size:1.3em}.kpi span{color:#666;font-size:.85em}
 .lossy{color:#b03a2e;font-weight:bold}details{margin:6px 0}summary{cursor:pointer;color:#0b5cad}
+div.scroll{overflow-x:auto}td{max-width:420px;overflow:hidden;text-overflow:ellipsis}
 ul.notes{color:#555;font-size:.9em}pre{background:#f6f8fa;padding:8px 12px;font-size:.85em;overflow-x:auto}
 """
 
@@ -784,8 +838,8 @@ def _kpis(data: ReportData) -> str:
     if data.budget:
         items.append((format_bytes(data.budget), data.budget_label))
     if data.trials is not None:
-        items.append((str(int((data.trials["state"] == "COMPLETE").sum())), "completed trials"))
-        items.append((str(int(data.trials["measured_peak_bytes"].notna().sum())), "verified plans"))
+        items.append((str(len(data.trials)), "distinct plans in the study"))
+        items.append((str(int(data.trials["verify_status"].notna().sum())), "plans verified for real"))
     return '<div class="kpis">' + "".join(f'<div class="kpi"><b>{_e(v)}</b><span>{_e(k)}</span></div>'
                                           for v, k in items) + "</div>"
 
@@ -864,18 +918,18 @@ def render_html(data: ReportData, tables: dict[str, pd.DataFrame], figures: list
     if "trials" in tables:
         parts += ["<h2>Study</h2>", fig("pareto"), fig("verified")]
         tr = tables["trials"]
-        best = tr[(tr["pareto"]) | (tr["chosen"]) | tr["measured_peak_bytes"].notna()]
-        cols = ["trial", "predicted_peak_bytes", "throughput", "measured_peak_bytes", "measured_step_s",
-                "pareto", "chosen", "lossy"]
-        parts.append(f"<details><summary>{len(best)} Pareto, chosen and verified trials "
-                     f"(all {len(tr)} in trials.csv with --csv)</summary>"
-                     + _fmt_table(best[cols], {"predicted_peak_bytes": B, "measured_peak_bytes": B,
-                                               "measured_step_s": T,
-                                               "throughput": lambda v: f"{v:.4g}"}) + "</details>")
-        ch = tr[tr["chosen"]]
-        if len(ch) and isinstance(ch.iloc[0]["plan"], str):
-            parts.append(f"<p>Chosen plan (trial {int(ch.iloc[0]['trial'])}):</p><pre>"
-                         f"{_e(json.dumps(json.loads(ch.iloc[0]['plan']), indent=1))}</pre>")
+        best = tr[tr["pareto"] | tr["chosen"] | tr["verify_status"].notna()].sort_values("predicted_peak_bytes")
+        cols = ["trial", "plan", "predicted_peak_bytes", "predicted_step_s", "predicted_throughput", "feasible",
+                "chosen", "verify_status", "measured_peak_bytes", "measured_step_s", "lossy"]
+        show = best[cols].rename(columns={"predicted_peak_bytes": "peak", "predicted_step_s": "step",
+                                          "predicted_throughput": "throughput", "verify_status": "verified",
+                                          "measured_peak_bytes": "measured peak", "measured_step_s": "measured step"})
+        parts.append(f"<p>{len(best)} Pareto, chosen and verified plans (predicted unless marked measured; all "
+                     f"{len(tr)} in trials.csv with --csv):</p><div class=\"scroll\">"
+                     + _fmt_table(show, {"peak": B, "measured peak": B, "step": T, "measured step": T,
+                                         "throughput": lambda v: f"{v:.4g}",
+                                         "feasible": lambda v: "yes" if v else "no",
+                                         "chosen": lambda v: "★" if v else ""}) + "</div>")
     notes = list(data.notes) + (list(data.planned.notes) if data.planned is not None else [])
     if notes:
         parts.append("<h2>Notes</h2><ul class=\"notes\">" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
