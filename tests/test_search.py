@@ -98,12 +98,16 @@ class FakeOptimizer(Strategy):
             sim.opt_state_bytes /= 4
 
 
-@pytest.fixture
-def fake_strategies(monkeypatch):
+def install_fakes(monkeypatch):
     reg = {s.name: s() for s in (FakeCheckpoint, FakeCompress, FakeOptimizer)}
     monkeypatch.setattr(strategies, "_REGISTRY", reg)
     monkeypatch.setattr(strategies, "_loaded", True)
     return reg
+
+
+@pytest.fixture
+def fake_strategies(monkeypatch):
+    return install_fakes(monkeypatch)
 
 
 def opts(**kw):

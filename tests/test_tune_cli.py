@@ -1,0 +1,130 @@
+"""`memtune tune` through the CLI (CliRunner and a real subprocess), and verification with a stand-in apply."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from memtune import search
+from memtune.cli import app
+from memtune.costmodel import estimate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_search import install_fakes, make_profile, opts  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def fake_strategies(monkeypatch):
+    return install_fakes(monkeypatch)
+
+
+@pytest.fixture
+def prof_file(tmp_path):
+    p = make_profile()
+    path = tmp_path / "profile.json"
+    p.save(path)
+    return p, path
+
+
+def test_tune_cli_writes_plan_with_provenance(tmp_path, prof_file, fake_strategies):
+    p, path = prof_file
+    budget = int(estimate(p).peak_bytes * 0.8)
+    out = tmp_path / "plan.yaml"
+    args = ["tune", str(path), "--budget", str(budget), "-o", str(out), "--trials", "30", "--seed", "3"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "chosen" in r.stdout and "Pareto front" in r.stdout
+    doc = yaml.safe_load(out.read_text())
+    prov = doc["provenance"]
+    assert prov["budget_bytes"] == budget and prov["profile_digest"] == p.digest()
+    assert prov["predicted"]["peak_bytes"] <= budget and prov["measured"] is None
+    assert prov["memtune_version"] and prov["torch_version"]
+    assert (tmp_path / "plan.study.db").is_file()  # SQLite next to the output by default
+    # the plan a person would apply has the lossy label in its header when lossy
+    if prov["lossy"]:
+        assert "LOSSY" in out.read_text().splitlines()[1]
+    # an existing output is refused without --force; with it the study resumes
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "--force" in r.stderr
+    r = runner.invoke(app, [*args, "--force", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["n_trials"] == 60 and data["new_trials"] == 30
+
+
+def test_tune_cli_infeasible_budget(tmp_path, prof_file, fake_strategies):
+    _, path = prof_file
+    r = runner.invoke(app, ["tune", str(path), "--budget", "10MB", "-o", str(tmp_path / "p.yaml"), "--trials", "10"])
+    assert r.exit_code == 1
+    msg = " ".join(r.stderr.split())
+    assert "smallest peak" in msg and "raise --budget" in msg and "Traceback" not in r.output
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_tune_cli_warns_budget_above_gpu(tmp_path, prof_file, fake_strategies):
+    _, path = prof_file  # the profile's GPU has 4 GB
+    r = runner.invoke(app, ["tune", str(path), "--budget", "8GB", "-o", str(tmp_path / "p.yaml"), "--trials", "5"])
+    assert r.exit_code == 0, r.output
+    assert "above the GPU's memory" in " ".join(r.stderr.split())
+
+
+def test_tune_cli_bad_input(tmp_path, prof_file):
+    _, path = prof_file
+    r = runner.invoke(app, ["tune", str(path), "--budget", "lots", "-o", str(tmp_path / "p.yaml")])
+    assert r.exit_code == 1 and "bad size" in r.stderr
+    r = runner.invoke(app, ["tune", str(path), "--budget", "1GB", "--batch-knob", "8,16", "-o", str(tmp_path / "p.yaml")])
+    assert r.exit_code == 1 and "--batch-knob" in r.stderr
+    r = runner.invoke(app, ["tune", str(tmp_path / "nope.json"), "--budget", "1GB", "-o", str(tmp_path / "p.yaml")])
+    assert r.exit_code == 1 and "not found" in r.stderr
+
+
+def test_verify_picks_on_measurements_and_survives_oom(monkeypatch, tmp_path, fake_strategies):
+    """The best predicted plan runs out of memory for real: the next one wins, both recorded in the study."""
+    p = make_profile()
+    calls = []
+
+    def fake_run(cmd, cwd=None, env=None, capture_output=True, text=True, timeout=None):
+        plan_path, report = Path(cmd[cmd.index("apply") + 1]), Path(cmd[cmd.index("--report") + 1])
+        calls.append(plan_path)
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(cmd, 1, "", "torch.OutOfMemoryError: CUDA out of memory.")
+        step = {2: 0.5, 3: 0.4}[len(calls)]  # the third plan, predicted slower, measures faster
+        report.write_text(json.dumps({"step_s": step, "peak_allocated_bytes": 500 * 10**6, "failure": None}))
+        return subprocess.CompletedProcess(cmd, 0, "ok", "")
+
+    monkeypatch.setattr(search.subprocess, "run", fake_run)
+    storage = f"sqlite:///{tmp_path / 'v.db'}"
+    res = search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=3, storage=storage,
+                              study_name="v"))
+    assert len(calls) == 3
+    assert [c.measured["status"] for c in res.verified] == ["oom", "ok", "ok"]
+    assert res.chosen.key == res.verified[2].key  # picked on measurements, not predictions
+    assert res.plan.provenance["measured"]["status"] == "ok"
+    assert res.plan.provenance["measured"]["peak_bytes"] == 500 * 10**6
+    import optuna
+
+    study = optuna.load_study(study_name="v", storage=storage)
+    ver = [t for t in study.trials if t.user_attrs.get("memtune_kind") == "verify"]
+    assert [t.user_attrs["measured"]["status"] for t in ver] == ["oom", "ok", "ok"]
+    assert ver[0].user_attrs["predicted_peak_bytes"] > 0
+
+
+def test_verify_all_fail_is_an_error(monkeypatch, fake_strategies):
+    p = make_profile()
+    monkeypatch.setattr(search.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "CUDA out of memory"))
+    with pytest.raises(search.VerificationFailed, match="none of the 2 verified plans"):
+        search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=10, verify=2))
+
+
+def test_tune_subprocess_help():
+    r = subprocess.run([sys.executable, "-m", "memtune", "tune", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--budget" in r.stdout and "--lossless-only" in r.stdout
