@@ -213,7 +213,8 @@ class Session:
       (`i >= session.warmup` are the measured ones; `session.measuring` says so for the current step).
     - `on_end(session)`: after the script ended (normally, stopped or failed), before the undos.
     Extra attributes beyond the API note: `device`, `wrapper` (the DDP/compile object around the model,
-    if any), `compiled`, `ddp`, `world_size`, `rank`, `step_start_time`, `ready_time`, `scaler_steps`.
+    if any), `compiled`, `ddp`, `world_size`, `rank`, `ready_time`, `scaler_steps`,
+    `scaler_skipped`, `grad_scalers`.
     """
 
     def __init__(self, script: str | None = None, *, module: str | None = None, argv: Sequence[str] = (),
@@ -246,6 +247,7 @@ class Session:
         self.step_end_times: list[float] = []
         self.scaler_steps = 0  # steps that went through GradScaler.step (skipped ones included)
         self.scaler_skipped = 0
+        self.grad_scalers: list[Any] = []  # enabled GradScalers seen stepping the first optimizer
         self.failure: ScriptFailure | None = None
         self.stopped = False
         self.ready = False
@@ -450,6 +452,8 @@ class Session:
                     finally:
                         session._in_scaler_step = False
                     session.scaler_steps += 1
+                    if scaler.is_enabled() and not any(x is scaler for x in session.grad_scalers):
+                        session.grad_scalers.append(scaler)
                     if not session._scaler_inner_step:
                         session.scaler_skipped += 1  # inf/nan grads: the scaler skipped optimizer.step()
                     session._after_step()

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from memtune import __version__
-from memtune.errors import MemtuneError
+from memtune.errors import InputError, MemtuneError
 
 app = typer.Typer(
     name="memtune",
@@ -106,6 +106,44 @@ def env(json_out: JsonOpt = False) -> None:
     tr = info["triton"]
     t.add_row("triton", f"{tr['version']}: {tr['mode']}" if tr["installed"] else "not installed")
     console.print(t)
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def profile(
+    args: Annotated[list[str] | None, typer.Argument(metavar="SCRIPT [-- SCRIPT_ARGS...]", help="The training script, then its own arguments after `--`.")] = None,
+    module: Annotated[str | None, typer.Option("-m", "--module", help="Run a module as `python -m` does (all arguments go to it).")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the profile JSON.")] = "profile.json",
+    steps: Annotated[int, typer.Option("--steps", help="Measured optimizer steps (3+: one memory, one timing, the rest clean).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", help="Optimizer steps run first and not measured.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    stop: Annotated[bool, typer.Option("--stop/--no-stop", help="Stop the script after the measured steps (--no-stop: let it finish).")] = True,
+    blocks: Annotated[str | None, typer.Option("--blocks", help="Glob over module paths for the repeated blocks, e.g. 'model.layers.*'.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a training script unchanged for a few steps and measure what its memory and time are made of."""
+    from memtune.profilers.runner import ScriptFailed, profile_script, render_profile
+
+    args = list(args or [])
+    script = None if module else (args.pop(0) if args else None)
+    with user_errors():
+        if script is None and module is None:
+            raise InputError("give the training script: memtune profile SCRIPT [-- SCRIPT_ARGS...] (or -m MODULE)")
+        # with --json the script's own prints go to stderr so stdout stays machine-readable
+        redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+        try:
+            with redirect:
+                prof = profile_script(script, module=module, argv=args, steps=steps, warmup=warmup, stop=stop,
+                                      blocks_pattern=blocks, output=output, force=force)
+        except ScriptFailed as e:
+            sys.stderr.write(e.failure.traceback)
+            raise
+    if prof.rank != 0:
+        return
+    if json_out:
+        print_json(prof.to_dict())
+    else:
+        render_profile(prof, console)
+        console.print(f"wrote {output}", highlight=False)
 
 
 @app.command()
