@@ -109,8 +109,11 @@ def measure_collectives(nbytes: int | None = None, group: Any = None, iters: int
             times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
-    t_ag = bench(lambda: dist.all_gather_into_tensor(full, shard, group=group))
-    t_rs = bench(lambda: dist.reduce_scatter_tensor(shard, full, group=group))
+    # torch 2.13 renamed these (*_single); older torch has only the *_tensor names
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    t_ag = bench(lambda: all_gather(full, shard, group=group))
+    t_rs = bench(lambda: reduce_scatter(shard, full, group=group))
     rates = torch.tensor([size * (n - 1) / n / t / 1e9 for t in (t_ag, t_rs)], dtype=torch.float64, device=device)
     dist.broadcast(rates, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return {"allgather_gbps": float(rates[0]), "reduce_scatter_gbps": float(rates[1])}

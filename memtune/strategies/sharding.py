@@ -448,7 +448,9 @@ def _apply_fsdp(ctx: ApplyContext, section: dict[str, Any], stage: int) -> None:
     blocks = [b for b in ctx.blocks if b.kind == "repeated" and id(b.module) in inside and b.module is not root]
     for b in blocks:
         fully_shard(b.module, mesh=mesh, reshard_after_forward=(stage == 3), **kwargs)
-    fully_shard(root, mesh=mesh, reshard_after_forward=(stage == 3), **kwargs)
+    # the root (embeddings, head: what the blocks leave) stays gathered from forward to backward in both
+    # stages: stage 2 says so; for stage 3 FSDP2's default does it (its head is needed again at once)
+    fully_shard(root, mesh=mesh, **({"reshard_after_forward": False} if stage == 2 else {}), **kwargs)
     new = dict(root.named_parameters(remove_duplicate=False))
     repointed = 0
     for opt in ctx.optimizers:
