@@ -574,15 +574,21 @@ def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     _style(ax)
     x = list(range(len(cols)))
     bottom = [0.0] * len(cols)
+    negative: dict[str, float] = {}
     for _, row in df.iterrows():
         vals = [float(row[c]) / div for c in cols]
+        for c, v in zip(labels, vals, strict=True):
+            if v < 0:  # calibration can take bytes away: say so instead of drawing below the stack
+                negative[f"{row['component']} ({c})"] = v * div
+        vals = [max(v, 0.0) for v in vals]
         if not any(v > 0 for v in vals):
             continue
         ax.bar(x, vals, bottom=bottom, width=0.5, label=row["component"],
                color=_COLORS.get(row["component"]), edgecolor="white", linewidth=0.6)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    for xi, t in zip(x, totals, strict=True):
-        ax.text(xi, t / div, format_bytes(t), ha="center", va="bottom", fontsize=10)
+    for xi, t, h in zip(x, totals, bottom, strict=True):
+        ax.text(xi, h, f"peak {format_bytes(t)}", ha="center", va="bottom", fontsize=10)
+    top = max([top] + [b * div for b in bottom])
     if not show_budget:
         _budget_note(ax, data)
     elif data.budget:
@@ -598,7 +604,10 @@ def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     caption = ("Stacked bars: what is live at the predicted peak of one training step. "
                + ("Baseline = the script as profiled; plan = the same step with the plan applied. "
                   if has_plan else "Baseline = the script as profiled. ")
-               + (f"Dashed line: {data.budget_label} ({format_bytes(data.budget)})." if data.budget else ""))
+               + (f"Dashed line: {data.budget_label} ({format_bytes(data.budget)}). " if data.budget else "")
+               + ("Negative, so left out of the bars and counted in the peak: "
+                  + ", ".join(f"{k} {format_bytes(v)}" for k, v in negative.items())
+                  + " (the cost model's calibration to the measured peak)." if negative else ""))
     return Figure_("memory", "Memory by component", caption, _png(fig))
 
 
@@ -669,13 +678,11 @@ def _fig_timeline(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     for series, g in df.groupby("series", sort=False):
         color = colors.get(series, "#444444")
         sim = series.startswith("simulated")
+        i = g["live_bytes"].idxmax()
+        label = f"{series}\npeak {format_bytes(g.loc[i, 'live_bytes'])}" + (f" at {g.loc[i, 'event']}" if sim else "")
         ax.step(g["t_s"] / tdiv, g["live_bytes"] / div, where="post", color=color,
-                linewidth=1.8 if sim else 1.0, alpha=1.0 if sim else 0.85, label=series)
-        if sim:
-            i = g["live_bytes"].idxmax()
-            ax.annotate(f"peak {format_bytes(g.loc[i, 'live_bytes'])}\n{g.loc[i, 'event']}",
-                        (g.loc[i, "t_s"] / tdiv, g.loc[i, "live_bytes"] / div), textcoords="offset points",
-                        xytext=(6, 4), va="bottom", fontsize=8, color=color)
+                linewidth=1.8 if sim else 1.0, alpha=1.0 if sim else 0.85, label=label)
+        ax.plot([g.loc[i, "t_s"] / tdiv], [g.loc[i, "live_bytes"] / div], "o", color=color, markersize=5)
     if not show_budget:
         _budget_note(ax, data)
     elif data.budget:
@@ -797,13 +804,13 @@ img{max-width:100%;height:auto;display:block;margin:8px 0}
 figcaption{color:#555;font-size:.9em;margin-bottom:10px}
 table{border-collapse:collapse;font-size:.88em;margin:8px 0}
 th,td{padding:3px 10px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
-th{background:#fafafa;text-align:right}td:first-child,th:first-child{text-align:left}
-table.facts td{text-align:left}table.facts td:first-child{color:#666;padding-right:18px}
+th{background:#fafafa;text-align:right}td.l,th.l,td:first-child,th:first-child{text-align:left}
+table.facts td{text-align:left;white-space:normal}table.facts td:first-child{color:#666;padding-right:18px}
 .kpis{display:flex;gap:14px;flex-wrap:wrap;margin:12px 0}
 .kpi{border:1px solid #e3e3e3;border-radius:6px;padding:8px 14px;min-width:150px}
 .kpi b{display:block;font-size:1.3em}.kpi span{color:#666;font-size:.85em}
 .lossy{color:#b03a2e;font-weight:bold}details{margin:6px 0}summary{cursor:pointer;color:#0b5cad}
-div.scroll{overflow-x:auto}td{max-width:420px;overflow:hidden;text-overflow:ellipsis}
+div.scroll{overflow-x:auto}td.l{white-space:normal;min-width:60px}
 ul.notes{color:#555;font-size:.9em}pre{background:#f6f8fa;padding:8px 12px;font-size:.85em;overflow-x:auto}
 """
 
@@ -812,14 +819,21 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
+_TEXT_COLUMNS = {"component", "plan", "block", "cls", "kind", "plan_choice", "lossy", "verified"}
+
+
 def _fmt_table(df: pd.DataFrame, fmt: dict[str, Any]) -> str:
+    """An HTML table: numbers right-aligned, text left-aligned, empty cells for missing values."""
     import pandas as pd
 
-    out = df.copy()
-    for col, f in fmt.items():
-        if col in out:
-            out[col] = ["" if pd.isna(v) else f(v) for v in out[col]]
-    return out.to_html(index=False, border=0, escape=True, na_rep="")
+    def cell(col: str, v: Any) -> str:
+        text = "" if v is None or (not isinstance(v, (list, dict)) and pd.isna(v)) else (fmt[col](v) if col in fmt else v)
+        return f'<td class="l">{_e(text)}</td>' if col in _TEXT_COLUMNS else f"<td>{_e(text)}</td>"
+
+    head = "".join(f'<th class="l">{_e(c)}</th>' if c in _TEXT_COLUMNS else f"<th>{_e(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(cell(c, v) for c, v in zip(df.columns, row, strict=True)) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _kpis(data: ReportData) -> str:
@@ -921,6 +935,7 @@ def render_html(data: ReportData, tables: dict[str, pd.DataFrame], figures: list
         best = tr[tr["pareto"] | tr["chosen"] | tr["verify_status"].notna()].sort_values("predicted_peak_bytes")
         cols = ["trial", "plan", "predicted_peak_bytes", "predicted_step_s", "predicted_throughput", "feasible",
                 "chosen", "verify_status", "measured_peak_bytes", "measured_step_s", "lossy"]
+        cols = [c for c in cols if best[c].notna().any() and (best[c] != "").any()]  # leave out empty columns
         show = best[cols].rename(columns={"predicted_peak_bytes": "peak", "predicted_step_s": "step",
                                           "predicted_throughput": "throughput", "verify_status": "verified",
                                           "measured_peak_bytes": "measured peak", "measured_step_s": "measured step"})
@@ -951,6 +966,9 @@ def _write_bytes_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
