@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from memtune.errors import InputError, MemtuneError, PlanError
 from memtune.strategies.base import SearchOptions
-from memtune.units import format_bytes, format_seconds
+from memtune.units import format_bytes
 
 if TYPE_CHECKING:
     from memtune.plan import Plan
@@ -953,33 +953,34 @@ def tune_files(profile_path: str, budget: str, output: str = "plan.yaml", *, tri
 
 
 def pareto_table(result: TuneResult):
-    """The Pareto front (predicted peak against throughput), the chosen plan marked, lossy plans labelled."""
+    """The Pareto front of the plans that fit (predicted peak against throughput), the chosen plan marked and
+    lossy sections labelled; verified plans show their measured peak and throughput."""
     from rich.table import Table
 
-    t = Table(title=f"Pareto front: predicted peak against throughput (budget {format_bytes(result.budget_bytes)}, "
-              f"limit {format_bytes(result.limit_bytes)} after the {result.margin:.0%} margin)", title_justify="left")
-    t.add_column("")
-    t.add_column("trial", justify="right")
-    t.add_column("peak", justify="right")
-    t.add_column("step", justify="right")
-    t.add_column("throughput", justify="right")
-    t.add_column("measured", justify="right")
-    t.add_column("plan")
-    rows = list(result.pareto)
-    extra = [c for c in [result.chosen, *result.verified] if all(c.key != r.key for r in rows)]
-    rows = sorted(rows + [c for i, c in enumerate(extra) if c.key not in {e.key for e in extra[:i]}],
-                  key=lambda c: c.peak_bytes)
-    for c in rows:
-        mark = "[bold green]★ chosen[/]" if c.key == result.chosen.key else ("" if c.feasible else "[dim]over[/]")
+    unit = result.chosen.unit or "throughput"
+    t = Table(title=f"Pareto front of plans that fit {format_bytes(result.budget_bytes)} (limit "
+              f"{format_bytes(result.limit_bytes)} after the {result.margin:.0%} margin; predicted unless measured)",
+              title_justify="left")
+    t.add_column("", no_wrap=True)
+    t.add_column("trial", justify="right", no_wrap=True)
+    t.add_column("peak", justify="right", no_wrap=True)
+    t.add_column(unit, justify="right", no_wrap=True)
+    t.add_column("measured", justify="right", no_wrap=True)
+    t.add_column("plan", ratio=1, min_width=24, overflow="fold")
+    rows = [c for c in result.pareto if c.feasible]
+    for c in [result.chosen, *result.verified]:
+        if all(c.key != r.key for r in rows):
+            rows.append(c)
+    for c in sorted(rows, key=lambda c: c.peak_bytes):
+        mark = "[bold green]★ chosen[/]" if c.key == result.chosen.key else ""
         meas = ""
         if c.measured:
             m = c.measured
             if m.get("status") == "ok":
-                peak = format_bytes(m["peak_bytes"]) if m.get("peak_bytes") is not None else "?"
-                meas = f"{peak}, {m['throughput']:.3g}"
+                peak = format_bytes(m["peak_bytes"]) if m.get("peak_bytes") is not None else "-"
+                meas = f"{peak}, {m['throughput']:.4g}"
             else:
                 meas = f"[red]{m.get('status')}[/]"
         plan = c.describe.replace("[LOSSY]", "[bold yellow]\\[LOSSY][/]")
-        t.add_row(mark, str(c.number), format_bytes(c.peak_bytes), format_seconds(c.step_s),
-                  f"{c.throughput:.4g} {c.unit}", meas, plan)
+        t.add_row(mark, str(c.number), format_bytes(c.peak_bytes), f"{c.throughput:.4g}", meas, plan)
     return t

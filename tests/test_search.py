@@ -193,7 +193,7 @@ def test_same_seed_same_study_and_resume(tmp_path, fake_strategies):
     p = make_profile()
     budget = int(900 * MB)
 
-    def run(name, seed, trials=25):
+    def run(name, seed, trials=15):
         o = opts(budget_bytes=budget, trials=trials, seed=seed, storage=f"sqlite:///{tmp_path / 's.db'}", study_name=name)
         res = search.tune(p, o)
         import optuna
@@ -240,3 +240,76 @@ def test_pareto_front():
     c = lambda n, peak, thr: search.Candidate(n, {}, str(n), "", peak, 1.0, thr, "steps/s", thr, True)
     front = search.pareto_front([c(0, 10, 1.0), c(1, 5, 0.5), c(2, 7, 0.4), c(3, 12, 0.9), c(4, 6, 0.8)])
     assert [x.number for x in front] == [1, 4, 0]
+
+
+# --- on a real profile of the bundled examples/gpt.py, with the registered strategies -------------------
+
+GPT_ARGS = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "32", "--vocab", "256",
+            "--batch-size", "4", "--steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def gpt_profile(tmp_path_factory):
+    from conftest import EXAMPLES
+
+    from memtune.profilers.runner import profile_script
+
+    prof = profile_script(str(EXAMPLES / "gpt.py"), argv=GPT_ARGS, steps=3, warmup=1, measure_hardware=False)
+    assert prof.repeated_blocks and prof.batch_size == 4
+    return prof
+
+
+def test_real_profile_plan_fits_budget(gpt_profile):
+    from memtune.costmodel import estimate
+    from memtune.plan import Plan
+
+    base = estimate(gpt_profile)
+    budget = int(base.peak_bytes * 0.85)
+    for lossless in (True, False):
+        res = search.tune(gpt_profile, opts(budget_bytes=budget, trials=40, lossless_only=lossless))
+        plan = Plan.from_dict(res.plan.to_dict())  # what `memtune apply` would load
+        est = estimate(gpt_profile, plan)
+        assert est.peak_bytes <= budget * 0.97 + 1
+        assert res.plan.sections, "the baseline does not fit, so the plan must change something"
+        if lossless:
+            assert plan.lossy == [] and est.lossy == []
+            assert all(not c.lossy for c in res.pareto)
+
+
+def test_real_profile_infeasible_budget(gpt_profile):
+    with pytest.raises(search.BudgetTooSmall) as e:
+        search.tune(gpt_profile, opts(budget_bytes=100_000, trials=20))
+    msg = str(e.value)
+    assert "smallest peak" in msg and "predicted with [" in msg and "at least" in msg
+
+
+def test_real_profile_lossless_only_never_lossy_in_any_trial(gpt_profile, tmp_path):
+    import optuna
+
+    from memtune.costmodel import estimate
+
+    storage = f"sqlite:///{tmp_path / 'l.db'}"
+    budget = int(estimate(gpt_profile).peak_bytes * 0.9)
+    search.tune(gpt_profile, opts(budget_bytes=budget, trials=40, lossless_only=True, storage=storage, study_name="l"))
+    trials = optuna.load_study(study_name="l", storage=storage).trials
+    assert len(trials) == 40
+    assert all(t.user_attrs.get("lossy", []) == [] for t in trials)
+    assert all("LOSSY" not in t.user_attrs.get("plan", "") for t in trials)
+
+
+def test_real_profile_same_seed_and_resume(gpt_profile, tmp_path):
+    import optuna
+
+    from memtune.costmodel import estimate
+
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    budget = int(estimate(gpt_profile).peak_bytes * 0.9)
+
+    def run(name, trials):
+        search.tune(gpt_profile, opts(budget_bytes=budget, trials=trials, seed=11, storage=storage, study_name=name))
+        return [(t.params, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+    a, b = run("a", 20), run("b", 20)
+    assert a == b
+    a2 = run("a", 15)
+    assert len(a2) == 35 and a2[:20] == a
