@@ -28,7 +28,6 @@ from memtune.plan import Plan
 from memtune.strategies import ApplyContext, BlockRef, get_strategy
 from memtune.strategies.base import Undo
 
-
 # --- plan input ------------------------------------------------------------------------------------
 
 
@@ -353,7 +352,7 @@ def run_apply(
     result.steps = session.steps_done
     result.stopped = session.stopped
     ends = list(session.step_end_times)
-    result.step_times = [b - a for a, b in zip(ends, ends[1:])]
+    result.step_times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     if result.step_times:
         result.step_s = statistics.median(result.step_times[1:] or result.step_times)
     if result.device.startswith("cuda"):

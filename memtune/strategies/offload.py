@@ -229,9 +229,42 @@ class ActivationOffloader:
             seen: dict[tuple, _Rec] = {}
             with torch.autograd.graph.saved_tensors_hooks(functools.partial(self.pack, g, codec, seen),
                                                           functools.partial(self.unpack, codec)):
-                return forward(*args, **kwargs)
+                out = forward(*args, **kwargs)
+            self._on_backward_start(out, g.seq)
+            return out
 
         return wrapper
+
+    def wrap_trigger(self, forward):
+        """For blocks not offloaded: their backward start brings back the offloaded block before them."""
+
+        @functools.wraps(forward)
+        def wrapper(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if torch.is_grad_enabled():
+                self.seq += 1
+                self._on_backward_start(out, self.seq)
+            return out
+
+        return wrapper
+
+    def _on_backward_start(self, out: Any, seq: int) -> None:
+        # the gradient of a block's output arrives just before its backward runs: start copying back the
+        # newest offloaded block that ran before it (one block ahead)
+        for x in tree_flatten(out)[0]:
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(functools.partial(self._prefetch_hook, seq))
+                break
+
+    def _prefetch_hook(self, seq: int, grad: torch.Tensor) -> None:
+        self.prefetch_before(seq)
+
+    def prefetch_before(self, seq: int) -> None:
+        for r in reversed(self.groups):
+            h = r()
+            if h is not None and h.seq < seq and not h.started:
+                self._fetch_group(h)
+                return
 
     def _offloadable(self, x: Any) -> bool:
         if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter):
@@ -303,18 +336,11 @@ class ActivationOffloader:
             if not g.started:
                 g.started = True
                 self._fetch_group(g)
-                prev = None  # prefetch: the newest earlier offloaded block not yet in backward
-                for r in reversed(self.groups):
-                    h = r()
-                    if h is not None and h.seq < g.seq and not h.started:
-                        prev = h
-                        break
-                if prev is not None:
-                    self._fetch_group(prev)
+                self.prefetch_before(g.seq)  # no-op when the output hook already did it
             self._fetch(x)
             dev = x.dev
             self.t.use(x.h2d_ev)
-            for (host, _), d in zip(x.leaves, dev):
+            for (host, _), d in zip(x.leaves, dev, strict=True):
                 if not isinstance(host, str):
                     self.t.use(None, d)
             x.uses -= 1
@@ -573,6 +599,9 @@ class Offload(Strategy):
                     undos.append(u)
                     hf += 1
                 undos.append(wrap_forward(mod, functools.partial(off.wrap, name)))
+            for name in ctx.repeated:
+                if name not in names:
+                    undos.append(wrap_forward(ctx.module(name), off.wrap_trigger))
             ctx.shared["activation_offloader"] = off
             withc = [n for n in names if n in codecs]
             ctx.note(self.name, f"activations of {len(names)} block(s) to pinned host memory, prefetched one "
