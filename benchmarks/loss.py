@@ -27,7 +27,7 @@ def eager(x, w, y):
     return F.cross_entropy(F.linear(x, w).float(), y)
 
 
-def methods(chunks):
+def methods(chunks, block_vs=()):
     out = {"eager": eager, "torch.compile": torch.compile(eager, dynamic=False)}
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -38,6 +38,8 @@ def methods(chunks):
         print(f"liger-kernel not installed ({e}); skipping it")
     for c in chunks:
         out[f"memtune c={c}"] = lambda x, w, y, c=c: linear_cross_entropy(x, w, y, chunk_tokens=c)
+    for bv in block_vs:
+        out[f"memtune bv={bv}"] = lambda x, w, y, bv=bv: linear_cross_entropy(x, w, y, block_v=bv)
     out["memtune auto"] = lambda x, w, y: linear_cross_entropy(x, w, y)
     return out
 
@@ -82,6 +84,7 @@ def main():
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024])
+    p.add_argument("--block-v", type=int, nargs="*", default=[], help="row-kernel block sizes to try (auto chunk)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rep", type=int, default=10)
     p.add_argument("--json")
@@ -97,7 +100,7 @@ def main():
         y = torch.randint(v, (args.tokens,), device=dev, generator=g)
         grad_bytes = (x.numel() + w.numel()) * x.element_size()
         ref = None
-        for name, fn in methods(args.chunks).items():
+        for name, fn in methods(args.chunks, args.block_v).items():
             try:
                 ms, extra, grads = measure(fn, x, w, y, args.warmup, args.rep)
             except Exception as e:  # one failing method should not lose the others' numbers

@@ -1,0 +1,293 @@
+"""Fused linear cross-entropy: the loss of a linear head's output without the full logits
+(memtune/kernels/linear_cross_entropy.py). Lossless up to fp32 rounding (see the kernel's doc).
+
+```yaml
+loss: {fused: true}                           # find the head: get_output_embeddings() or the widest Linear child
+loss: {fused: true, head: lm_head, chunk_tokens: 1024}
+```
+How it reaches the loss without editing the script: while training (grad enabled, module.training), the
+head returns `LazyLogits`, a tensor subclass that holds (hidden, weight) and no data. `view`/`reshape`,
+leading-dim indexing, `.float()` and `.contiguous()` stay lazy; `F.cross_entropy` on it (what scripts call,
+and what transformers' causal-LM loss calls) runs the fused op; anything else (argmax, printing, a custom
+loss) materializes the logits once, as the unpatched head would, so results never change, only the
+memory saved. Heads with a bias, or none found, are left alone with a note.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memtune.errors import PlanError
+from memtune.plan import check_keys
+from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register
+
+KEYS = {"fused": "true to fuse the head's matmul with the cross-entropy", "head": "module path of the head",
+        "chunk_tokens": "tokens per chunk (default: a 128 MiB logits chunk)"}
+
+_CE_SIG = inspect.signature(F.cross_entropy)
+_META_FUNCS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point,
+               torch.Tensor.element_size, torch.Tensor.is_contiguous, torch.Tensor.__len__, torch.Tensor.stride,
+               torch.Tensor.get_device, torch.Tensor.ndimension, torch.Tensor.nelement, torch.Tensor.is_complex}
+_META_PROPS = {"shape", "ndim", "dtype", "device", "is_cuda", "is_cpu", "requires_grad", "layout", "is_leaf",
+               "grad_fn", "is_sparse", "is_quantized", "is_meta", "is_nested", "is_mps", "is_xpu", "names",
+               "_version", "output_nr", "_base", "grad", "itemsize"}
+
+
+def _is_meta(func) -> bool:
+    if func in _META_FUNCS:
+        return True
+    if getattr(func, "__name__", "") == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None) in _META_PROPS
+    return False
+
+
+class LazyLogits(torch.Tensor):
+    """hidden @ weight.T, not computed until something needs the values."""
+
+    @staticmethod
+    def __new__(cls, hidden, weight, compute_dtype, out_dtype, opts):
+        shape = (*hidden.shape[:-1], weight.shape[0])
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=out_dtype, device=hidden.device,
+                                                requires_grad=hidden.requires_grad or weight.requires_grad)
+        t._hidden, t._weight, t._compute_dtype, t._out_dtype, t._opts = hidden, weight, compute_dtype, out_dtype, opts
+        t._cache = None
+        return t
+
+    def _like(self, hidden=None, out_dtype=None):
+        return LazyLogits(self._hidden if hidden is None else hidden, self._weight, self._compute_dtype,
+                          out_dtype or self._out_dtype, self._opts)
+
+    def _inputs(self):
+        cd = self._compute_dtype
+        return self._hidden.to(cd), self._weight.to(cd)
+
+    def materialize(self) -> torch.Tensor:
+        if self._cache is None:
+            h, w = self._inputs()
+            with torch.autocast(self._hidden.device.type, enabled=False):
+                self._cache = F.linear(h, w).to(self._out_dtype)
+            self._opts["materialized"] = self._opts.get("materialized", 0) + 1
+        return self._cache
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # only reached by ops that bypass __torch_function__ (below autograd): give them the values
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda a: a.materialize().detach() if isinstance(a, LazyLogits) else a, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self = args[0] if args and isinstance(args[0], LazyLogits) else None
+        if func is F.cross_entropy:
+            out = _fused_ce(args, kwargs)
+            if out is not None:
+                return out
+        elif self is not None:
+            if _is_meta(func):
+                with torch._C.DisableTorchFunctionSubclass():
+                    return func(*args, **kwargs)
+            out = _lazy_method(func, self, args[1:], kwargs)
+            if out is not None:
+                return out
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda a: a.materialize() if isinstance(a, LazyLogits) else a, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _lazy_method(func, self: LazyLogits, rest, kwargs):
+    """view/reshape/indexing over leading dims, .float(), .contiguous(): a new LazyLogits, else None."""
+    if func is torch.Tensor.contiguous and not rest and not kwargs:
+        return self
+    if func is torch.Tensor.float and not rest and not kwargs:
+        return self._like(out_dtype=torch.float32)
+    if func is torch.Tensor.to and not kwargs and len(rest) == 1 and rest[0] == torch.float32:
+        return self._like(out_dtype=torch.float32)
+    if func in (torch.Tensor.view, torch.Tensor.reshape, torch.reshape) and not kwargs and rest:
+        shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest
+        if not all(isinstance(s, int) for s in shape) or not shape:
+            return None
+        shape = list(shape)
+        numel, v = self.numel(), self.shape[-1]
+        if shape.count(-1) == 1:
+            known = 1
+            for s in shape:
+                known *= s if s != -1 else 1
+            if known == 0 or numel % known:
+                return None
+            shape[shape.index(-1)] = numel // known
+        if shape[-1] != v:
+            return None
+        return self._like(hidden=self._hidden.reshape(*shape[:-1], self._hidden.shape[-1]))
+    if func is torch.Tensor.__getitem__ and len(rest) == 1 and not kwargs:
+        idx = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
+        if not all(isinstance(i, (int, slice)) or i is Ellipsis for i in idx):
+            return None
+        last_full = idx and isinstance(idx[-1], slice) and idx[-1] == slice(None)
+        if last_full or (Ellipsis not in idx and len(idx) < self.dim()):
+            return self._like(hidden=self._hidden[idx])
+    return None
+
+
+def _fused_ce(args, kwargs):
+    from memtune.kernels.linear_cross_entropy import linear_cross_entropy
+
+    try:
+        b = _CE_SIG.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    a = {**{k: p.default for k, p in _CE_SIG.parameters.items()}, **b.arguments}
+    x, target = a["input"], a["target"]
+    if (not isinstance(x, LazyLogits) or isinstance(target, LazyLogits) or x.dim() != 2
+            or a["weight"] is not None or a["size_average"] is not None or a["reduce"] is not None
+            or a["reduction"] not in ("mean", "sum") or target.dim() != 1 or target.is_floating_point()):
+        return None
+    h, w = x._inputs()
+    device_type = h.device.type
+    loss_dtype = x._out_dtype
+    if torch.is_autocast_enabled(device_type):  # cross_entropy autocasts to fp32
+        loss_dtype = torch.float32
+    with torch.autocast(device_type, enabled=False):
+        loss = linear_cross_entropy(h, w, target, ignore_index=a["ignore_index"], reduction=a["reduction"],
+                                    label_smoothing=a["label_smoothing"], chunk_tokens=x._opts.get("chunk_tokens"))
+    x._opts["fused"] = x._opts.get("fused", 0) + 1
+    return loss.to(loss_dtype)
+
+
+def find_head(model: nn.Module, path: str | None = None) -> tuple[str | None, nn.Module | None]:
+    if path:
+        try:
+            return path, model.get_submodule(path)
+        except AttributeError:
+            raise PlanError(f"loss.head: no module {path!r} in the model") from None
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        m = get()
+        if isinstance(m, nn.Linear):
+            for name, mod in model.named_modules():
+                if mod is m:
+                    return name, m
+    best = None
+    for name, m in model.named_children():
+        if isinstance(m, nn.Linear) and m.out_features >= 2 * m.in_features and (
+                best is None or m.out_features >= best[1].out_features):
+            best = (name, m)
+    return best if best else (None, None)
+
+
+def patch_head(head: nn.Linear, opts: dict[str, Any]) -> Undo:
+    had = "forward" in head.__dict__
+    prev = head.__dict__.get("forward")
+    inner = head.forward
+
+    def forward(input, *args, **kwargs):
+        if args or kwargs or not (torch.is_grad_enabled() and head.training) or input.dim() < 2:
+            return inner(input, *args, **kwargs)
+        dt = input.device.type
+        if torch.is_autocast_enabled(dt):
+            cd = torch.get_autocast_dtype(dt)
+        else:
+            cd = torch.promote_types(input.dtype, head.weight.dtype)
+        return LazyLogits(input, head.weight, cd, cd, opts)
+
+    head.forward = forward
+
+    def undo() -> None:
+        if had:
+            head.forward = prev
+        else:
+            head.__dict__.pop("forward", None)
+
+    return undo
+
+
+@register
+class Loss(Strategy):
+    name = "loss"
+    order = 40
+    summary = "fused linear cross-entropy: never materialize the full logits (lossless)"
+
+    def validate(self, section: Any) -> dict[str, Any]:
+        if section is True:
+            section = {"fused": True}
+        if not isinstance(section, dict):
+            raise PlanError("loss: give a mapping, e.g. {fused: true}")
+        check_keys(section, KEYS, "loss")
+        fused = section.get("fused", True)
+        if not isinstance(fused, bool):
+            raise PlanError("loss.fused: true or false")
+        out: dict[str, Any] = {"fused": fused}
+        if section.get("head") is not None:
+            if not isinstance(section["head"], str):
+                raise PlanError("loss.head: a module path such as lm_head")
+            out["head"] = section["head"]
+        if section.get("chunk_tokens") is not None:
+            c = section["chunk_tokens"]
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise PlanError("loss.chunk_tokens: a positive integer, e.g. 1024")
+            out["chunk_tokens"] = c
+        return out
+
+    def describe(self, section: dict[str, Any]) -> str:
+        return "fused linear cross-entropy" if section["fused"] else "loss as the script computes it"
+
+    def space(self, trial: Any, profile, opts: SearchOptions) -> dict[str, Any] | None:
+        return {"fused": True} if trial.suggest_categorical("loss.fused", [False, True]) else None
+
+    def effect(self, profile, section: dict[str, Any], sim) -> None:
+        from memtune.kernels.linear_cross_entropy import CHUNK_BYTES
+
+        if not section["fused"]:
+            return
+        head = _head_profile(profile, section.get("head"))
+        tokens = (profile.tokens_per_step or 0) // max(1, profile.micro_batches_per_step)
+        if head is None or not tokens:
+            sim.loss_transient_bytes = min(sim.loss_transient_bytes, CHUNK_BYTES)
+            sim.notes.append("loss: fused; no head/token count in the profile, only the loss transient is capped")
+            return
+        params = sum(head.param_bytes.values())
+        n_params = max(1, head.n_params)
+        elem = params / n_params
+        hidden = max(1, round((head.input_bytes / elem) / tokens)) if head.input_bytes else 0
+        vocab = n_params // hidden if hidden else 0
+        # eager keeps the fp32 log-softmax of the logits for backward (N x V x 4 bytes, counted outside
+        # blocks); the fused op keeps dx and dW from its forward instead
+        eager_saved = tokens * vocab * 4
+        fused_saved = (tokens * hidden + vocab * hidden) * elem
+        sim.other_act_bytes = max(0.0, sim.other_act_bytes - eager_saved) + fused_saved
+        chunk = min(tokens * vocab * elem, CHUNK_BYTES)
+        sim.loss_transient_bytes = min(sim.loss_transient_bytes, chunk)
+        sim.notes.append(f"loss: fused cross-entropy over vocab {vocab}, {tokens} tokens; time taken as unchanged "
+                         "(the fused op ran 0.68x eager, 1.1x torch.compile at vocab 128256 on H100, docs/benchmarks.md)")
+
+    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
+        if not section["fused"]:
+            return lambda: None
+        name, head = find_head(ctx.model, section.get("head"))
+        if head is None:
+            ctx.note("loss", "no linear head found (give loss.head): loss left alone")
+            return lambda: None
+        if not isinstance(head, nn.Linear):
+            ctx.note("loss", f"{name} is {type(head).__name__}, not nn.Linear: loss left alone")
+            return lambda: None
+        if head.bias is not None:
+            ctx.note("loss", f"{name} has a bias, which the fused loss does not take: loss left alone")
+            return lambda: None
+        opts: dict[str, Any] = {"chunk_tokens": section.get("chunk_tokens")}
+        ctx.shared["loss_stats"] = opts  # counts of fused calls and materializations, for reports
+        ctx.note("loss", f"{name} returns lazy logits; F.cross_entropy on them runs fused, any other use "
+                 "computes the logits as before")
+        return patch_head(head, opts)
+
+
+def _head_profile(profile, path):
+    for b in reversed(profile.blocks):
+        if (path and b.name == path) or (not path and b.kind == "other" and b.cls == "Linear"):
+            return b
+    return None
