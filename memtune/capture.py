@@ -82,6 +82,7 @@ def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+_WRAPPERS = ("OptimizedModule", "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -328,6 +329,9 @@ class Session:
 
     def _forward_pre(self, module: nn.Module, args: Any) -> None:
         if not self._pending_model:
+            if self.wrapper is None and self.model is not None and module is not self.model \
+                    and type(module).__name__ in _WRAPPERS and unwrap_model(module) is self.model:
+                self.wrapper = module  # wrapped (DDP, torch.compile) after its optimizer was built
             return
         ids = set().union(*(_optimizer_param_ids(o) for o in self.optimizers))
         if any(id(p) in ids for p in module.parameters()):

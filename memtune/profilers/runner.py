@@ -118,9 +118,6 @@ class _Profiler:
         self.counter = mem.SavedTensorCounter(lambda: self.stack[-1] if self.stack else None, self.state_ptrs)
         if s.compiled or getattr(model, "_compiled_call_impl", None) is not None:
             self.undo_compile = _run_eagerly(s)
-            self.notes.append(
-                "the model is torch.compile'd: profiled eagerly (compiled kernels fuse some activations, so the "
-                "measured activations are an upper bound)")
         self.model_handles = [
             model.register_forward_pre_hook(self.model_pre, with_kwargs=True),
             model.register_forward_hook(self.model_post),
@@ -149,7 +146,20 @@ class _Profiler:
         if nxt != self.mode:
             self.set_mode(nxt)
 
+    def before_run(self, s: Session) -> Callable[[], None] | None:
+        """torch.compile'd code runs eagerly while profiling: per-module hooks and saved-tensor hooks must see
+        every module, and compiling would be measured as the first steps' time."""
+        stance = getattr(torch.compiler, "set_stance", None)
+        if stance is None:
+            return None
+        stance("force_eager")
+        return lambda: stance("default")
+
     def end(self, s: Session) -> None:
+        if s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None:
+            self.notes.append(
+                "the model is torch.compile'd: profiled eagerly (compiled kernels fuse some activations, so the "
+                "measured activations are an upper bound)")
         self._close_saved_hooks()
         for h in self.block_handles + self.model_handles:
             h.remove()
@@ -395,7 +405,7 @@ def _assemble(p: _Profiler, s: Session, prof: Profile) -> None:
     prof.buffer_bytes = mem.buffer_bytes(model)
     prof.batch_size, prof.seq_len, prof.autocast = p.batch_size, p.seq_len, p.autocast
     prof.grad_scaler = bool(s.grad_scalers)
-    prof.hf_gradient_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    prof.hf_gradient_checkpointing = _hf_checkpointing(model)
     prof.world_size, prof.rank, prof.ddp = s.world_size, s.rank, s.ddp
     prof.step_start_bytes = p.step_start_bytes
     prof.grads_persist = p.grads_persist
@@ -519,6 +529,18 @@ def _assemble(p: _Profiler, s: Session, prof: Profile) -> None:
         _cpu_peak(prof)
 
 
+def _hf_checkpointing(model: nn.Module) -> bool:
+    import warnings
+
+    with warnings.catch_warnings():  # newer transformers renamed the property and warn on the old name
+        warnings.simplefilter("ignore")
+        for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            v = getattr(model, attr, None)
+            if isinstance(v, bool):
+                return v
+    return False
+
+
 def _cpu_peak(prof: Profile) -> None:
     """On CPU there is no allocator to read: the peak is the sum of the measured parts."""
     states = prof.param_bytes + prof.buffer_bytes + prof.optimizer_state_bytes
@@ -548,6 +570,7 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
     session = Session(script, module=module, argv=argv, steps=steps, warmup=warmup, stop=stop,
                       blocks_pattern=blocks_pattern)
     prof_state = _Profiler(session, on_progress=on_progress)
+    session.on_before_run.append(prof_state.before_run)
     session.on_ready.append(prof_state.ready)
     session.on_step.append(prof_state.on_step)
     session.on_end.append(prof_state.end)

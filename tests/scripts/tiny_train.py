@@ -46,6 +46,7 @@ def main():
     p.add_argument("--opt-first", action="store_true", help="optimizer over parameters before the module holds them")
     p.add_argument("--catch-all", action="store_true", help="wrap the loop in `except Exception`")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cpu")
     if "--echo" in sys.argv:  # print the arguments as received, untouched
         print("ARGV", sys.argv[1:])
         return
@@ -61,7 +62,7 @@ def main():
         del tmp
         model = net
     else:
-        model = Net(args.width, args.depth, 3)
+        model = Net(args.width, args.depth, 3).to(args.device)
         opt = None if args.no_optimizer else torch.optim.AdamW(model.parameters(), lr=1e-3)
     if args.compile:
         model = torch.compile(model)
@@ -71,8 +72,8 @@ def main():
             if step == args.fail_at:
                 raise ValueError(f"boom at step {step}")
             for _ in range(args.accum):
-                x = torch.randn(args.batch_size, 8)
-                y = torch.randint(3, (args.batch_size,))
+                x = torch.randn(args.batch_size, 8, device=args.device)
+                y = torch.randint(3, (args.batch_size,), device=args.device)
                 loss = F.cross_entropy(model(x), y) / args.accum
                 scaler.scale(loss).backward()
             if opt is not None and not args.no_step:

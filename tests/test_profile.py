@@ -1,0 +1,169 @@
+"""profile_script on tiny scripts and the bundled examples, on CPU."""
+
+import importlib.util
+import json
+
+import pytest
+
+from memtune.errors import InputError, ScriptError
+from memtune.profile import Profile
+from memtune.profilers import ScriptFailed, profile_script
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "scripts" / "tiny_train.py")
+GPT = str(ROOT / "examples" / "gpt.py")
+
+
+def prof(script=TINY, argv=(), **kw):
+    kw.setdefault("steps", 3)
+    kw.setdefault("warmup", 1)
+    return profile_script(script, argv=list(argv), measure_hardware=False, **kw)
+
+
+def test_mlp_block_activation_bytes_equal_the_count_from_shapes():
+    b, w = 4, 16
+    p = prof(argv=["--steps", "10", "--batch-size", str(b), "--width", str(w)])
+    rep = p.repeated_blocks
+    assert [x.name for x in rep] == ["blocks.0", "blocks.1", "blocks.2"]
+    # fc saves its input (b, w); gelu saves its input (b, 4w); proj saves gelu's output (b, 4w); fp32;
+    # the weights are parameters and are not counted
+    expected = 4 * (b * w + b * 4 * w + b * 4 * w)
+    for x in rep:
+        assert x.activation_bytes == expected
+        assert x.activation_bytes_by_dtype == {"float32": expected}
+        assert x.input_bytes == 4 * b * w and x.output_bytes == 4 * b * w
+        assert x.param_bytes == {"float32": 4 * (w * 4 * w + 4 * w + 4 * w * w + w)}
+        assert x.fwd_s > 0 and x.bwd_s > 0
+    assert p.batch_size == b and p.seq_len is None
+    assert p.steps == 3 and p.warmup == 1
+    assert p.step_s > 0 and p.fwd_s > 0 and p.bwd_s > 0 and p.optimizer_s > 0
+    opt = p.optimizers[0]
+    assert opt.kind == "adamw" and opt.hyperparams["lr"] == pytest.approx(1e-3)
+    # AdamW: two fp32 moments per parameter plus one scalar step per tensor
+    n_tensors = 2 + 3 * 4 + 2
+    assert opt.state_bytes == 2 * p.param_bytes + 4 * n_tensors
+    assert p.grad_bytes == p.trainable_param_bytes == p.param_bytes
+    assert not p.peak.measured and p.peak.allocated_bytes >= p.param_bytes + opt.state_bytes
+    assert [x.index for x in p.blocks] == list(range(len(p.blocks)))
+
+
+def test_gpt_one_block_per_layer_with_equal_activations():
+    p = prof(GPT, ["--steps", "10", "--layers", "3", "--width", "32", "--heads", "2", "--seq-len", "16",
+                   "--vocab", "64", "--batch-size", "2"])
+    rep = p.repeated_blocks
+    assert [x.name for x in rep] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert len({x.activation_bytes for x in rep}) == 1 and rep[0].activation_bytes > 0
+    assert [x.name for x in p.blocks if x.kind == "other"] == ["tok", "pos", "ln_f", "head"]
+    assert p.batch_size == 2 and p.seq_len == 16 and p.tokens_per_step == 32
+    assert p.other_activation_bytes > 0  # cross-entropy saves its log-softmax
+    assert p.model_cls.endswith("GPT") and p.autocast is None
+
+
+def test_gradient_accumulation_micro_batches():
+    p = prof(GPT, ["--steps", "10", "--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "16",
+                   "--vocab", "64", "--batch-size", "2", "--grad-accum", "3"])
+    assert p.micro_batches_per_step == 3 and p.tokens_per_step == 2 * 16 * 3
+    assert all(b.calls_per_step == 1 for b in p.blocks)  # per micro-batch
+
+
+def test_convnet_steps_counted():
+    p = prof(str(ROOT / "examples" / "convnet.py"), ["--steps", "10", "--width", "16", "--depth", "2",
+                                                     "--image-size", "8"], steps=2, warmup=1)
+    assert p.steps == 2 and not p.grad_scaler  # the example's scaler is disabled on CPU
+    assert [b.cls for b in p.repeated_blocks] == ["Bottleneck", "Bottleneck"]
+    assert p.batch_size == 16
+
+
+def test_grad_scaler_steps_counted():
+    p = prof(argv=["--steps", "10", "--scaler"], steps=3)
+    assert p.grad_scaler and p.steps == 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_hf_llama_decoder_layers():
+    p = prof(str(ROOT / "examples" / "hf_llama.py"), ["--steps", "10", "--layers", "2", "--hidden", "32",
+                                                      "--intermediate", "64", "--vocab", "100", "--seq-len", "16"],
+             steps=1, warmup=1)
+    rep = p.repeated_blocks
+    assert [b.cls for b in rep] == ["LlamaDecoderLayer", "LlamaDecoderLayer"]
+    # equal but for the rotary cos/sin (1, seq, head_dim) fp32 pair that all layers share: the first layer
+    # to save it counts it, each storage once
+    assert rep[0].activation_bytes - rep[1].activation_bytes == 2 * 16 * (32 // 4) * 4
+    assert rep[1].activation_bytes > 0
+    assert p.batch_size == 4 and p.seq_len == 16
+    assert not p.hf_gradient_checkpointing
+    assert any("clean step" in n for n in p.notes)
+
+
+def test_output_written_and_refused_without_force(tmp_path):
+    out = tmp_path / "p.json"
+    prof(argv=["--steps", "5"], steps=1, output=out)
+    p = Profile.load(out)
+    assert p.repeated_blocks and json.loads(out.read_text())["schema_version"] == 1
+    with pytest.raises(InputError, match="--force"):
+        prof(argv=["--steps", "5"], steps=1, output=out)
+    prof(argv=["--steps", "5"], steps=1, output=out, force=True)
+
+
+def test_script_that_raises_saves_the_partial_profile(tmp_path):
+    out = tmp_path / "p.json"
+    with pytest.raises(ScriptFailed) as ei:
+        prof(argv=["--steps", "10", "--fail-at", "3"], steps=5, output=out)
+    e = ei.value
+    assert e.failure.exc_type == "ValueError" and "boom at step 3" in e.failure.traceback
+    assert "tiny_train.py" in e.failure.traceback and "runpy" not in e.failure.traceback
+    assert str(out) in str(e)
+    p = Profile.load(out)
+    assert p.extra["script_failure"]["exc_type"] == "ValueError"
+    assert p.repeated_blocks[0].activation_bytes > 0  # the memory step (step 1) was measured
+
+
+def test_no_optimizer_and_never_steps():
+    with pytest.raises(ScriptError, match="no torch.optim optimizer"):
+        prof(argv=["--no-optimizer"])
+    with pytest.raises(ScriptError, match="never called optimizer.step"):
+        prof(argv=["--no-step"])
+
+
+def test_missing_script():
+    with pytest.raises(ScriptError, match="not found"):
+        prof("nope/train.py")
+
+
+def test_all_steps_warmup():
+    with pytest.raises(ScriptError, match="warm-up"):
+        prof(argv=["--steps", "2"], steps=3, warmup=2)
+
+
+def test_no_stop_runs_the_script_to_its_end(capsys):
+    p = prof(argv=["--steps", "6"], steps=2, stop=False)
+    assert p.extra["session"]["steps_done"] == 6 and not p.extra["session"]["stopped"]
+    assert "done 6" in capsys.readouterr().out
+
+
+def test_blocks_glob():
+    p = prof(argv=["--steps", "5"], steps=1, blocks_pattern="blocks.*.fc")
+    assert [b.name for b in p.repeated_blocks] == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
+    assert all(b.activation_bytes == 4 * 4 * 16 for b in p.repeated_blocks)  # fc saves its (4, 16) input
+
+
+def test_torch_compiled_model_is_profiled_eagerly():
+    p = prof(argv=["--steps", "5", "--compile"], steps=1)
+    assert any("torch.compile" in n for n in p.notes)
+    assert len(p.repeated_blocks) == 3 and p.repeated_blocks[0].activation_bytes > 0
+
+
+@pytest.mark.gpu
+def test_gpu_profile_reads_the_allocator():
+    b, w = 256, 512
+    p = prof(argv=["--steps", "10", "--batch-size", str(b), "--width", str(w), "--device", "cuda"])
+    assert p.device == "cuda" and p.peak.measured and p.hardware.gpu_name
+    assert p.peak.phase in ("forward", "loss", "backward", "optimizer")
+    states = p.param_bytes + p.optimizer_state_bytes
+    assert p.peak.allocated_bytes >= states + sum(x.activation_bytes for x in p.blocks)
+    expected = 4 * (b * w + 2 * b * 4 * w)
+    assert all(x.activation_bytes == expected for x in p.repeated_blocks)
+    # the block's forward holds at least what it saves
+    assert all(x.transient_bytes >= expected for x in p.repeated_blocks)
+    assert p.step_start_bytes >= states and p.step_s > 0
+    assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in p.repeated_blocks)
