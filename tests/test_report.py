@@ -78,6 +78,17 @@ def profile_path(tmp_path) -> Path:
     return make_profile().save(tmp_path / "profile.json")
 
 
+@pytest.fixture(scope="module")
+def gpt_profile(tmp_path_factory) -> Path:
+    """A real profile of the bundled GPT, shrunk so it takes a second or two in-process."""
+    runner_mod = pytest.importorskip("memtune.profilers.runner")
+    out = tmp_path_factory.mktemp("gpt") / "profile.json"
+    runner_mod.profile_script(str(ROOT / "examples" / "gpt.py"), argv=[
+        "--layers", "2", "--width", "32", "--heads", "2", "--seq-len", "16", "--batch-size", "2", "--vocab", "64"],
+        steps=3, warmup=0, output=out, measure_hardware=False)
+    return out
+
+
 def make_study(path: Path, name: str = "memtune-test") -> str:
     """A study shaped as memtune/search.py writes it: search trials + two verification trials."""
     import optuna
@@ -200,6 +211,30 @@ def test_profile_report(tmp_path, profile_path):
     assert sim["t_s"].is_monotonic_increasing and sim["event"].iloc[-1] == "end"
     # the simulated step lasts the blocks' forward + backward + optimizer (and glue), in seconds
     assert 0.04 < sim["t_s"].iloc[-1] < 0.2
+
+
+def test_real_profile_of_bundled_gpt(tmp_path, gpt_profile):
+    r = runner.invoke(app, ["report", str(gpt_profile), "-o", str(tmp_path / "r.html"), "--csv", str(tmp_path / "csv")])
+    assert r.exit_code == 0, r.output
+    check_html(tmp_path / "r.html", 3)
+    t = check_csvs(tmp_path / "csv", {"memory", "blocks", "timeline"})
+    blocks = t["blocks"]
+    assert (blocks["kind"] == "repeated").sum() == 2
+    assert (blocks.loc[blocks["kind"] == "repeated", "activation_bytes"] > 0).all()
+
+
+def test_real_plan_with_checkpoint(tmp_path, gpt_profile):
+    from memtune.strategies import strategy_names
+
+    if "checkpoint" not in strategy_names():
+        pytest.skip("checkpoint strategy not registered")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"checkpoint: {{blocks: all}}\nprovenance: {{profile: {gpt_profile}}}\n")
+    r = runner.invoke(app, ["report", str(plan), "-o", str(tmp_path / "r.html"), "--csv", str(tmp_path / "csv")])
+    assert r.exit_code == 0, r.output
+    check_html(tmp_path / "r.html", 3)
+    b = check_csvs(tmp_path / "csv", {"memory", "blocks", "timeline"})["blocks"]
+    assert set(b.loc[b["kind"] == "repeated", "plan_choice"]) <= {"recompute", "selective"}
 
 
 def test_plan_report_marks_choices(tmp_path, profile_path, test_strategy):
