@@ -69,6 +69,7 @@ class SimStep:
     loss_transient_bytes: float = 0.0  # live at the loss, on top of the kept activations
     fixed_bytes: float = 0.0  # inputs/labels and whatever else sits on device at step start
     calib_bytes: float = 0.0  # what the profile's measured peak leaves unexplained (allocator, workspace)
+    output_bytes: float = 0.0  # the model's output (logits): live from the end of forward into the loss
     other_s: float = 0.0  # step time outside blocks and optimizer (data loading, loss, glue)
     extra_s: float = 0.0  # time added by strategies outside any block
     comm_s: float = 0.0  # communication not hidden (sharding)
@@ -145,15 +146,16 @@ def _autocast_fixed_bytes(profile: Profile, b: BlockProfile) -> float:
 
 
 def _block_times(profile: Profile) -> dict[str, tuple[float, float]]:
-    """Per-block (fwd_s, bwd_s), rescaled so they add up to the profile's clean forward and backward.
+    """Per-block (fwd_s, bwd_s) per micro-batch, from CUDA events around each block (profilers/runner.py).
 
-    Per-block times are taken with hooks and synchronisation, which inflates them; the run-level
-    `fwd_s`/`bwd_s` are the clean ones (profilers/timing.py), so the blocks keep their shares of those.
+    The run-level `fwd_s`/`bwd_s` come from clean steps without per-block hooks; when the blocks add up to
+    more than those (hooks slowed the launch), they are scaled down to them; what the blocks leave of a
+    clean forward/backward is glue inside the model (embedding adds, the loss when the model computes it).
     """
     sf = sum(b.fwd_s for b in profile.blocks)
     sb = sum(b.bwd_s for b in profile.blocks)
-    kf = profile.fwd_s / sf if profile.fwd_s > 0 and sf > 0 else 1.0
-    kb = profile.bwd_s / sb if profile.bwd_s > 0 and sb > 0 else 1.0
+    kf = min(1.0, profile.fwd_s / sf) if profile.fwd_s > 0 and sf > 0 else 1.0
+    kb = min(1.0, profile.bwd_s / sb) if profile.bwd_s > 0 and sb > 0 else 1.0
     return {b.name: (b.fwd_s * kf, b.bwd_s * kb) for b in profile.blocks}
 
 
@@ -161,12 +163,28 @@ def _opt_s(profile: Profile) -> float:
     return profile.optimizer_s or sum(o.step_s for o in profile.optimizers)
 
 
-def _other_s(profile: Profile) -> float:
-    """Step time outside block forwards/backwards and the optimizer: loss, data, clipping, glue."""
+def _split_time(profile: Profile) -> tuple[float, float]:
+    """(glue_s, outside_s) of one step: inside the model's forward/backward but outside every block
+    (scales with the batch), and outside the model and the optimizer (loss when the script computes it,
+    clipping, data, zero_grad; mostly fixed)."""
     times = _block_times(profile)
     m = max(1, profile.micro_batches_per_step)
-    blocks = m * sum(f + b for f, b in times.values())
-    return max(0.0, profile.step_s - blocks - _opt_s(profile))
+    blocks_f = sum(f for f, _ in times.values())
+    blocks_b = sum(b for _, b in times.values())
+    fwd = max(profile.fwd_s, blocks_f)
+    bwd = max(profile.bwd_s, blocks_b)
+    glue = m * ((fwd - blocks_f) + (bwd - blocks_b))
+    outside = max(0.0, profile.step_s - m * (fwd + bwd) - _opt_s(profile))
+    return glue, outside
+
+
+def _last_block(profile: Profile) -> BlockProfile | None:
+    return max(profile.blocks, key=lambda b: b.index) if profile.blocks else None
+
+
+def _states_at_start(profile: Profile) -> float:
+    return (profile.param_bytes + profile.buffer_bytes + profile.optimizer_state_bytes
+            + ((profile.grad_bytes or profile.trainable_param_bytes) if profile.grads_persist else 0))
 
 
 def _values(profile: Profile) -> dict[str, float]:
@@ -182,14 +200,24 @@ def _values(profile: Profile) -> dict[str, float]:
         v[k + "fwd_s"], v[k + "bwd_s"] = times[b.name]
     v["other_act"] = float(profile.other_activation_bytes)
     v["loss_transient"] = float(profile.loss_transient_bytes)
-    v["other_s"] = _other_s(profile)
+    last = _last_block(profile)
+    v["output"] = float(last.output_bytes) if last else 0.0
+    # what the step starts with beyond the model states: inputs, labels and whatever the script still
+    # holds from the last step (its logits and loss): batch-sized
+    v["fixed"] = max(0.0, float(profile.step_start_bytes) - _states_at_start(profile))
+    v["glue_s"], v["outside_s"] = _split_time(profile)
     return v
+
+
+# Share of the step time outside the model and the optimizer that grows with the batch (the loss when the
+# script computes it, the input copy); the rest (clipping, zero_grad, scheduler, Python) does not. [data]
+OUTSIDE_BATCH_SHARE = 0.5
 
 
 def _fixed_parts(profile: Profile) -> dict[str, float]:
     """The part of each value that a single profile says does not scale with the batch."""
     fixed = {f"block:{b.name}:act": _autocast_fixed_bytes(profile, b) for b in profile.blocks}
-    fixed["other_s"] = _other_s(profile)  # data loading and glue: kept constant with one profile [kaplan]
+    fixed["outside_s"] = (1 - OUTSIDE_BATCH_SHARE) * _split_time(profile)[1]
     return fixed
 
 
@@ -204,18 +232,37 @@ def _fit_one(profile: Profile) -> dict[str, list[float]]:
     return out
 
 
-def _baseline_calib(profile: Profile) -> float:
-    """Measured baseline peak minus the simulated one at the profile's own batch size."""
+# Phases of the measured peak that the block timeline does not resolve: the loss's forward and backward
+# (inside the "loss" interval when the script computes the loss, in the glue after the last block and
+# before the first block's backward when the model computes it, as transformers models do).
+_LOSS_REGION = {("loss", None), ("forward", None), ("backward", None)}
+
+
+def _calibration(profile: Profile) -> tuple[float, float]:
+    """(loss_extra, residual) at the profile's own batch size: how far the modelled baseline falls short of
+    the measured allocator peak [alloc].
+
+    When the measured peak happened in the loss region, the shortfall is working memory of the loss
+    (logit-sized: it grows with the batch) and is added to the loss's transient; whatever is left is a
+    constant (allocator rounding, library workspaces) [data]."""
     if not profile.peak.measured or profile.peak.allocated_bytes <= 0:
-        return 0.0  # a CPU profile's peak is the sum of our own parts: nothing to calibrate against
-    raw = simulate(build_sim(profile, calibrate=False)).peak_bytes
-    return float(profile.peak.allocated_bytes) - raw
+        return 0.0, 0.0  # a CPU profile's peak is the sum of our own parts: nothing to calibrate against
+    measured = float(profile.peak.allocated_bytes)
+    sim = build_sim(profile, calibrate=False)
+    loss_extra = 0.0
+    if (profile.peak.phase, profile.peak.where) in _LOSS_REGION:
+        est = simulate(sim)
+        at_loss = dict(est.timeline).get("loss" if sim.micro_batches == 1 else f"mb{sim.micro_batches - 1}/loss")
+        if at_loss is not None:
+            loss_extra = max(0.0, measured - at_loss)
+            sim.loss_transient_bytes += loss_extra
+    return loss_extra, measured - simulate(sim).peak_bytes
 
 
 def fit_batch(profile: Profile, other: Profile) -> Profile:
     """A copy of `profile` whose batch scaling is the line through it and `other` (same script and model,
-    another batch size) [kaplan]. The calibration remainder is fitted the same way, so the two measured
-    peaks decide whether it is constant or grows with the batch."""
+    another batch size) [kaplan]. The calibration is fitted the same way, so the two measured peaks decide
+    how much of it grows with the batch."""
     b1, b2 = profile.batch_size, other.batch_size
     if not b1 or not b2:
         raise InputError("fitting two profiles needs both batch sizes: profile scripts whose inputs show the batch")
@@ -233,14 +280,16 @@ def fit_batch(profile: Profile, other: Profile) -> Profile:
             coef[k] = [f, s]  # a negative bytes slope is measurement noise: keep the single-profile line
             continue
         coef[k] = [v1[k] - slope * b1, slope]
-    c1, c2 = _baseline_calib(profile), _baseline_calib(other)
+    (l1, r1), (l2, r2) = _calibration(profile), _calibration(other)
+
+    def line(y1: float, y2: float) -> list[float]:
+        s = (y2 - y1) / (b2 - b1)
+        return [y1 - s * b1, s]
+
     p = copy.deepcopy(profile)
     p.extra = dict(p.extra)
-    p.extra["batch_fit"] = {
-        "batch_sizes": [b1, b2],
-        "coef": coef,
-        "calib": [c1 - (c2 - c1) / (b2 - b1) * b1, (c2 - c1) / (b2 - b1)],
-    }
+    p.extra["batch_fit"] = {"batch_sizes": [b1, b2], "coef": coef,
+                            "loss_extra": line(l1, l2), "residual": line(r1, r2)}
     p.notes = [*p.notes, f"batch scaling fitted through batch sizes {b1} and {b2}"]
     return p
 
@@ -283,7 +332,7 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
         val = _values(profile)
 
     sim = SimStep(batch_size=bs)
-    for b in profile.blocks:
+    for b in sorted(profile.blocks, key=lambda x: x.index):  # forward order
         k = f"block:{b.name}:"
         sim.blocks.append(BlockSim(
             name=b.name, kind=b.kind,
@@ -302,10 +351,9 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
     sim.opt_s = _opt_s(profile)
     sim.other_act_bytes = val["other_act"]
     sim.loss_transient_bytes = val["loss_transient"]
-    # inputs, labels, workspaces already allocated when a step starts, beyond the model states
-    states = sim.param_bytes + sim.buffer_bytes + sim.opt_state_bytes + (sim.grad_bytes if sim.grads_persist else 0)
-    sim.fixed_bytes = max(0.0, float(profile.step_start_bytes) - states)
-    sim.other_s = val["other_s"]
+    sim.output_bytes = val.get("output", 0.0)
+    sim.fixed_bytes = val.get("fixed", 0.0)
+    sim.other_s = val.get("glue_s", 0.0) + val.get("outside_s", 0.0)
     sim.h2d_gbps = profile.hardware.h2d_gbps or DEFAULT_PCIE_GBPS
     sim.d2h_gbps = profile.hardware.d2h_gbps or DEFAULT_PCIE_GBPS
     sim.world_size = max(1, profile.world_size)
@@ -316,15 +364,22 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
         sim.tokens_per_step = profile.tokens_per_step
 
     if calibrate and profile.peak.measured and profile.peak.allocated_bytes > 0:
-        if fit and "calib" in fit and bs:
-            a, s = fit["calib"]
-            sim.calib_bytes = a + s * bs  # fitted through two measured peaks
-        elif CALIBRATION == "proportional":
-            raw = simulate(build_sim(profile, calibrate=False)).peak_bytes
-            now = simulate(copy.deepcopy(sim)).peak_bytes
-            sim.calib_bytes = (profile.peak.allocated_bytes / raw - 1.0) * now if raw > 0 else 0.0
+        if fit and "residual" in fit and bs:
+            la, ls = fit["loss_extra"]
+            ra, rs = fit["residual"]
+            sim.loss_transient_bytes += max(0.0, la + ls * bs)  # both fitted through two measured peaks
+            sim.calib_bytes = ra + rs * bs
         else:
-            sim.calib_bytes = _baseline_calib(profile)
+            loss_extra, residual = _calibration(profile)
+            sim.loss_transient_bytes += loss_extra * (bs / b0 if b0 and bs else 1.0)  # logit-sized
+            if CALIBRATION == "proportional" and residual:
+                base_sim = build_sim(profile, calibrate=False)
+                base_sim.loss_transient_bytes += loss_extra
+                base = simulate(base_sim).peak_bytes  # = measured - residual
+                now = simulate(copy.deepcopy(sim)).peak_bytes
+                sim.calib_bytes = residual / base * now if base > 0 else 0.0
+            else:
+                sim.calib_bytes = residual
     if not profile.peak.measured:
         sim.notes.append("CPU profile: the peak is the sum of the modelled parts, not an allocator reading")
     return sim
@@ -333,8 +388,8 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
 # --- the timeline -----------------------------------------------------------------------------------
 
 _COMPONENTS = ("parameters", "master weights", "buffers", "gradients", "optimizer state",
-               "activations kept", "recompute working set", "transient", "gathered parameters",
-               "inputs and fixed", "allocator overhead")
+               "activations kept", "model output", "recompute working set", "transient",
+               "gathered parameters", "inputs and fixed", "allocator overhead")
 
 
 def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, float]]], float]:
@@ -348,10 +403,10 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
     block_grads = sum(b.grad_bytes for b in sim.blocks)
     grads = sim.grad_bytes if sim.grads_persist else 0.0
 
-    def rec(name, phase, where, kept, grads_now, transient=0.0, recompute=0.0, gathered=0.0):
+    def rec(name, phase, where, kept, grads_now, transient=0.0, recompute=0.0, gathered=0.0, output=0.0):
         c = dict(base)
-        c.update({"gradients": grads_now, "activations kept": kept, "recompute working set": recompute,
-                  "transient": transient, "gathered parameters": gathered})
+        c.update({"gradients": grads_now, "activations kept": kept, "model output": output,
+                  "recompute working set": recompute, "transient": transient, "gathered parameters": gathered})
         events.append((name, phase, where, c))
 
     for m in range(sim.micro_batches):
@@ -368,7 +423,8 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
                 gathered=b.gather_bytes)
             kept += b.kept
         kept += sim.other_act_bytes
-        rec(f"{pre}loss", "loss", None, kept, grads, transient=sim.loss_transient_bytes)
+        # the model's output (logits) is live until the loss's backward has used it [alloc]
+        rec(f"{pre}loss", "loss", None, kept, grads, transient=sim.loss_transient_bytes, output=sim.output_bytes)
         kept -= sim.other_act_bytes  # the loss's saved tensors go with its backward
         for b in reversed(sim.blocks):
             new = 0.0 if grads_exist else b.grad_bytes
