@@ -66,7 +66,9 @@ def test_install_replaces_the_scripts_ddp_wrapping(monkeypatch):
 
     real = par.DistributedDataParallel
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert S.install({"stage": 1}, None)() is None  # stage 1 keeps DDP: nothing installed
+    undo = S.install({"stage": 1}, None)  # stage 1 keeps the real DDP, only records what it wraps
+    assert issubclass(par.DistributedDataParallel, real) and par.DistributedDataParallel is not real
+    undo()
     assert par.DistributedDataParallel is real
     undo = S.install({"stage": 3}, None)
     try:
@@ -183,15 +185,20 @@ def test_space_offers_stages_only_with_several_ranks():
 
 # --- for real: torchrun, 2 processes, gloo ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def torchrun_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding")
+def _torchrun(worker: str, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "tests" / "dist" / "sharding_worker.py"), str(out)],
+         str(ROOT / "tests" / "dist" / worker), str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def torchrun_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding")
+    proc = _torchrun("sharding_worker.py", out)
     return json.loads((out / "results.json").read_text()), proc.stderr
 
 
@@ -242,3 +249,18 @@ def test_predicted_per_rank_model_states_match_the_run(torchrun_results, stage):
 def test_collective_bandwidth_is_measured(torchrun_results):
     coll = torchrun_results[0]["collectives"]
     assert coll["allgather_gbps"] > 0 and coll["reduce_scatter_gbps"] > 0
+
+
+def test_unchanged_ddp_script_through_the_patcher(torchrun_results, tmp_path):
+    """tests/dist/ddp_train.py (its own init_process_group, DDP(model), AdamW, scheduler) run by
+    memtune.patcher.run_apply under torchrun, as `memtune apply` does: same losses, 4 steps counted."""
+    _torchrun("apply_worker.py", tmp_path)
+    res = json.loads((tmp_path / "apply.json").read_text())
+    ref = torchrun_results[0]["reference"]["losses"]
+    for stage, want_model, want_opt in (("1", "DistributedDataParallel", "ZeroRedundancyOptimizer"),
+                                        ("2", "FSDPTiny", "AdamW"), ("3", "FSDPTiny", "AdamW")):
+        got = res[stage]
+        assert got["failure"] is None and got["steps"] == 4
+        assert (got["script"]["model"], got["script"]["optimizer"]) == (want_model, want_opt)
+        torch.testing.assert_close(torch.tensor(got["script"]["losses"]), torch.tensor(ref), rtol=1e-6, atol=1e-6)
+        assert got["notes"][0][0] == "sharding"

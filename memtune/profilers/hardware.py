@@ -173,3 +173,13 @@ def measure_rates(device: str, use_cache: bool = True) -> dict[str, float]:
         except OSError:
             pass  # a read-only home is not worth failing a profile for
     return rates
+
+
+def measure_collectives(nbytes: int | None = None, group: Any = None) -> dict[str, float]:
+    """All-gather and reduce-scatter bus bandwidth (GB/s) on the live process group, {} without one.
+
+    Collective: every rank must call it. Implemented in memtune/distributed.py (the sharding engineer's).
+    """
+    from memtune.distributed import measure_collectives as measure
+
+    return measure(nbytes, group)

@@ -48,6 +48,8 @@ _FALLBACK_GBPS = 10.0
 
 # models whose DistributedDataParallel wrapping `install` took over -> what the script passed to DDP
 _INTERCEPTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# models the script wrapped in a real DistributedDataParallel (stage 1) -> weakref to that DDP
+_WRAPPED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @register
@@ -202,16 +204,15 @@ class Sharding(Strategy):
 
     # --- live run --------------------------------------------------------------------------------
     def install(self, section: dict[str, Any], session: Any) -> Undo:
-        """Stages 2/3: DistributedDataParallel(model, ...) made while the script runs returns `model`."""
-        if section["stage"] == 1:
-            return _noop
+        """Before the script: stages 2/3 make `DistributedDataParallel(model, ...)` return `model`; stage 1
+        only records which DDP wraps which model (the Session hands `apply` the unwrapped model)."""
         import os
 
         if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
             from memtune.distributed import require_process_group
 
             require_process_group(f"sharding stage {section['stage']}")
-        return take_over_ddp()
+        return take_over_ddp(replace=section["stage"] != 1)
 
     def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
         from memtune.distributed import require_process_group
@@ -251,13 +252,18 @@ def _bandwidths(profile: Profile) -> tuple[float, float, str | None]:
 
 
 def _ddp_class():
-    from torch.nn.parallel import DistributedDataParallel
+    """The real DistributedDataParallel, also while `take_over_ddp` has a stand-in installed."""
+    import torch.nn.parallel.distributed as pdist
 
-    return DistributedDataParallel
+    cls = pdist.DistributedDataParallel
+    while cls.__dict__.get("_memtune_stand_in", False):
+        cls = cls.__bases__[0]
+    return cls
 
 
-def take_over_ddp() -> Undo:
-    """Make `DistributedDataParallel(model, ...)` return `model` itself (remembering what was asked).
+def take_over_ddp(replace: bool = True) -> Undo:
+    """Make `DistributedDataParallel(model, ...)` return `model` itself (remembering what was asked), or
+    with `replace=False` build the real DDP and remember which model it wraps.
 
     The script's DDP import happens after this (inside runpy), so patching the two module attributes it
     can be imported from is enough; a subclass (not a function) keeps `isinstance(x, DDP)` valid. The
@@ -267,7 +273,7 @@ def take_over_ddp() -> Undo:
     import torch.nn.parallel as par
     import torch.nn.parallel.distributed as pdist
 
-    real = pdist.DistributedDataParallel
+    real = _ddp_class()
 
     class ShardedDDP(real):  # type: ignore[misc, valid-type]
         """Stand-in installed by memtune's sharding plan: returns the module; FSDP2 shards it later."""
@@ -279,9 +285,19 @@ def take_over_ddp() -> Undo:
             _add_ddp_members(module)
             return module
 
-    ShardedDDP.__name__ = ShardedDDP.__qualname__ = "DistributedDataParallel"
+    class RecordedDDP(real):  # type: ignore[misc, valid-type]
+        """The real DDP, remembered per wrapped model for ZeRO-1 (which needs its process group)."""
+
+        def __init__(self, module, *args, **kwargs):
+            super().__init__(module, *args, **kwargs)
+            _WRAPPED_BY[module] = weakref.ref(self)
+
+    stand_in = ShardedDDP if replace else RecordedDDP
+    stand_in._memtune_stand_in = True
+    stand_in.__name__ = stand_in.__qualname__ = "DistributedDataParallel"
+    stand_in.__module__ = real.__module__
     saved = (par.DistributedDataParallel, pdist.DistributedDataParallel)
-    par.DistributedDataParallel = pdist.DistributedDataParallel = ShardedDDP
+    par.DistributedDataParallel = pdist.DistributedDataParallel = stand_in
 
     def undo() -> None:
         par.DistributedDataParallel, pdist.DistributedDataParallel = saved
@@ -326,6 +342,9 @@ def _apply_zero1(ctx: ApplyContext) -> None:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     ddp = ctx.model if isinstance(ctx.model, _ddp_class()) else None
+    if ddp is None:  # the Session hands over the module inside the script's DDP
+        ref = _WRAPPED_BY.get(ctx.model)
+        ddp = ref() if ref is not None else None
     if ddp is None:
         raise EnvironmentNotSupported(
             "sharding stage 1 (ZeroRedundancyOptimizer) shards the optimizer of a data-parallel run, but the "
