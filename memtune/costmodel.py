@@ -645,8 +645,9 @@ def render_report(rep: EstimateReport, console: Any) -> None:
         console.print(t)
     where = f" in {est.peak_where}" if est.peak_where else ""
     bs = f", batch size {rep.batch_size}" if rep.batch_size else ""
-    t = Table(title=f"{title}: peak {format_bytes(est.peak_bytes)} during {est.peak_phase}{where}{bs}",
-              title_justify="left")
+    console.print(f"[bold]{title}[/]: peak [bold]{format_bytes(est.peak_bytes)}[/] during {est.peak_phase}"
+                  f"{where}{bs}", highlight=False)
+    t = Table()
     t.add_column("at the peak", style="bold")
     t.add_column("bytes", justify="right")
     t.add_column("share", justify="right")
@@ -655,8 +656,9 @@ def render_report(rep: EstimateReport, console: Any) -> None:
             t.add_row(k, format_bytes(v), f"{100 * v / est.peak_bytes:.1f}%" if est.peak_bytes else "")
     t.add_row("peak", format_bytes(est.peak_bytes), "100%", style="bold")
     console.print(t)
-    t = Table(title=f"step {format_seconds(est.step_s)}, {est.throughput:.4g} {est.throughput_unit}",
-              title_justify="left")
+    console.print(f"step [bold]{format_seconds(est.step_s)}[/], {est.throughput:.4g} {est.throughput_unit}",
+                  highlight=False)
+    t = Table()
     t.add_column("time", style="bold")
     t.add_column("seconds", justify="right")
     for k, v in est.time_breakdown.items():

@@ -429,3 +429,26 @@ def test_profile_round_trip_gives_same_estimate(tmp_path):
     p.save(tmp_path / "p.json")
     q = Profile.load(tmp_path / "p.json")
     assert estimate(q).to_dict() == estimate(p).to_dict()
+
+
+# --- through the real strategies ---------------------------------------------------------------------------
+
+
+def test_real_checkpoint_strategy_keeps_only_the_input():
+    p = make_profile()
+    base = dict(estimate(p).timeline)
+    tl = dict(estimate(p, Plan.from_dict({"checkpoint": {"blocks": [1]}})).timeline)
+    assert tl["loss"] == base["loss"] - (100 - 10) * MB
+    assert tl["bwd:blocks.1"] == base["bwd:blocks.1"] - 90 * MB + 100 * MB
+    est = estimate(p, Plan.from_dict({"checkpoint": {"blocks": "all"}}))
+    assert est.time_breakdown["recompute"] == pytest.approx(4 * 0.010)
+    assert est.breakdown["activations kept"] <= 4 * 10 * MB
+
+
+def test_real_offload_strategy_moves_activations_to_the_host():
+    p = make_profile(h2d=1.0, d2h=1.0)
+    base = estimate(p)
+    est = estimate(p, Plan.from_dict({"offload": {"activations": [0, 1]}}))
+    assert dict(est.timeline)["loss"] == dict(base.timeline)["loss"] - 200 * MB
+    assert est.host_bytes == 200 * MB
+    assert est.time_breakdown["exposed transfer"] > 0  # 1 GB/s cannot hide 100 MB behind 10-20 ms blocks
