@@ -12,7 +12,7 @@ from memtune.errors import PlanError
 from memtune.strategies.base import _REGISTRY, ApplyContext, BlockRef, SearchOptions, Strategy, register
 
 # module names under memtune.strategies (append yours)
-_MODULES: list[str] = ["precision", "checkpoint", "offload", "sharding", "loss", "compress"]
+_MODULES: list[str] = ["precision", "checkpoint", "offload", "sharding", "optimizers", "loss", "compress"]
 
 __all__ = ["ApplyContext", "BlockRef", "SearchOptions", "Strategy", "all_strategies", "get_strategy",
            "register", "strategy_names"]
