@@ -172,6 +172,32 @@ def test_effect_world_size_one_and_unmeasured_bandwidth_say_so():
     assert sim.param_bytes == pytest.approx(400) and sim.opt_h2d_bytes == pytest.approx(2200)
 
 
+def test_estimate_per_rank_peak_falls_with_each_stage():
+    """Through the real cost model (build_sim -> effect -> simulate) on a 4-rank AdamW profile."""
+    from memtune.costmodel import build_sim, simulate
+    from memtune.profile import BlockProfile, Peak
+
+    mb = 2**20
+    blocks = [BlockProfile("emb", "Embedding", "other", 0, {"float32": 50 * mb}, 50 * mb, activation_bytes=8 * mb,
+                           fwd_s=1e-3, bwd_s=2e-3)]
+    blocks += [BlockProfile(f"blocks.{i}", "Block", "repeated", i + 1, {"float32": 100 * mb}, 100 * mb,
+                            activation_bytes=40 * mb, input_bytes=8 * mb, fwd_s=5e-3, bwd_s=1e-2) for i in range(8)]
+    p = 850 * mb
+    prof = Profile(blocks=blocks, param_bytes=p, trainable_param_bytes=p, grad_bytes=p, optimizer_state_bytes=2 * p,
+                   world_size=4, peak=Peak(measured=False), step_s=0.2, batch_size=8,
+                   hardware=Hardware(device="cuda", world_size=4, allgather_gbps=100.0, reduce_scatter_gbps=100.0))
+    peaks, comm = [], []
+    for stage in (None, 1, 2, 3):
+        sim = build_sim(prof)
+        if stage:
+            S.effect(prof, {"stage": stage}, sim)
+        est = simulate(sim)
+        peaks.append(est.peak_bytes)
+        comm.append(est.time_breakdown.get("communication", 0.0))
+    assert peaks[0] > peaks[1] > peaks[2] > peaks[3]
+    assert comm[0] == 0 and all(c > 0 for c in comm[1:])
+
+
 def test_space_offers_stages_only_with_several_ranks():
     optuna = pytest.importorskip("optuna")
     assert S.space(optuna.trial.FixedTrial({"sharding.stage": 3}), Profile(), SearchOptions()) is None
