@@ -242,6 +242,68 @@ def tune(
     console.print(f"run it: memtune apply {res.output}", highlight=False)
 
 
+@app.command(name="apply", context_settings={"allow_interspersed_args": True})
+def apply_cmd(
+    plan: Annotated[str, typer.Argument(help="plan.yaml (from `memtune tune`, or written by hand).")],
+    args: Annotated[list[str] | None, typer.Argument(metavar="[SCRIPT] [-- SCRIPT_ARGS...]", help="The script and its arguments; default: the plan's `run` section.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Stop after N optimizer steps (default: let the script finish).")] = None,
+    report_out: Annotated[str | None, typer.Option("--report", help="Write what was applied and the measured peak and step time as JSON.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --report file.")] = False,
+    blocks: Annotated[str | None, typer.Option("--blocks", help="Glob over module paths for the repeated blocks, e.g. 'model.layers.*'.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the training script unchanged with a plan applied at run time; report peak memory and step time."""
+    from pathlib import Path
+
+    from memtune.errors import ScriptError
+    from memtune.io import check_writable, write_json_atomic
+    from memtune.patcher import as_plan, run_apply
+    from memtune.units import format_bytes, format_seconds
+
+    args = list(args or [])
+    script = args.pop(0) if args and (args[0].endswith(".py") or Path(args[0]).is_file()) else None
+
+    def show(notes: list[tuple[str, str]]) -> None:
+        t = Table(title="memtune apply: what was applied", title_justify="left")
+        t.add_column("strategy", style="bold")
+        t.add_column("what")
+        for s_, n_ in notes:
+            t.add_row(s_, escape(n_))
+        (err_console if json_out else console).print(t)
+
+    with user_errors():
+        p = as_plan(plan)
+        if report_out:
+            check_writable(report_out, force)
+        redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+        with redirect:
+            res = run_apply(p, script, args or None, steps=steps, blocks_pattern=blocks, on_notes=show)
+        if report_out:
+            write_json_atomic(report_out, res.to_dict())
+        if res.failure:
+            sys.stderr.write(res.failure["traceback"])
+            raise ScriptError(f"the script failed under the plan ({res.failure['exc_type']}: "
+                              f"{res.failure['message']}); its traceback is above")
+    if json_out:
+        print_json(res.to_dict())
+        return
+    t = Table(title="memtune apply: measured", show_header=False, title_justify="left")
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    t.add_row("script", escape(" ".join([res.script or "", *res.argv])))
+    t.add_row("steps", str(res.steps) + (" (stopped by --steps)" if res.stopped else ""))
+    t.add_row("peak allocated", format_bytes(res.peak_allocated_bytes) if res.peak_allocated_bytes is not None
+              else "n/a (CPU run)")
+    if res.peak_reserved_bytes is not None:
+        t.add_row("peak reserved", format_bytes(res.peak_reserved_bytes))
+    t.add_row("step time (median)", format_seconds(res.step_s) if res.step_s is not None else "n/a (fewer than 2 steps)")
+    if res.lossy:
+        t.add_row("LOSSY sections", ", ".join(res.lossy))
+    console.print(t)
+    if report_out:
+        console.print(f"wrote {report_out}", highlight=False)
+
+
 def main() -> None:
     app()
 
