@@ -45,6 +45,7 @@ CSV_COLUMNS: dict[str, list[str]] = {
                "measured_peak_bytes", "measured_step_s", "measured_throughput", "plan"],
 }
 
+# Unknown components still draw (in matplotlib's default colours) after these.
 # Breakdown keys as the cost model (memtune/costmodel.py `_COMPONENTS`) or the profile-only fallback spell
 # them -> the label a person reads, in stacking order (bottom first).
 _COMPONENTS = [
@@ -55,6 +56,7 @@ _COMPONENTS = [
     ("optimizer state", ("optimizer state", "optimizer_state")),
     ("inputs and fixed", ("inputs and fixed", "fixed")),
     ("activations", ("activations kept", "activations")),
+    ("model output", ("model output", "logits")),
     ("recompute working set", ("recompute working set", "recompute")),
     ("gathered parameters", ("gathered parameters",)),
     ("transients", ("transient", "transients")),
@@ -62,7 +64,7 @@ _COMPONENTS = [
 ]
 _COLORS = {  # colour-blind-safe (Okabe-Ito) and fixed, so two reports compare at a glance
     "parameters": "#0072B2", "master weights": "#56B4E9", "buffers": "#8c8c8c", "gradients": "#E69F00",
-    "optimizer state": "#D55E00", "inputs and fixed": "#6b4c9a", "activations": "#009E73",
+    "optimizer state": "#D55E00", "inputs and fixed": "#6b4c9a", "activations": "#009E73", "model output": "#999933",
     "recompute working set": "#F0E442", "gathered parameters": "#66c2a5", "transients": "#CC79A7",
     "allocator overhead": "#c8c8c8",
 }
@@ -611,18 +613,20 @@ def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     return Figure_("memory", "Memory by component", caption, _png(fig))
 
 
-def _short(names: list[str]) -> list[str]:
-    """Drop the module-path prefix every name shares ("model.layers.3" -> "layers.3")."""
-    parts = [n.split(".") for n in names]
+def _short(names: list[str], repeated: list[str]) -> list[str]:
+    """Drop the module-path prefix the repeated blocks share ("model.layers.3" -> "layers.3", and
+    "model.embed_tokens" -> "embed_tokens" with it), so the axis labels stay short."""
+    parts = [n.split(".") for n in repeated] or [n.split(".") for n in names]
     k = 0
-    while all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1:
+    while all(len(p) > k + 2 for p in parts) and len({p[k] for p in parts}) == 1 and k < 1:
         k += 1
-    return [".".join(p[k:]) for p in parts]
+    prefix = ".".join(parts[0][:k]) + "." if k else ""
+    return [n.removeprefix(prefix) if prefix and n.startswith(prefix) and n != prefix[:-1] else n for n in names]
 
 
 def _fig_blocks(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     n = len(df)
-    names = _short(df["block"].tolist())
+    names = _short(df["block"].tolist(), df.loc[df["kind"] == "repeated", "block"].tolist())
     div, unit = _unit(float(df["activation_bytes"].max() or 1))
     tmax = float(max(df["fwd_s"].max(), df["bwd_s"].max()))
     tdiv, tunit = (1.0, "s") if tmax >= 1 else (1e-3, "ms") if tmax >= 1e-3 else (1e-6, "µs")
@@ -656,7 +660,8 @@ def _fig_blocks(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     ax2.bar([i + w / 2 for i in x], df["bwd_s"] / tdiv, width=w, color="#E69F00", label="backward")
     ax2.set_ylabel(f"time per call ({tunit})")
     ax2.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax2.set_xticks(x, names, rotation=60 if n > 8 else 0, ha="right" if n > 8 else "center", fontsize=8)
+    ax2.set_xticks(x, names, rotation=45 if n > 8 else 0, ha="right" if n > 8 else "center",
+                   rotation_mode="anchor", fontsize=8)
     ax1.set_title("Per block: activations saved for backward, and forward/backward time", loc="left")
     caption = ("Top: bytes each block saves for its backward (parameters excluded)"
                + ("; the colour is the plan's choice for the block, the black tick what it keeps on the device "
@@ -807,7 +812,7 @@ th,td{padding:3px 10px;border-bottom:1px solid #eee;text-align:right;white-space
 th{background:#fafafa;text-align:right}td.l,th.l,td:first-child,th:first-child{text-align:left}
 table.facts td{text-align:left;white-space:normal}table.facts td:first-child{color:#666;padding-right:18px}
 .kpis{display:flex;gap:14px;flex-wrap:wrap;margin:12px 0}
-.kpi{border:1px solid #e3e3e3;border-radius:6px;padding:8px 14px;min-width:150px}
+.kpis{gap:10px}.kpi{border:1px solid #e3e3e3;border-radius:6px;padding:8px 12px;flex:1 1 120px}
 .kpi b{display:block;font-size:1.3em}.kpi span{color:#666;font-size:.85em}
 .lossy{color:#b03a2e;font-weight:bold}details{margin:6px 0}summary{cursor:pointer;color:#0b5cad}
 div.scroll{overflow-x:auto}td.l{white-space:normal;min-width:60px}
@@ -865,7 +870,7 @@ def _facts(data: ReportData) -> str:
         hw = p.hardware
         dev = f"{hw.gpu_name}, {format_bytes(hw.gpu_total_bytes or 0)}" if hw.gpu_name else "CPU"
         rows += [("profile", data.profile_source or ""), ("script", " ".join([p.script or p.module or "?", *p.argv])),
-                 ("device", dev), ("torch", p.torch_version), ("model", f"{p.model_cls}, {len(p.blocks)} blocks "
+                 ("device", dev), ("torch", p.torch_version), ("model", f"{p.model_cls.rsplit('.', 1)[-1]}, {len(p.blocks)} blocks "
                   f"({len(p.repeated_blocks)} repeated), {format_bytes(p.param_bytes)} of parameters"),
                  ("optimizer", ", ".join(o.kind for o in p.optimizers) or "?")]
         if p.batch_size:
