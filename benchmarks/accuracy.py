@@ -47,6 +47,7 @@ OOM_WORDS = ("out of memory", "OutOfMemoryError")
 def candidate_plans(n_repeated: int, batch: int, batches: list[int]) -> list[tuple[str, dict[str, Any]]]:
     """Plans as YAML dicts; those whose strategy is missing or rejects the section are dropped later."""
     half = f"0-{max(0, n_repeated // 2 - 1)}"
+    last_half = f"{n_repeated // 2}-{n_repeated - 1}"
     first_quarter = f"0-{max(0, n_repeated // 4 - 1)}"
     big = max(batches)
     return [
@@ -57,11 +58,14 @@ def candidate_plans(n_repeated: int, batch: int, batches: list[int]) -> list[tup
         ("offload act. quarter", {"offload": {"activations": [first_quarter]}}),
         ("offload act. half", {"offload": {"activations": [half]}}),
         ("offload opt. state", {"offload": {"optimizer_state": True}}),
-        ("8-bit optimizer", {"optimizer": {"name": "adamw", "state_bits": 8}}),
+        ("adamw8bit", {"optimizer": {"name": "adamw8bit"}}),
+        ("adamw4bit", {"optimizer": {"name": "adamw4bit"}}),
+        ("update in backward", {"optimizer": {"name": "inbackward"}}),
         ("bf16 params", {"precision": {"params": "bf16"}}),
         ("bf16 params + ckpt half", {"precision": {"params": "bf16"}, "checkpoint": {"blocks": [half]}}),
-        ("ckpt half + offload quarter", {"checkpoint": {"blocks": [f"{n_repeated // 2}-{n_repeated - 1}"]},
-                                         "offload": {"activations": [first_quarter]}}),
+        ("ckpt last half + offload quarter", {"checkpoint": {"blocks": [last_half]},
+                                              "offload": {"activations": [first_quarter]}}),
+        ("compress int8 half", {"compress": {"blocks": [half], "dtype": "int8"}}),
         *[(f"batch {b}", {"run": {"knobs": {"--batch-size": b}}}) for b in batches],
         (f"batch {big} + ckpt all", {"run": {"knobs": {"--batch-size": big}}, "checkpoint": {"blocks": "all"}}),
         (f"batch {2 * big} + ckpt all", {"run": {"knobs": {"--batch-size": 2 * big}},
@@ -97,47 +101,80 @@ def sh(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
         return 124, str(e.stdout or ""), f"timed out after {timeout:.0f} s", time.perf_counter() - t0
 
 
-def measure_model(name: str, cfg: dict[str, Any], work: Path, args) -> dict[str, Any]:
+APPLY_FALLBACK = (
+    "import json, sys; from memtune.patcher import run_apply; "
+    "r = run_apply(sys.argv[1], steps=int(sys.argv[2])); open(sys.argv[3], 'w').write(json.dumps(r.to_dict()))"
+)
+
+
+def apply_cmd(plan_path: Path, steps: int, rep_path: Path) -> list[str]:
+    """`memtune apply PLAN --steps N --report R`, or the same library call while the CLI lacks it."""
+    from memtune.cli import app
+
+    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    if "apply" in names:
+        return [sys.executable, "-m", "memtune", "apply", str(plan_path), "--steps", str(steps),
+                "--report", str(rep_path), "--force"]
+    return [sys.executable, "-c", APPLY_FALLBACK, str(plan_path), str(steps), str(rep_path)]
+
+
+def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[str, Any] | None,
+                  t_start: float) -> dict[str, Any]:
     from memtune.profile import Profile
 
     work.mkdir(parents=True, exist_ok=True)
     argv = list(cfg["argv"]) + ["--batch-size", str(cfg["batch"]), "--steps", "1000"]
-    prof_path = work / "profile.json"
-    cmd = [sys.executable, "-m", "memtune", "profile", cfg["script"], "-o", str(prof_path), "--force",
-           "--steps", str(args.profile_steps), "--warmup", str(args.profile_warmup), "--", *argv]
-    rc, out, err, wall = sh(cmd, args.timeout)
-    print(f"[{name}] profile rc={rc} {wall:.1f}s", flush=True)
-    if rc != 0:
-        print(err[-3000:], flush=True)
-        return {"model": name, "error": f"profile failed: {err.strip().splitlines()[-1:]}", "rows": []}
-    profile = Profile.load(prof_path)
-    rec: dict[str, Any] = {"model": name, "profile": profile.to_dict(), "profile_wall_s": wall, "rows": []}
+    if prev and "profile" in prev:
+        profile = Profile.from_dict(prev["profile"])
+        rec = {k: v for k, v in prev.items() if k != "rows"}
+        rec["rows"] = [r for r in prev["rows"] if not r.get("not_run")]
+        print(f"[{name}] profile reused from the earlier results", flush=True)
+    else:
+        prof_path = work / "profile.json"
+        cmd = [sys.executable, "-m", "memtune", "profile", cfg["script"], "-o", str(prof_path), "--force",
+               "--steps", str(args.profile_steps), "--warmup", str(args.profile_warmup), "--", *argv]
+        rc, out, err, wall = sh(cmd, args.timeout)
+        print(f"[{name}] profile rc={rc} {wall:.1f}s", flush=True)
+        if rc != 0 or not prof_path.is_file():
+            print(err[-3000:], flush=True)
+            return {"model": name, "error": f"profile failed: {err.strip().splitlines()[-1:]}", "rows": []}
+        profile = Profile.load(prof_path)
+        rec = {"model": name, "profile": profile.to_dict(), "profile_wall_s": wall, "rows": []}
+    done = {r["plan"] for r in rec["rows"]}
     cands = candidate_plans(len(profile.repeated_blocks), cfg["batch"], cfg["batches"])
+    if cfg.get("drop"):
+        cands = [c for c in cands if c[0] not in cfg["drop"]]
     plans, skipped = valid_plans(cands, cfg["script"], argv)
     rec["skipped"] = skipped
     for pname, why in skipped:
         print(f"[{name}] skip {pname}: {why}", flush=True)
     for i, (pname, plan) in enumerate(plans):
-        if args.only and pname not in args.only:
+        if (args.only and pname not in args.only) or pname in done:
+            continue
+        if args.deadline and time.perf_counter() - t_start > args.deadline:
+            rec["rows"].append({"plan": pname, "plan_dict": plan.to_dict(), "not_run": True})
+            print(f"[{name}] {pname}: not run (past --deadline)", flush=True)
             continue
         plan_path = work / f"plan{i}.yaml"
         plan.save(plan_path)
         rep_path = work / f"apply{i}.json"
-        cmd = [sys.executable, "-m", "memtune", "apply", str(plan_path), "--steps", str(args.steps),
-               "--report", str(rep_path), "--force"]
-        rc, out, err, wall = sh(cmd, args.timeout)
+        rc, out, err, wall = sh(apply_cmd(plan_path, args.steps, rep_path), args.timeout)
         row: dict[str, Any] = {"plan": pname, "plan_dict": plan.to_dict(), "rc": rc, "wall_s": wall}
         if rep_path.is_file():
             rep = json.loads(rep_path.read_text())
             row.update(measured_peak=rep.get("peak_allocated_bytes"), measured_step_s=rep.get("step_s"),
                        measured_reserved=rep.get("peak_reserved_bytes"), step_times=rep.get("step_times"),
-                       failure=rep.get("failure"))
+                       failure=rep.get("failure"), apply_notes=rep.get("notes"))
         text = out + err + json.dumps(row.get("failure"))
         row["oom"] = any(w in text for w in OOM_WORDS)
-        if rc != 0 and not row["oom"]:
+        if row.get("failure") and not row["oom"]:
+            row["error"] = f"{row['failure'].get('exc_type')}: {row['failure'].get('message', '')[:200]}"
+        elif rc != 0 and not row["oom"]:
             row["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
         print(f"[{name}] {pname:32s} rc={rc} oom={row['oom']} peak={row.get('measured_peak')} "
               f"step={row.get('measured_step_s')} {wall:.1f}s {row.get('error', '')}", flush=True)
+        if row.get("error"):
+            print(err[-1500:], flush=True)
         rec["rows"].append(row)
     return rec
 
@@ -255,6 +292,10 @@ def render(results: dict[str, Any], summary: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for row in rec["rows"]:
             name = row["plan"] + (" (lossy)" if row.get("lossy") else "")
+            if row.get("not_run"):
+                lines.append(f"| {name} | not run | {_gib(row.get('pred_peak'))} | | {row.get('pred_phase', '')} | "
+                             f"| {_f((row.get('pred_step_s') or 0) * 1e3, 0)} | |")
+                continue
             if row.get("oom"):
                 lines.append(f"| {name} | OOM | {_gib(row.get('pred_peak'))} | | {row.get('pred_phase', '')} | "
                              f"| {_f((row.get('pred_step_s') or 0) * 1e3, 0)} | |")
@@ -295,6 +336,9 @@ def main() -> None:
     ap.add_argument("--profile-warmup", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per subprocess")
     ap.add_argument("--from", dest="from_", help="results.json of an earlier run: re-predict and render only")
+    ap.add_argument("--resume", help="results.json of an earlier run: reuse its profiles and measured plans, "
+                    "run the rest")
+    ap.add_argument("--deadline", type=float, help="seconds: plans not started by then are recorded as not run")
     ap.add_argument("--doc", help="also write the markdown here")
     ap.add_argument("--notes", help="markdown file whose lines go under 'What the measurements changed'")
     args = ap.parse_args()
@@ -313,9 +357,12 @@ def main() -> None:
                    "models": []}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        prev = {m["model"]: m for m in json.loads(Path(args.resume).read_text())["models"]} if args.resume else {}
+        t_start = time.perf_counter()
         for n in names:
-            results["models"].append(measure_model(n, table[n], out / n, args))
+            results["models"].append(measure_model(n, table[n], out / n, args, prev.pop(n, None), t_start))
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        results["models"] += list(prev.values())  # models measured earlier and not this time
     if args.notes:
         results["notes"] = Path(args.notes).read_text().splitlines()
     results["predicted_at"] = _git_head()
