@@ -149,8 +149,8 @@ def raw_step(opt: torch.optim.Optimizer) -> Callable[..., Any]:
 def wrap_step(opt: torch.optim.Optimizer, new_raw: Callable[..., Any]) -> Undo:
     """Replace `opt.step` for this object only, keeping the step hooks (LR schedulers, step counting).
 
-    `new_raw(opt, closure=None)` does the update. Installed as a bound method so an LR scheduler created
-    afterwards wraps it as usual; one created before loses nothing because we set `_opt_called` ourselves.
+    `new_raw(opt, closure=None)` does the update. It records `_opt_called` itself, all an LR scheduler's
+    own step wrapper does, so schedulers created before or after keep working without warnings.
     """
     had = "step" in opt.__dict__
     previous = opt.__dict__.get("step")
@@ -159,7 +159,9 @@ def wrap_step(opt: torch.optim.Optimizer, new_raw: Callable[..., Any]) -> Undo:
         self._opt_called = True  # what LRScheduler's own wrapper records
         return new_raw(self, *args, **kwargs)
 
-    opt.step = types.MethodType(torch.optim.Optimizer.profile_hook_step(raw), opt)
+    hooked = torch.optim.Optimizer.profile_hook_step(raw)
+    hooked._wrapped_by_lr_sched = True  # schedulers: this step records `_opt_called`, no need to wrap it
+    opt.step = types.MethodType(hooked, opt)
 
     def undo() -> None:
         if had:

@@ -106,9 +106,8 @@ class CudaTransport:
         self.h2d_stream = torch.cuda.Stream(device)
 
     def host_like(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_non_overlapping_and_dense():  # keep strides: backward sees the very same layout
-            return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu", pin_memory=True)
-        return torch.empty(t.size(), dtype=t.dtype, device="cpu", pin_memory=True)
+        # preserve_format keeps the strides of a dense tensor: backward sees the very same layout
+        return torch.empty_like(t, device="cpu", pin_memory=True)
 
     def d2h(self, dst: torch.Tensor, src: torch.Tensor):
         s = self.d2h_stream
@@ -541,13 +540,17 @@ class Offload(Strategy):
     def space(self, trial: Any, profile: Any, opts: Any) -> dict[str, Any] | None:
         if opts.device != "cuda":
             return None
+        # Compact: every m-th block among those checkpoint left alone (checkpoint takes the last k). Spread
+        # out, each block's copy back has the backward of the m-1 blocks after it to hide behind; the last
+        # free block is never offloaded (its backward comes first, nothing to hide its copies).
         n = len(profile.repeated_blocks)
-        k_ck = trial.params.get("checkpoint.k", 0)  # checkpoint takes the last k blocks
-        j = trial.suggest_int("offload.k", 0, max(0, n - k_ck))
+        free = n - trial.params.get("checkpoint.k", 0)
+        m = trial.suggest_categorical("offload.every", [0, 1, 2, 3, 4])
+        acts = list(range(0, free - 1, m)) if m else []
         opt_state = trial.suggest_categorical("offload.optimizer_state", [False, True])
-        if j == 0 and not opt_state:
+        if not acts and not opt_state:
             return None
-        return {"activations": [f"0-{j - 1}"] if j else [], "optimizer_state": opt_state}
+        return {"activations": acts, "optimizer_state": opt_state}
 
     def effect(self, profile: Any, section: dict[str, Any], sim: Any) -> None:
         if section["activations"]:

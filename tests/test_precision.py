@@ -1,0 +1,134 @@
+"""precision strategy: the same numbers as the recipe written by hand (torch.equal), state_dict round trip."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memtune
+from memtune.errors import PlanError
+from memtune.plan import Plan
+from memtune.strategies.offload import simulate_host
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from gpt import GPT, synthetic_batch  # noqa: E402
+
+
+def batches(n):
+    gen = torch.Generator().manual_seed(0)
+    return [synthetic_batch(4, 17, 64, gen) for _ in range(n)]
+
+
+def loss_of(m, d, autocast=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = m(d[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, 64), d[:, 1:].reshape(-1))
+
+
+def by_hand(steps=3, autocast=False):
+    """bf16 params, fp32 masters in AdamW, grads upcast, weights copied back: the recipe, written out."""
+    torch.manual_seed(0)
+    m = GPT(2, 32, 4, 16, 64)
+    masters = [p.detach().clone() for p in m.parameters()]
+    for p in m.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    opt = torch.optim.AdamW(masters, lr=1e-2)
+    losses = []
+    for d in batches(steps):
+        loss = loss_of(m, d, autocast)
+        loss.backward()
+        for p, w in zip(m.parameters(), masters, strict=True):
+            w.grad = p.grad.float()
+        opt.step()
+        with torch.no_grad():
+            for p, w in zip(m.parameters(), masters, strict=True):
+                p.copy_(w)
+        m.zero_grad()
+        losses.append(loss.detach())
+    return losses, m
+
+
+def with_plan(plan, steps=3):
+    torch.manual_seed(0)
+    m = GPT(2, 32, 4, 16, 64)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    undo = memtune.apply_plan(m, opt, plan)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 100)  # created after: wraps the patched step
+    losses = []
+    for d in batches(steps):
+        loss = loss_of(m, d)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return losses, m, opt, undo
+
+
+def test_bf16_params_master_weights_match_recipe():
+    ref_losses, ref = by_hand()
+    losses, m, opt, undo = with_plan({"precision": {"params": "bf16"}})
+    assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses, strict=True))
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), m.parameters(), strict=True))
+    assert opt.state[next(iter(m.parameters()))]["exp_avg"].dtype == torch.float32  # state stays fp32
+    assert any("master weights" in n for _, n in undo.notes)
+
+
+def test_bf16_params_with_offloaded_optimizer_match_recipe():
+    ref_losses, ref = by_hand()
+    with simulate_host():
+        losses, m, _, undo = with_plan({"precision": {"params": "bf16"}, "offload": {"optimizer_state": True}})
+    assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), m.parameters(), strict=True))
+    assert any("on the host" in n for _, n in undo.notes)
+
+
+def test_autocast_matches_script_autocast():
+    torch.manual_seed(0)
+    a = GPT(2, 32, 4, 16, 64)
+    b = GPT(2, 32, 4, 16, 64)
+    b.load_state_dict(a.state_dict())
+    memtune.apply_plan(b, None, {"precision": {"autocast": "bf16"}})
+    d = batches(1)[0]
+    la, lb = loss_of(a, d, autocast=True), loss_of(b, d)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb)
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_state_dict_loads_without_memtune_and_undo_restores_fp32():
+    _, m, opt, undo = with_plan({"precision": {"params": "bf16"}}, steps=1)
+    keys = list(m.state_dict())
+    fresh = GPT(2, 32, 4, 16, 64)
+    fresh.load_state_dict(m.state_dict())  # bf16 values cast into the fp32 model
+    assert list(fresh.state_dict()) == keys
+    plain = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    plain.load_state_dict(opt.state_dict())
+    undo()
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert "step" not in opt.__dict__
+
+
+def test_no_master_weights_casts_state():
+    losses, m, opt, _ = with_plan({"precision": {"params": "bf16", "master_weights": False}}, steps=2)
+    assert opt.state[next(iter(m.parameters()))]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_lossy_label():
+    assert Plan.from_dict({"precision": {"params": "bf16"}}).lossy == ["precision"]
+    assert Plan.from_dict({"precision": {}}).lossy == []
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"precision": {"autocast": "fp8"}}, "'fp8' is not allowed; choose one of: none, bf16, fp16"),
+    ({"precision": {"params": "fp16"}}, "'fp16' is not allowed; choose one of: fp32, bf16"),
+    ({"precision": {"dtype": "bf16"}}, "unknown key 'dtype'; allowed: autocast, params, master_weights"),
+    ({"precision": {"params": "bf16", "master_weights": "yes"}}, "choose one of: true, false"),
+])
+def test_validation_errors(bad, msg):
+    with pytest.raises(PlanError, match=msg):
+        Plan.from_dict(bad)
