@@ -31,11 +31,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> (script, argv, batch size, extra batch sizes to measure)
+# name -> script, argv, profiled batch size, other batch sizes measured, plans left out (device time)
+_LARGE_DROP = ["adamw4bit", "offload act. quarter", "compress int8 half", "update in backward",
+               "bf16 params + ckpt half", "checkpoint selective"]
 MODELS: dict[str, dict[str, Any]] = {
-    "gpt-125m": dict(script="examples/gpt.py", argv=["--preset", "125m"], batch=8, batches=[4, 16, 24]),
-    "gpt-350m": dict(script="examples/gpt.py", argv=["--preset", "350m"], batch=8, batches=[4, 16]),
-    "llama-1b": dict(script="examples/hf_llama.py", argv=["--preset", "1b"], batch=4, batches=[2, 6]),
+    "gpt-125m": dict(script="examples/gpt.py", argv=["--preset", "125m"], batch=8, batches=[4, 16, 24],
+                     drop=["adamw4bit", "offload act. quarter"]),
+    "gpt-350m": dict(script="examples/gpt.py", argv=["--preset", "350m"], batch=8, batches=[4, 16],
+                     drop=_LARGE_DROP),
+    "llama-1b": dict(script="examples/hf_llama.py", argv=["--preset", "1b"], batch=4, batches=[2, 6],
+                     drop=_LARGE_DROP),
 }
 TINY: dict[str, dict[str, Any]] = {
     "gpt-tiny": dict(script="examples/gpt.py", argv=["--device", "cpu"], batch=8, batches=[4, 16]),
@@ -101,21 +106,59 @@ def sh(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
         return 124, str(e.stdout or ""), f"timed out after {timeout:.0f} s", time.perf_counter() - t0
 
 
-APPLY_FALLBACK = (
-    "import json, sys; from memtune.patcher import run_apply; "
-    "r = run_apply(sys.argv[1], steps=int(sys.argv[2])); open(sys.argv[3], 'w').write(json.dumps(r.to_dict()))"
-)
+# `memtune apply PLAN --steps N --report R` is this same library call (memtune/cli.py). Run through this
+# wrapper, several plans can start at once: each builds its model on the CPU in parallel, then takes a file
+# lock before its first forward (Session.on_ready), so only one runs on the GPU at a time and its step times
+# and peak are its own (the peak counter is per process and reset once the plan is applied).
+APPLY_LOCKED = """
+import fcntl, json, sys
+import memtune.capture as cap
+from memtune.patcher import run_apply
+_init = cap.Session.__init__
+def _init_locked(self, *a, **k):
+    _init(self, *a, **k)
+    def take(s):
+        f = open(sys.argv[4], "w")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        s._gpu_lock = f
+    self.on_ready.insert(0, take)
+cap.Session.__init__ = _init_locked
+r = run_apply(sys.argv[1], steps=int(sys.argv[2]))
+open(sys.argv[3], "w").write(json.dumps(r.to_dict()))
+"""
 
 
-def apply_cmd(plan_path: Path, steps: int, rep_path: Path) -> list[str]:
-    """`memtune apply PLAN --steps N --report R`, or the same library call while the CLI lacks it."""
-    from memtune.cli import app
+def apply_cmd(plan_path: Path, steps: int, rep_path: Path, lock: Path | None) -> list[str]:
+    """`memtune apply PLAN --steps N --report R`, or the same call holding the GPU lock when running several."""
+    if lock is not None:
+        return [sys.executable, "-c", APPLY_LOCKED, str(plan_path), str(steps), str(rep_path), str(lock)]
+    return [sys.executable, "-m", "memtune", "apply", str(plan_path), "--steps", str(steps),
+            "--report", str(rep_path), "--force"]
 
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    if "apply" in names:
-        return [sys.executable, "-m", "memtune", "apply", str(plan_path), "--steps", str(steps),
-                "--report", str(rep_path), "--force"]
-    return [sys.executable, "-c", APPLY_FALLBACK, str(plan_path), str(steps), str(rep_path)]
+
+def run_plan(name: str, i: int, pname: str, plan, work: Path, args) -> dict[str, Any]:
+    plan_path = work / f"plan{i}.yaml"
+    plan.save(plan_path)
+    rep_path = work / f"apply{i}.json"
+    lock = work.parent / "gpu.lock" if args.jobs > 1 else None
+    rc, out, err, wall = sh(apply_cmd(plan_path, args.steps, rep_path, lock), args.timeout)
+    row: dict[str, Any] = {"plan": pname, "plan_dict": plan.to_dict(), "rc": rc, "wall_s": wall}
+    if rep_path.is_file():
+        rep = json.loads(rep_path.read_text())
+        row.update(measured_peak=rep.get("peak_allocated_bytes"), measured_step_s=rep.get("step_s"),
+                   measured_reserved=rep.get("peak_reserved_bytes"), step_times=rep.get("step_times"),
+                   failure=rep.get("failure"), apply_notes=rep.get("notes"))
+    text = out + err + json.dumps(row.get("failure"))
+    row["oom"] = any(w in text for w in OOM_WORDS)
+    if row.get("failure") and not row["oom"]:
+        row["error"] = f"{row['failure'].get('exc_type')}: {row['failure'].get('message', '')[:200]}"
+    elif rc != 0 and not row["oom"]:
+        row["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
+    print(f"[{name}] {pname:32s} rc={rc} oom={row['oom']} peak={row.get('measured_peak')} "
+          f"step={row.get('measured_step_s')} {wall:.1f}s {row.get('error', '')}", flush=True)
+    if row.get("error"):
+        print(err[-1500:], flush=True)
+    return row
 
 
 def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[str, Any] | None,
@@ -148,34 +191,23 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
     rec["skipped"] = skipped
     for pname, why in skipped:
         print(f"[{name}] skip {pname}: {why}", flush=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = []
     for i, (pname, plan) in enumerate(plans):
         if (args.only and pname not in args.only) or pname in done:
             continue
+        todo.append((i, pname, plan))
+
+    def one(item):
+        i, pname, plan = item
         if args.deadline and time.perf_counter() - t_start > args.deadline:
-            rec["rows"].append({"plan": pname, "plan_dict": plan.to_dict(), "not_run": True})
             print(f"[{name}] {pname}: not run (past --deadline)", flush=True)
-            continue
-        plan_path = work / f"plan{i}.yaml"
-        plan.save(plan_path)
-        rep_path = work / f"apply{i}.json"
-        rc, out, err, wall = sh(apply_cmd(plan_path, args.steps, rep_path), args.timeout)
-        row: dict[str, Any] = {"plan": pname, "plan_dict": plan.to_dict(), "rc": rc, "wall_s": wall}
-        if rep_path.is_file():
-            rep = json.loads(rep_path.read_text())
-            row.update(measured_peak=rep.get("peak_allocated_bytes"), measured_step_s=rep.get("step_s"),
-                       measured_reserved=rep.get("peak_reserved_bytes"), step_times=rep.get("step_times"),
-                       failure=rep.get("failure"), apply_notes=rep.get("notes"))
-        text = out + err + json.dumps(row.get("failure"))
-        row["oom"] = any(w in text for w in OOM_WORDS)
-        if row.get("failure") and not row["oom"]:
-            row["error"] = f"{row['failure'].get('exc_type')}: {row['failure'].get('message', '')[:200]}"
-        elif rc != 0 and not row["oom"]:
-            row["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
-        print(f"[{name}] {pname:32s} rc={rc} oom={row['oom']} peak={row.get('measured_peak')} "
-              f"step={row.get('measured_step_s')} {wall:.1f}s {row.get('error', '')}", flush=True)
-        if row.get("error"):
-            print(err[-1500:], flush=True)
-        rec["rows"].append(row)
+            return {"plan": pname, "plan_dict": plan.to_dict(), "not_run": True}
+        return run_plan(name, i, pname, plan, work, args)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        rec["rows"] += list(ex.map(one, todo))
     return rec
 
 
@@ -338,6 +370,8 @@ def main() -> None:
     ap.add_argument("--from", dest="from_", help="results.json of an earlier run: re-predict and render only")
     ap.add_argument("--resume", help="results.json of an earlier run: reuse its profiles and measured plans, "
                     "run the rest")
+    ap.add_argument("--jobs", type=int, default=1, help="plans started at once (they take turns on the GPU)")
+    ap.add_argument("--work", help="folder for profiles, plans and reports (default: inside --out)")
     ap.add_argument("--deadline", type=float, help="seconds: plans not started by then are recorded as not run")
     ap.add_argument("--doc", help="also write the markdown here")
     ap.add_argument("--notes", help="markdown file whose lines go under 'What the measurements changed'")
@@ -360,7 +394,8 @@ def main() -> None:
         prev = {m["model"]: m for m in json.loads(Path(args.resume).read_text())["models"]} if args.resume else {}
         t_start = time.perf_counter()
         for n in names:
-            results["models"].append(measure_model(n, table[n], out / n, args, prev.pop(n, None), t_start))
+            work = Path(args.work or out) / n
+            results["models"].append(measure_model(n, table[n], work, args, prev.pop(n, None), t_start))
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         results["models"] += list(prev.values())  # models measured earlier and not this time
     if args.notes:
