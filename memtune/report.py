@@ -93,6 +93,7 @@ class ReportData:
     trials: pd.DataFrame | None = None
     study_name: str | None = None
     study_digest: str | None = None
+    limit: float | None = None  # the budget less the safety margin the search kept free
     notes: list[str] = field(default_factory=list)
 
 
@@ -361,6 +362,8 @@ def _load_study(data: ReportData, source: str, study_name: str | None, chosen_tr
     if b is not None and data.budget is None:
         data.budget = float(parse_size(b))
     data.study_digest = sattrs.get("profile_digest")
+    if sattrs.get("limit_bytes") is not None:
+        data.limit = float(sattrs["limit_bytes"])
     prof = _first(sattrs, ("profile_path", "profile"))
     if isinstance(prof, str) and data.profile_source is None:
         cands = [Path(prof)] + ([Path(source).parent / prof] if "://" not in source else [])
@@ -589,19 +592,22 @@ def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
                color=_COLORS.get(row["component"]), edgecolor="white", linewidth=0.6)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     for xi, t, h in zip(x, totals, bottom, strict=True):
-        ax.text(xi, h, f"peak {format_bytes(t)}", ha="center", va="bottom", fontsize=10)
+        ax.text(xi, h, f"peak {format_bytes(t)}", ha="center", va="bottom", fontsize=10,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5})
     top = max([top] + [b * div for b in bottom])
     if not show_budget:
         _budget_note(ax, data)
     elif data.budget:
-        ax.axhline(data.budget / div, color="#c0392b", linestyle="--", linewidth=1.5)
-        ax.text(len(cols) - 0.5, data.budget / div, f"{data.budget_label} {format_bytes(data.budget)}",
-                color="#c0392b", ha="right", va="bottom", fontsize=9)
+        ax.axhline(data.budget / div, color="#c0392b", linestyle="--", linewidth=1.5,
+                   label=f"{data.budget_label} {format_bytes(data.budget)}")
     ax.set_xticks(x, labels)
     ax.set_xlim(-0.6, len(cols) - 0.4)
     ax.set_ylim(0, top / div * 1.12)
     ax.set_ylabel(f"bytes at the peak ({unit})")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, reverse=True)
+    handles, names = ax.get_legend_handles_labels()  # components top-down as stacked, the budget last
+    bars = [(h, n) for h, n in zip(handles, names, strict=True) if n in set(df["component"])][::-1]
+    rest = [(h, n) for h, n in zip(handles, names, strict=True) if n not in set(df["component"])]
+    ax.legend(*zip(*(bars + rest), strict=True), loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title("Memory at the predicted peak, by component", loc="left")
     caption = ("Stacked bars: what is live at the predicted peak of one training step. "
                + ("Baseline = the script as profiled; plan = the same step with the plan applied. "
@@ -743,6 +749,9 @@ def _fig_pareto(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     elif data.budget:
         ax.axvline(data.budget / div, color="#c0392b", linestyle="--", linewidth=1.2,
                    label=f"{data.budget_label} {format_bytes(data.budget)}")
+        if data.limit and data.limit < data.budget:
+            ax.axvline(data.limit / div, color="#c0392b", linestyle=":", linewidth=1.0,
+                       label=f"less safety margin {format_bytes(data.limit)}")
     ax.set_xlabel(f"predicted peak memory ({unit})")
     ax.set_ylabel(f"predicted throughput ({unit_t})")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
