@@ -26,7 +26,7 @@ try:  # guarded: importing memtune never needs triton; the kernel runs on CUDA t
 except ImportError:  # pragma: no cover
     triton = None
 
-CHUNK_BYTES = 128 * 2**20  # logits chunk budget when chunk_tokens is not given
+CHUNK_BYTES = 192 * 2**20  # logits chunk budget when chunk_tokens is not given (<= 200 MiB beyond the grads)
 BLOCK_V = 4096  # vocabulary elements per step of the row loop on GPU
 
 if triton is not None:

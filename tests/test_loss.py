@@ -1,0 +1,126 @@
+"""loss strategy: the head returns lazy logits, F.cross_entropy on them runs fused, and the run's loss and
+gradients equal the unpatched run's (fp32, CPU)."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memtune.costmodel import SimStep
+from memtune.errors import PlanError
+from memtune.plan import Plan
+from memtune.profile import BlockProfile, Profile
+from memtune.strategies import ApplyContext, get_strategy
+from memtune.strategies.loss import LazyLogits
+
+
+@pytest.fixture
+def gpt(examples_dir):
+    spec = importlib.util.spec_from_file_location("gpt_example", examples_dir / "gpt.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    return mod.GPT(2, 32, 2, 16, 101)
+
+
+def _apply(model, section=None):
+    plan = Plan.from_dict({"loss": section or {"fused": True}})
+    ctx = ApplyContext(model=model, optimizers=[], blocks=[], device=torch.device("cpu"), plan=plan)
+    return ctx, get_strategy("loss").apply(ctx, plan.get("loss"))
+
+
+def _step(model, x, y, **ce):
+    model.zero_grad()
+    logits = model(x)  # what examples/gpt.py does
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), **ce)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, logits
+
+
+@pytest.mark.parametrize("ce", [{}, {"ignore_index": 7, "label_smoothing": 0.1}, {"reduction": "sum"}])
+def test_gpt_same_loss_and_grads(gpt, ce):
+    idx = torch.randint(101, (3, 17))
+    x, y = idx[:, :-1], idx[:, 1:].clone()
+    y[0, :4] = 7
+    l0, g0, logits0 = _step(gpt, x, y, **ce)
+    ctx, undo = _apply(gpt)
+    l1, g1, logits1 = _step(gpt, x, y, **ce)
+    assert type(logits0) is torch.Tensor and isinstance(logits1, LazyLogits)
+    assert ctx.shared["loss_stats"]["fused"] == 1 and "materialized" not in ctx.shared["loss_stats"]
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6)
+    undo()
+    assert "forward" not in gpt.head.__dict__ and type(gpt(x)) is torch.Tensor
+
+
+def test_other_uses_materialize_the_same_values(gpt):
+    x = torch.randint(101, (2, 16))
+    with torch.no_grad():
+        ref = gpt(x)
+    ctx, undo = _apply(gpt)
+    logits = gpt(x)
+    assert logits.shape == (2, 16, 101) and logits.dtype == torch.float32 and logits.dim() == 3
+    assert isinstance(logits[:, :-1, :].float().contiguous().view(-1, 101), LazyLogits)
+    torch.testing.assert_close(logits.argmax(-1), ref.argmax(-1))
+    torch.testing.assert_close(logits + 0, ref)
+    assert ctx.shared["loss_stats"]["materialized"] == 1  # computed once, then reused
+    gpt.eval()
+    assert type(gpt(x)) is torch.Tensor  # evaluation gets plain logits
+    undo()
+
+
+def test_head_with_bias_or_missing_is_left_alone():
+    m = nn.Sequential(nn.Linear(4, 4))
+    ctx, _ = _apply(m)
+    assert "no linear head" in ctx.notes[0][1]
+    m = nn.Module()
+    m.head = nn.Linear(4, 50)
+    ctx, _ = _apply(m)
+    assert "bias" in ctx.notes[0][1] and "forward" not in m.head.__dict__
+
+
+def test_validate_and_effect():
+    s = get_strategy("loss")
+    assert s.validate({"fused": True, "chunk_tokens": 256}) == {"fused": True, "chunk_tokens": 256}
+    assert not s.lossy({"fused": True})
+    with pytest.raises(PlanError, match="unknown key"):
+        s.validate({"fuse": True})
+    with pytest.raises(PlanError, match="positive integer"):
+        s.validate({"chunk_tokens": 0})
+    # head of 32000 x 2048 bf16, 8192 tokens: eager keeps an fp32 log-softmax of N x V
+    prof = Profile(tokens_per_step=8192, blocks=[BlockProfile(
+        name="head", cls="Linear", kind="other", n_params=32000 * 2048, param_bytes={"bfloat16": 32000 * 2048 * 2},
+        input_bytes=8192 * 2048 * 2)])
+    sim = SimStep(other_act_bytes=8192 * 32000 * 4 + 10.0, loss_transient_bytes=3e9)
+    s.effect(prof, {"fused": True}, sim)
+    assert sim.other_act_bytes == pytest.approx(10 + (8192 + 32000) * 2048 * 2)
+    assert sim.loss_transient_bytes <= 200 * 2**20
+
+
+def test_hf_causal_lm_same_loss_and_grads():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    ids = torch.randint(97, (2, 12))
+    labels = ids.clone()
+    labels[0, :3] = -100
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    l0, g0 = step()
+    ctx, undo = _apply(model)
+    l1, g1 = step()
+    assert ctx.shared["loss_stats"]["fused"] == 1 and "lm_head" in ctx.notes[0][1]
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    undo()
