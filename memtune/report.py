@@ -592,8 +592,8 @@ def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
                color=_COLORS.get(row["component"]), edgecolor="white", linewidth=0.6)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     for xi, t, h in zip(x, totals, bottom, strict=True):
-        ax.text(xi, h, f"peak {format_bytes(t)}", ha="center", va="bottom", fontsize=10,
-                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5})
+        ax.annotate(f"peak {format_bytes(t)}", (xi, h), textcoords="offset points", xytext=(0, 4), ha="center",
+                    va="bottom", fontsize=10, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5})
     top = max([top] + [b * div for b in bottom])
     if not show_budget:
         _budget_note(ax, data)
