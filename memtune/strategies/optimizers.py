@@ -281,7 +281,14 @@ def _top_subspace(a: torch.Tensor, rank: int, gen: torch.Generator, power_iters:
     return (q @ u[:, :rank]).contiguous()
 
 
-_INBACKWARD_PARAMS: weakref.WeakSet = weakref.WeakSet()  # params whose grads are consumed in backward
+# id(param) -> weakref, for params whose grads are consumed in backward (tensors can't sit in a WeakSet: their
+# == is elementwise)
+_INBACKWARD_PARAMS: dict[int, weakref.ref] = {}
+
+
+def _in_backward(p) -> bool:
+    r = _INBACKWARD_PARAMS.get(id(p))
+    return r is not None and r() is p
 
 
 class InBackwardAdamW(_Swapped):
@@ -291,12 +298,12 @@ class InBackwardAdamW(_Swapped):
 
     def _memtune_hook(self, p: torch.Tensor) -> None:
         group = self._memtune_group_of[p]
-        if p in self._memtune_updated:
+        if id(p) in self._memtune_updated:
             raise ScriptError(
                 "update-in-backward (optimizer: {name: inbackward}) saw a second backward before optimizer.step(): "
                 "the script accumulates gradients, but each gradient is applied and freed as soon as it is "
                 "computed; choose another optimizer choice for this script")
-        self._memtune_updated.add(p)
+        self._memtune_updated.add(id(p))
         st = self.state[p]
         fused = bool(group.get("fused") or False)
         capturable = bool(group.get("capturable") or False)
@@ -321,7 +328,7 @@ class InBackwardAdamW(_Swapped):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()  # its backward runs the updates
-        self._memtune_updated = weakref.WeakSet()
+        self._memtune_updated = set()
         return loss
 
 
@@ -334,7 +341,7 @@ def _adam_functional():
 def _clip_guard(orig):
     def clip_grad_norm_(parameters, *args, **kwargs):
         ps = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        if any(p in _INBACKWARD_PARAMS for p in ps):
+        if any(_in_backward(p) for p in ps):
             raise ScriptError(
                 "the script clips gradients by their global norm, but update-in-backward (optimizer: "
                 "{name: inbackward}) applies and frees each gradient during backward, before the norm of all "
@@ -382,10 +389,27 @@ def _subclass(mixin: type, base: type) -> type:
 
 
 class _AdafactorSwap(_Swapped, torch.optim.Adafactor if hasattr(torch.optim, "Adafactor") else torch.optim.Optimizer):
+    """torch's Adafactor, with the group lr scaled by 1 / RMS of the group's params at the swap: Adafactor's
+    step is lr * max(eps2, RMS(param)) per element where AdamW's is about lr, so the script's lr (and its
+    schedule, which keeps writing group["lr"]) keeps meaning roughly the same step size."""
+
     _memtune_name = "adafactor"
 
+    def step(self, closure=None):
+        f = torch.optim.Adafactor.step
+        if getattr(f, "hooked", False):  # the hook wrapper: ours already runs the step hooks
+            f = f.__wrapped__
+        saved = [g["lr"] for g in self.param_groups]
+        for g in self.param_groups:
+            g["lr"] = g["lr"] * g.get("memtune_lr_scale", 1.0)
+        try:
+            return f(self, closure)
+        finally:
+            for g, lr in zip(self.param_groups, saved, strict=True):
+                g["lr"] = lr
 
-_ADAFACTOR_GROUP = {"beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0, "foreach": None}
+
+_ADAFACTOR_GROUP = {"beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0, "foreach": None, "memtune_lr_scale": 1.0}
 
 
 def _check_swappable(opt: torch.optim.Optimizer, name: str) -> None:
@@ -527,6 +551,11 @@ def _swap_adafactor(opt, orig_cls) -> Undo:
     for g in opt.param_groups:
         g.update(_ADAFACTOR_GROUP)
         g.setdefault("maximize", False)
+        with torch.no_grad():
+            sq = sum(float(p.float().square().sum()) for p in g["params"])
+            n = sum(p.numel() for p in g["params"])
+        rms = math.sqrt(sq / max(n, 1))
+        g["memtune_lr_scale"] = 1.0 / max(_ADAFACTOR_GROUP["eps"][1], rms)
     _set_class(opt, _AdafactorSwap)
 
     def undo() -> None:
@@ -549,21 +578,21 @@ _MISSING = object()
 def _swap_inbackward(opt, orig_cls) -> Undo:
     handles = []
     opt._memtune_group_of = {}
-    opt._memtune_updated = weakref.WeakSet()
+    opt._memtune_updated = set()
     _set_class(opt, _subclass(InBackwardAdamW, orig_cls))
     for g in opt.param_groups:
         for p in g["params"]:
             if not p.requires_grad:
                 continue
             opt._memtune_group_of[p] = g
-            _INBACKWARD_PARAMS.add(p)
+            _INBACKWARD_PARAMS[id(p)] = weakref.ref(p)
             handles.append(p.register_post_accumulate_grad_hook(opt._memtune_hook))
 
     def undo() -> None:
         for h in handles:
             h.remove()
         for p in list(opt._memtune_group_of):
-            _INBACKWARD_PARAMS.discard(p)
+            _INBACKWARD_PARAMS.pop(id(p), None)
         del opt._memtune_group_of, opt._memtune_updated
         _set_class(opt, orig_cls)
 
