@@ -443,6 +443,12 @@ class _Tuner:
             plan, bs = self.propose(trial)
         except PlanError as e:  # strategies proposed sections that contradict each other
             return _Eval(False, f"invalid plan: {e}")
+        except MemtuneError as e:
+            return _Eval(False, f"invalid plan: {e}")
+        except Exception as e:  # a bug in some strategy's space(): keep searching, report it at the end
+            msg = f"a strategy's space() failed: {type(e).__name__}: {e}"
+            self.errors.append(msg)
+            return _Eval(False, msg)
         lossy = list(plan.lossy)
         if self.opts.lossless_only and lossy:
             return _Eval(False, f"lossy sections {lossy} excluded by --lossless-only")
