@@ -107,9 +107,10 @@ def sweep(n_tensors, shape, steps, warmup) -> list[dict]:
 
     rows = []
     for bits in (8, 4):
-        for block in (2048, 4096, 8192):
-            for warps in (4, 8):
-                cfg = {"block": block, "num_warps": warps}
+        variants = [{"block": b, "num_warps": w} for b in (2048, 4096, 8192) for w in (4, 8)]
+        variants.append({"block": 4096, "num_warps": 8, "aligned": False})  # no alignment hints on the addresses
+        for cfg in variants:
+            if True:
                 params = make_params(n_tensors, shape)
                 states = [Q.new_state(p, bits) for p in params]
                 grads = [p.grad for p in params]
@@ -121,8 +122,8 @@ def sweep(n_tensors, shape, steps, warmup) -> list[dict]:
                                  weight_decay=0.01, step=step[0], config=cfg)
 
                 ms = _median_ms(fn, steps, warmup)
-                rows.append({"bits": bits, **cfg, "ms": ms})
-                print(f"sweep bits={bits} block={block} warps={warps}: {ms:.3f} ms", flush=True)
+                rows.append({"bits": bits, "aligned": True, **cfg, "ms": ms})
+                print(f"sweep bits={bits} {cfg}: {ms:.3f} ms", flush=True)
                 del params, states, grads
                 torch.cuda.empty_cache()
     return rows
@@ -181,8 +182,9 @@ def main() -> None:
         md.append(f"| {r['name']} | {r['dtype']} | {r['ms']:.3f} | {r['state_bytes_per_param']:.3f} | "
                   f"{r['ms'] * 1e6 / r['n_params']:.5f} |")
     if sweep_rows:
-        md += ["", "| kernel | block | warps | ms/step |", "|---|---|---|---|"]
-        md += [f"| {s['bits']}-bit | {s['block']} | {s['num_warps']} | {s['ms']:.3f} |" for s in sweep_rows]
+        md += ["", "| kernel | block | warps | aligned hints | ms/step |", "|---|---|---|---|---|"]
+        md += [f"| {s['bits']}-bit | {s['block']} | {s['num_warps']} | {s['aligned']} | {s['ms']:.3f} |"
+               for s in sweep_rows]
     text = "\n".join(md)
     print(text)
     if a.out:

@@ -212,7 +212,8 @@ except Exception:  # pragma: no cover
 if _HAS_TRITON:
 
     @triton.jit
-    def _load_row(meta_ptr, prog_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MQ_DTYPE: tl.constexpr):
+    def _load_row(meta_ptr, prog_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MQ_DTYPE: tl.constexpr,
+                  ALIGNED: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(prog_ptr + 2 * pid)
         start = tl.load(prog_ptr + 2 * pid + 1)
@@ -224,6 +225,12 @@ if _HAS_TRITON:
         am_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
         av_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
         n = tl.load(row + 6)
+        if ALIGNED:
+            # addresses read from memory carry no alignment facts: without these the loads are not vectorized
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            qm_ptr = tl.multiple_of(qm_ptr, 16)
+            qv_ptr = tl.multiple_of(qv_ptr, 16)
         return t, start, n, p_ptr, g_ptr, qm_ptr, qv_ptr, am_ptr, av_ptr
 
     @triton.jit
@@ -266,9 +273,10 @@ if _HAS_TRITON:
     def adamw8bit_kernel(meta_ptr, prog_ptr, lr, beta1, one_m_beta1, beta2, one_m_beta2, eps, weight_decay,
                          step_size, inv_sqrt_bc2, seed,
                          P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NB: tl.constexpr, QB: tl.constexpr,
-                         DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr):
+                         DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                         ALIGNED: tl.constexpr):
         t, start, n, p_ptr, g_ptr, qm_ptr, qv_ptr, am_ptr, av_ptr = _load_row(meta_ptr, prog_ptr, P_DTYPE, G_DTYPE,
-                                                                             tl.int8)
+                                                                             tl.int8, ALIGNED)
         blk = start // QB + tl.arange(0, NB)
         offs = blk[:, None] * QB + tl.arange(0, QB)[None, :]
         mask = offs < n
@@ -322,9 +330,10 @@ if _HAS_TRITON:
     def adamw4bit_kernel(meta_ptr, prog_ptr, lr, beta1, one_m_beta1, beta2, one_m_beta2, eps, weight_decay,
                          step_size, inv_sqrt_bc2, seed,
                          P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, NB: tl.constexpr, QB: tl.constexpr,
-                         DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr):
+                         DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                         ALIGNED: tl.constexpr):
         t, start, n, p_ptr, g_ptr, qm_ptr, qv_ptr, am_ptr, av_ptr = _load_row(meta_ptr, prog_ptr, P_DTYPE, G_DTYPE,
-                                                                             tl.uint8)
+                                                                             tl.uint8, ALIGNED)
         H: tl.constexpr = QB // 2
         blk = start // QB + tl.arange(0, NB)
         k = tl.arange(0, H)[None, :]
@@ -443,6 +452,7 @@ def fused_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: li
                 1 / math.sqrt(1 - beta2**step), seed & 0x7FFFFFFF,
                 P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), NB=block // qb, QB=qb, DECOUPLED=decoupled,
                 MAXIMIZE=maximize, STOCHASTIC=bool(stochastic_rounding and pdt == torch.bfloat16),
+                ALIGNED=cfg.get("aligned", True) and all(a % 16 == 0 for r in rows for a in r[:4]),
                 num_warps=cfg["num_warps"])
 
 
