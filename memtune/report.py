@@ -466,7 +466,10 @@ def build_tables(data: ReportData) -> dict[str, pd.DataFrame]:
     import pandas as pd
 
     tables: dict[str, pd.DataFrame] = {}
-    if data.baseline is not None:
+    if data.baseline is not None and data.baseline.peak_bytes <= 0:
+        data.notes.append("The profile holds no memory measurements (did the script run an optimizer step?): "
+                          "profile it again; memory sections are left out.")
+    elif data.baseline is not None:
         base = _canon(data.baseline.breakdown)
         plan = _canon(data.planned.breakdown) if data.planned is not None else {}
         order = [lab for lab, _ in _COMPONENTS]
@@ -487,7 +490,7 @@ def build_tables(data: ReportData) -> dict[str, pd.DataFrame]:
     tl_rows = []
     for series, est, sim in (("simulated baseline", data.baseline, data.baseline_sim),
                              ("simulated plan", data.planned, data.planned_sim)):
-        if est is not None and sim is not None and est.timeline:
+        if est is not None and sim is not None and est.timeline and est.peak_bytes > 0:
             times = sim_times(sim, est.timeline)
             events = [*est.timeline, ("end", est.timeline[-1][1])]  # hold the last level to the step's end
             for i, ((ev, b), t) in enumerate(zip(events, times, strict=True)):

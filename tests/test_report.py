@@ -389,3 +389,21 @@ def test_subprocess(tmp_path, profile_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     check_html(tmp_path / "r.html", 3)
+
+
+def test_empty_profile_and_storage_url(tmp_path):
+    Profile().save(tmp_path / "empty.json")
+    r = runner.invoke(app, ["report", str(tmp_path / "empty.json"), "-o", str(tmp_path / "e.html")])
+    assert r.exit_code == 0, r.output
+    assert "no memory measurements" in r.output
+    check_html(tmp_path / "e.html", 0)
+    url = make_study(tmp_path / "two.db", name="a")
+    r = runner.invoke(app, ["report", url, "-o", str(tmp_path / "s.html")])  # a storage URL works as well
+    assert r.exit_code == 0, r.output
+    check_html(tmp_path / "s.html", 2)
+    make_study(tmp_path / "two.db", name="b")
+    _one_line_error(runner.invoke(app, ["report", url, "-o", str(tmp_path / "t.html")]), "--study NAME")
+    _one_line_error(runner.invoke(app, ["report", url, "--study", "c", "-o", str(tmp_path / "t.html")]),
+                    "no study 'c'")
+    r = runner.invoke(app, ["report", url, "--study", "b", "-o", str(tmp_path / "t.html")])
+    assert r.exit_code == 0, r.output
