@@ -417,6 +417,9 @@ def _load_study(data: ReportData, source: str, study_name: str | None, chosen_tr
         df.loc[valid, "pareto"] = pareto_mask(df.loc[valid, "predicted_peak_bytes"].tolist(),
                                               df.loc[valid, "predicted_throughput"].tolist())
     df["chosen"] = _chosen(df, chosen_trial, study.direction.name.lower() == "minimize")
+    if chosen_trial is None and not df["chosen"].any() and df["verify_status"].notna().any():
+        data.notes.append("No verified plan ran within the budget, so the study has no chosen plan: see "
+                          "verify_status in trials.csv.")
     if chosen_trial is not None and not df["chosen"].any():
         data.notes.append(f"The plan's trial {chosen_trial} is not in study {study_name!r}.")
     data.trials = df
@@ -428,6 +431,8 @@ def _chosen(df: pd.DataFrame, chosen_trial: int | None, minimize_memory: bool) -
     if chosen_trial is not None:
         return [t == chosen_trial for t in df["trial"]]
     ok = df[(df["verify_status"] == "ok") & df["measured_throughput"].notna()]
+    if df["verify_status"].notna().any() and not len(ok):
+        return [False] * len(df)  # every verified plan failed: `memtune tune` chose none
     if len(ok):
         best = ok["measured_throughput"].idxmax()
         if minimize_memory:
@@ -564,7 +569,7 @@ def build_figures(data: ReportData, tables: dict[str, pd.DataFrame]) -> list[Fig
         figs.append(_fig_timeline(Figure, data, tables["timeline"]))
     if "trials" in tables and len(tables["trials"]):
         figs.append(_fig_pareto(Figure, data, tables["trials"]))
-        if tables["trials"]["verify_status"].notna().any():
+        if tables["trials"][["measured_peak_bytes", "measured_step_s"]].notna().any().any():
             figs.append(_fig_verified(Figure, tables["trials"]))
     return figs
 
@@ -780,6 +785,8 @@ def _fig_verified(Figure, df: pd.DataFrame) -> Figure_:
         ax1.set_ylabel(f"measured peak ({unit})")
     else:
         ax1.text(0.5, 0.5, "no peaks measured", ha="center", va="center", transform=ax1.transAxes)
+        ax1.set_xticks([])
+        ax1.set_yticks([])
     ax1.set_title("Peak memory", loc="left")
     st = v.dropna(subset=["predicted_step_s", "measured_step_s"])
     if len(st):
@@ -788,6 +795,8 @@ def _fig_verified(Figure, df: pd.DataFrame) -> Figure_:
         ax2.set_ylabel("measured step (ms)")
     else:
         ax2.text(0.5, 0.5, "no step times measured", ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_xticks([])
+        ax2.set_yticks([])
     ax2.set_title("Step time", loc="left")
     caption = f"{len(v)} plans run for real ({', '.join(f'{n} {k}' for k, n in v['verify_status'].value_counts().items())}). "
     caption += "On the dashed diagonal the prediction is exact; the orange point is the chosen plan."

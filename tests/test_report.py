@@ -89,7 +89,7 @@ def gpt_profile(tmp_path_factory) -> Path:
     return out
 
 
-def make_study(path: Path, name: str = "memtune-test") -> str:
+def make_study(path: Path, name: str = "memtune-test", failed: bool = False) -> str:
     """A study shaped as memtune/search.py writes it: search trials + two verification trials."""
     import optuna
 
@@ -113,7 +113,8 @@ def make_study(path: Path, name: str = "memtune-test") -> str:
                                                                       "predicted_throughput": 1.0}))
     for of, peak_m, step_m in ((6, 1.45 * 2**30, 8 / 150), (4, 1.18 * 2**30, 8 / 140)):
         ua = study.trials[of].user_attrs
-        m = {"status": "ok", "peak_bytes": peak_m, "step_s": step_m, "throughput": 8 / step_m}
+        m = ({"status": "failed", "detail": "exit 1"} if failed else
+             {"status": "ok", "peak_bytes": peak_m, "step_s": step_m, "throughput": 8 / step_m})
         study.add_trial(optuna.trial.create_trial(value=8 / step_m, user_attrs={
             "memtune_kind": "verify", "of_trial": of, "plan_key": ua["plan_key"], "plan": ua["plan"],
             "predicted_peak_bytes": ua["predicted_peak_bytes"], "predicted_step_s": ua["predicted_step_s"],
@@ -407,3 +408,14 @@ def test_empty_profile_and_storage_url(tmp_path):
                     "no study 'c'")
     r = runner.invoke(app, ["report", url, "--study", "b", "-o", str(tmp_path / "t.html")])
     assert r.exit_code == 0, r.output
+
+
+def test_study_whose_verifications_all_failed(tmp_path):
+    make_study(tmp_path / "s.db", failed=True)
+    r = runner.invoke(app, ["report", str(tmp_path / "s.db"), "-o", str(tmp_path / "r.html"), "--csv",
+                            str(tmp_path / "csv")])
+    assert r.exit_code == 0, r.output
+    check_html(tmp_path / "r.html", 1)  # the Pareto chart; nothing measured to put against predictions
+    assert "no chosen plan" in r.output
+    t = check_csvs(tmp_path / "csv", {"trials"})["trials"]
+    assert not t["chosen"].any() and t["verify_status"].eq("failed").sum() == 2
