@@ -15,6 +15,7 @@ import copy
 import html
 import io
 import json
+import math
 import os
 import pickle
 import sqlite3
@@ -449,12 +450,24 @@ def _chosen(df: pd.DataFrame, chosen_trial: int | None, minimize_memory: bool) -
 
 
 def pareto_mask(peaks: list[float], throughputs: list[float]) -> list[bool]:
-    """Non-dominated points: no other point has lower-or-equal peak and higher-or-equal throughput (one strictly)."""
-    out = []
-    for i, (p, t) in enumerate(zip(peaks, throughputs, strict=True)):
-        dominated = any((p2 <= p and t2 >= t and (p2 < p or t2 > t))
-                        for j, (p2, t2) in enumerate(zip(peaks, throughputs, strict=True)) if j != i)
-        out.append(not dominated)
+    """Non-dominated points: no other point has lower-or-equal peak and higher-or-equal throughput (one strictly).
+
+    One sweep by increasing peak: a point survives when it has the best throughput among equal peaks and beats
+    every smaller peak's throughput (O(n log n): studies can hold thousands of trials)."""
+    order = sorted(range(len(peaks)), key=lambda i: peaks[i])
+    out = [False] * len(peaks)
+    best_before = -math.inf
+    k = 0
+    while k < len(order):
+        j = k
+        while j < len(order) and peaks[order[j]] == peaks[order[k]]:
+            j += 1
+        group = order[k:j]
+        top = max(throughputs[i] for i in group)
+        for i in group:
+            out[i] = throughputs[i] == top and top > best_before
+        best_before = max(best_before, top)
+        k = j
     return out
 
 

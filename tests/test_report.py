@@ -4,6 +4,7 @@ one-line errors for bad inputs. Hand-built profiles and studies keep this fast (
 import base64
 import json
 import pickle
+import random
 import re
 import struct
 import subprocess
@@ -325,6 +326,15 @@ def test_allocator_timeline(tmp_path):
 
 def test_pareto_mask():
     assert pareto_mask([1, 2, 3, 2], [10, 20, 15, 20]) == [True, True, False, True]
+    rng = random.Random(0)
+    for _ in range(300):  # the sweep against the definition, with many ties
+        n = rng.randint(0, 10)
+        pk = [rng.randint(0, 4) for _ in range(n)]
+        th = [rng.randint(0, 4) for _ in range(n)]
+        pts = list(zip(pk, th, strict=True))
+        brute = [not any(p2 <= p and t2 >= t and (p2 < p or t2 > t) for j, (p2, t2) in enumerate(pts) if j != i)
+                 for i, (p, t) in enumerate(pts)]
+        assert pareto_mask(pk, th) == brute, (pk, th)
 
 
 def _one_line_error(r, *needles):
