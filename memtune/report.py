@@ -109,7 +109,7 @@ def detect_kind(path: str | os.PathLike) -> str:
     if p.is_dir():
         raise InputError(f"{p} is a directory: give a profile.json, a plan.yaml or a study's SQLite file")
     with open(p, "rb") as f:
-        head = f.read(64)
+        head = f.read(512)
     if head.startswith(_SQLITE_MAGIC):
         return "study"
     if p.suffix.lower() == ".json" or head.lstrip()[:1] == b"{":
@@ -564,16 +564,16 @@ def _style(ax) -> None:
 
 
 @dataclass
-class Figure_:
+class Plot:
     name: str  # file stem for --png
     title: str
     caption: str
     png: bytes
 
 
-def build_figures(data: ReportData, tables: dict[str, pd.DataFrame]) -> list[Figure_]:
+def build_figures(data: ReportData, tables: dict[str, pd.DataFrame]) -> list[Plot]:
     Figure = _mpl()
-    figs: list[Figure_] = []
+    figs: list[Plot] = []
     if "memory" in tables:
         figs.append(_fig_memory(Figure, data, tables["memory"]))
     if "blocks" in tables:
@@ -587,7 +587,7 @@ def build_figures(data: ReportData, tables: dict[str, pd.DataFrame]) -> list[Fig
     return figs
 
 
-def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
+def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Plot:
     has_plan = data.planned is not None
     cols = ["baseline_bytes"] + (["plan_bytes"] if has_plan else [])
     labels = ["baseline"] + (["plan"] if has_plan else [])
@@ -637,7 +637,7 @@ def _fig_memory(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
                + ("Negative, so left out of the bars and counted in the peak: "
                   + ", ".join(f"{k} {format_bytes(v)}" for k, v in negative.items())
                   + " (the cost model's calibration to the measured peak)." if negative else ""))
-    return Figure_("memory", "Memory by component", caption, _png(fig))
+    return Plot("memory", "Memory by component", caption, _png(fig))
 
 
 def _short(names: list[str], repeated: list[str]) -> list[str]:
@@ -651,7 +651,7 @@ def _short(names: list[str], repeated: list[str]) -> list[str]:
     return [n.removeprefix(prefix) if prefix and n.startswith(prefix) and n != prefix[:-1] else n for n in names]
 
 
-def _fig_blocks(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
+def _fig_blocks(Figure, data: ReportData, df: pd.DataFrame) -> Plot:
     n = len(df)
     names = _short(df["block"].tolist(), df.loc[df["kind"] == "repeated", "block"].tolist())
     div, unit = _unit(float(df["activation_bytes"].max() or 1))
@@ -694,10 +694,10 @@ def _fig_blocks(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
                + ("; the colour is the plan's choice for the block, the black tick what it keeps on the device "
                   "between its forward and backward under the plan." if has_plan else ".")
                + " Bottom: measured forward and backward seconds per call.")
-    return Figure_("blocks", "Blocks", caption, _png(fig))
+    return Plot("blocks", "Blocks", caption, _png(fig))
 
 
-def _fig_timeline(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
+def _fig_timeline(Figure, data: ReportData, df: pd.DataFrame) -> Plot:
     show_budget = _budget_shown(data, float(df["live_bytes"].max()))
     top = max(float(df["live_bytes"].max()), data.budget if show_budget else 0.0)
     div, unit = _unit(top)
@@ -733,10 +733,10 @@ def _fig_timeline(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     else:
         caption += ". The allocator's real timeline is drawn here too when the profile was taken with " \
                    "`memtune profile --memory-timeline` on a GPU."
-    return Figure_("timeline", "Memory over one step", caption, _png(fig))
+    return Plot("timeline", "Memory over one step", caption, _png(fig))
 
 
-def _fig_pareto(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
+def _fig_pareto(Figure, data: ReportData, df: pd.DataFrame) -> Plot:
     d = df.dropna(subset=["predicted_peak_bytes", "predicted_throughput"])
     d = d[d["state"] == "COMPLETE"]
     pmax = float(d["predicted_peak_bytes"].max()) if len(d) else 1.0
@@ -780,10 +780,10 @@ def _fig_pareto(Figure, data: ReportData, df: pd.DataFrame) -> Figure_:
     caption = (f"{len(d)} distinct plans of study {data.study_name!r}, predicted by the cost model. The Pareto "
                "front joins the plans no other plan beats on both memory and throughput; the star is the chosen "
                "plan (crosses: over the budget less the safety margin).")
-    return Figure_("pareto", "Pareto front", caption, _png(fig))
+    return Plot("pareto", "Pareto front", caption, _png(fig))
 
 
-def _fig_verified(Figure, df: pd.DataFrame) -> Figure_:
+def _fig_verified(Figure, df: pd.DataFrame) -> Plot:
     v = df[df["verify_status"].notna()]
     fig = Figure(figsize=(9.5, 4.0))
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"wspace": 0.3})
@@ -817,7 +817,7 @@ def _fig_verified(Figure, df: pd.DataFrame) -> Figure_:
         err = (pk["measured_peak_bytes"] - pk["predicted_peak_bytes"]) / pk["measured_peak_bytes"]
         caption += (f" Peak error (measured - predicted) / measured: median {err.median():+.1%}, "
                     f"worst {err.abs().max():.1%}.")
-    return Figure_("verified", "Predicted against measured", caption, _png(fig))
+    return Plot("verified", "Predicted against measured", caption, _png(fig))
 
 
 def _diag(ax, x, y, rows) -> None:
@@ -930,7 +930,7 @@ def _facts(data: ReportData) -> str:
     return f'<table class="facts">{body}</table>'
 
 
-def render_html(data: ReportData, tables: dict[str, pd.DataFrame], figures: list[Figure_]) -> str:
+def render_html(data: ReportData, tables: dict[str, pd.DataFrame], figures: list[Plot]) -> str:
     import pandas as pd
 
     B = lambda v: format_bytes(v)  # noqa: E731
