@@ -818,7 +818,7 @@ def tune(profile: Profile, opts: TuneOptions, console: Any = None) -> TuneResult
     verified: list[Candidate] = []
     chosen = ranked[0]
     if opts.verify > 0:
-        chosen = _verify((study, store), tuner, ranked[: opts.verify], console, opts, verified)
+        chosen = _verify((study, store), tuner, ranked, console, opts, verified)
 
     plan = tuner.plan_for(chosen.params)
     import torch
@@ -870,30 +870,57 @@ def _measured_summary(m: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-def _verify(studies, tuner: _Tuner, top: list[Candidate], console: Any, opts: TuneOptions,
+def _items(plan: Plan) -> set[str]:
+    return {json.dumps([name, _canon(sec)], default=str) for name, sec in plan.sections.items()}
+
+
+def _likely_fails(cand: Candidate, plan: Plan, failed: list[tuple[Candidate, Plan]]) -> bool:
+    """After the first k all failed: skip plans predicted to use more memory than one that ran out of it, and
+    plans holding a section that every crashed plan held (e.g. an optimizer the script cannot use)."""
+    oom = [c.peak_bytes for c, _ in failed if c.measured and c.measured["status"] in ("oom", "over budget")]
+    if oom and cand.peak_bytes >= min(oom):
+        return True
+    crashed = [_items(p) for c, p in failed if c.measured and c.measured["status"] in ("failed", "timeout")]
+    common = set.intersection(*crashed) if crashed else set()
+    return bool(common & _items(plan))
+
+
+def _verify(studies, tuner: _Tuner, ranked: list[Candidate], console: Any, opts: TuneOptions,
             verified: list[Candidate]) -> Candidate:
+    """Run the k best predicted plans for real; when all k fail, try up to k more that avoid the failures."""
     study = studies[0]
     trials = {ft.number: ft for ft in study.get_trials(deepcopy=False)}
+    k = opts.verify
+    failed: list[tuple[Candidate, Plan]] = []
     with tempfile.TemporaryDirectory(prefix="memtune-verify-") as tmp, _progress(console, opts) as prog:
-        task = prog.add_task("verifying the best plans for real", total=len(top)) if prog else None
-        for cand in top:
+        task = prog.add_task("verifying the best plans for real", total=k) if prog else None
+        for cand in ranked:
+            n_ok = sum(c.verified_ok for c in verified)
+            if len(verified) >= k and (n_ok or len(verified) >= 2 * k):
+                break
+            plan = tuner.plan_for(cand.params)
+            if len(verified) >= k and _likely_fails(cand, plan, failed):
+                continue
             if cand.measured is None:  # a resumed study keeps earlier measurements
-                m = verify_plan(tuner.plan_for(cand.params), cand, tuner, Path(tmp), opts.budget_bytes)
+                m = verify_plan(plan, cand, tuner, Path(tmp), opts.budget_bytes)
                 cand.measured = m
                 ft = trials[cand.number]
                 for st in studies:
                     if st is not None:
                         _add_verify_trial(st, cand, ft.params, ft.distributions, m, tuner)
             verified.append(cand)
+            if not cand.verified_ok:
+                failed.append((cand, plan))
             if prog:
-                prog.advance(task)
+                prog.update(task, total=max(k, len(verified)), completed=len(verified))
     ok = [c for c in verified if c.verified_ok]
     if not ok:
         what = "; ".join(f"trial {c.number}: {c.measured.get('status')} ({c.measured.get('detail', '')})" for c in verified)
-        raise VerificationFailed(
-            f"none of the {len(verified)} verified plans ran within the budget ({what}): lower the predicted peak "
-            "with a larger --margin (e.g. --margin 10%), or look at the failures with `memtune apply PLAN`"
-        )
+        if all(c.measured.get("status") in ("oom", "over budget") for c in verified):
+            todo = "lower the predicted peak with a larger --margin (e.g. --margin 10%)"
+        else:
+            todo = "run one with `memtune apply PLAN` to see the script's error, or tune with --lossless-only"
+        raise VerificationFailed(f"none of the {len(verified)} verified plans ran within the budget ({what}): {todo}")
     if opts.objective == "memory":
         return min(ok, key=lambda c: (c.measured.get("peak_bytes") or c.peak_bytes, -c.measured["throughput"]))
     return max(ok, key=lambda c: (c.measured["throughput"], -c.peak_bytes))

@@ -119,10 +119,35 @@ def test_verify_picks_on_measurements_and_survives_oom(monkeypatch, tmp_path, fa
 
 def test_verify_all_fail_is_an_error(monkeypatch, fake_strategies):
     p = make_profile()
-    monkeypatch.setattr(search.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "CUDA out of memory"))
-    with pytest.raises(search.VerificationFailed, match="none of the 2 verified plans"):
+    calls = []
+
+    def oom(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "CUDA out of memory")
+
+    monkeypatch.setattr(search.subprocess, "run", oom)
+    with pytest.raises(search.VerificationFailed, match=r"none of the \d verified plans.*--margin"):
         search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=10, verify=2))
+    assert 2 <= len(calls) <= 4  # the first k, then at most k more with a smaller predicted peak
+
+
+def test_verify_avoids_a_section_every_crashed_plan_had(monkeypatch, fake_strategies):
+    """The script cannot run 8-bit states (a crash, not an OOM): after k crashes, a plan without them wins."""
+    p = make_profile()
+    ran = []
+
+    def fake_run(cmd, **kw):
+        plan = yaml.safe_load(Path(cmd[cmd.index("apply") + 1]).read_text())
+        ran.append(plan)
+        if "optimizer" in plan:
+            return subprocess.CompletedProcess(cmd, 1, "", "ScriptError: the script cannot use this optimizer")
+        Path(cmd[cmd.index("--report") + 1]).write_text(json.dumps({"step_s": 0.3, "peak_allocated_bytes": 1}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(search.subprocess, "run", fake_run)
+    res = search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=1))
+    assert len(ran) == 2 and "optimizer" in ran[0] and "optimizer" not in ran[1]
+    assert "optimizer" not in res.plan.sections and res.plan.provenance["measured"]["status"] == "ok"
 
 
 def test_tune_subprocess_help():
