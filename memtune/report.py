@@ -845,8 +845,8 @@ table{border-collapse:collapse;font-size:.88em;margin:8px 0}
 th,td{padding:3px 10px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
 th{background:#fafafa;text-align:right}td.l,th.l,td:first-child,th:first-child{text-align:left}
 table.facts td{text-align:left;white-space:normal}table.facts td:first-child{color:#666;padding-right:18px}
-.kpis{display:flex;gap:14px;flex-wrap:wrap;margin:12px 0}
-.kpis{gap:10px}.kpi{border:1px solid #e3e3e3;border-radius:6px;padding:8px 12px;flex:1 1 120px}
+.kpis{display:grid;grid-template-columns:repeat(auto-fill,minmax(132px,1fr));margin:12px 0}
+.kpis{gap:10px}.kpi{border:1px solid #e3e3e3;border-radius:6px;padding:8px 12px}
 .kpi b{display:block;font-size:1.3em}.kpi span{color:#666;font-size:.85em}
 .lossy{color:#b03a2e;font-weight:bold}details{margin:6px 0}summary{cursor:pointer;color:#0b5cad}
 div.scroll{overflow-x:auto}td.l{white-space:normal;min-width:60px}
@@ -858,18 +858,17 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-_TEXT_COLUMNS = {"component", "plan", "block", "cls", "kind", "plan_choice", "lossy", "verified"}
-
-
 def _fmt_table(df: pd.DataFrame, fmt: dict[str, Any]) -> str:
     """An HTML table: numbers right-aligned, text left-aligned, empty cells for missing values."""
     import pandas as pd
 
+    left = {c for c in df.columns if c not in fmt and df[c].dtype == object}
+
     def cell(col: str, v: Any) -> str:
         text = "" if v is None or (not isinstance(v, (list, dict)) and pd.isna(v)) else (fmt[col](v) if col in fmt else v)
-        return f'<td class="l">{_e(text)}</td>' if col in _TEXT_COLUMNS else f"<td>{_e(text)}</td>"
+        return f'<td class="l">{_e(text)}</td>' if col in left else f"<td>{_e(text)}</td>"
 
-    head = "".join(f'<th class="l">{_e(c)}</th>' if c in _TEXT_COLUMNS else f"<th>{_e(c)}</th>" for c in df.columns)
+    head = "".join(f'<th class="l">{_e(c)}</th>' if c in left else f"<th>{_e(c)}</th>" for c in df.columns)
     body = "".join("<tr>" + "".join(cell(c, v) for c, v in zip(df.columns, row, strict=True)) + "</tr>"
                    for row in df.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
