@@ -992,20 +992,21 @@ def pareto_table(result: TuneResult):
 
     unit = result.chosen.unit or "throughput"
     t = Table(title=f"Pareto front of plans that fit {format_bytes(result.budget_bytes)} (limit "
-              f"{format_bytes(result.limit_bytes)} after the {result.margin:.0%} margin; predicted unless measured)",
+              f"{format_bytes(result.limit_bytes)} after the {result.margin:.0%} margin; predicted unless measured; "
+              "★ chosen)",
               title_justify="left")
     t.add_column("", no_wrap=True)
     t.add_column("trial", justify="right", no_wrap=True)
     t.add_column("peak", justify="right", no_wrap=True)
     t.add_column(unit, justify="right", no_wrap=True)
     t.add_column("measured", justify="right", no_wrap=True)
-    t.add_column("plan", ratio=1, min_width=24, overflow="fold")
+    t.add_column("plan", ratio=1, min_width=20, overflow="fold")
     rows = [c for c in result.pareto if c.feasible]
     for c in [result.chosen, *result.verified]:
         if all(c.key != r.key for r in rows):
             rows.append(c)
     for c in sorted(rows, key=lambda c: c.peak_bytes):
-        mark = "[bold green]★ chosen[/]" if c.key == result.chosen.key else ""
+        mark = "[bold green]★[/]" if c.key == result.chosen.key else ""
         meas = ""
         if c.measured:
             m = c.measured

@@ -41,7 +41,7 @@ def test_tune_cli_writes_plan_with_provenance(tmp_path, prof_file, fake_strategi
     args = ["tune", str(path), "--budget", str(budget), "-o", str(out), "--trials", "30", "--seed", "3"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "chosen" in r.stdout and "Pareto front" in r.stdout
+    assert "★" in r.stdout and "Pareto front" in r.stdout
     doc = yaml.safe_load(out.read_text())
     prov = doc["provenance"]
     assert prov["budget_bytes"] == budget and prov["profile_digest"] == p.digest()
