@@ -43,6 +43,9 @@ class BlockSim:
     extra_fwd_s: float = 0.0  # kernel time added to forward (e.g. compression pack)
     extra_bwd_s: float = 0.0  # kernel time added to backward (e.g. unpack)
     gather_bytes: float = 0.0  # transient all-gathered parameters while it runs (sharding stage 3)
+    # part of act_bytes that is autocast's 16-bit copies of fp32 weights (batch-independent); a strategy
+    # that makes the weights 16-bit removes it with `drop_autocast_copies(sim)`
+    autocast_copy_bytes: float = 0.0
 
     @property
     def kept(self) -> float:
@@ -349,6 +352,7 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
             fwd_transient=val[k + "fwd_transient"], bwd_transient=val[k + "bwd_transient"],
             param_bytes=float(sum(b.param_bytes.values())),
             grad_bytes=float(b.trainable_param_bytes),  # a gradient has its parameter's dtype and shape
+            autocast_copy_bytes=min(val[k + "act"], _autocast_fixed_bytes(profile, b)),
         ))
     sim.param_bytes = float(profile.param_bytes)
     sim.buffer_bytes = float(profile.buffer_bytes)
@@ -520,6 +524,17 @@ def simulate(sim: SimStep) -> Estimate:
         time_breakdown=times, timeline=timeline, host_bytes=host,
         lossy=list(dict.fromkeys(sim.lossy)), notes=list(sim.notes),
     )
+
+
+def drop_autocast_copies(sim: SimStep, fraction: float = 1.0) -> None:
+    """Weights that became 16-bit are not cast by autocast, so their copies are not saved [amp]: for a
+    strategy that casts `fraction` of every block's fp32 weights (precision `params: bf16`)."""
+    for b in sim.blocks:
+        gone = b.autocast_copy_bytes * fraction
+        b.act_bytes = max(0.0, b.act_bytes - gone)
+        if b.kept_bytes is not None:
+            b.kept_bytes = max(0.0, b.kept_bytes - gone)
+        b.autocast_copy_bytes -= gone
 
 
 def plan_batch_size(plan: Plan | None) -> int | None:

@@ -453,3 +453,13 @@ def test_real_offload_strategy_moves_activations_to_the_host():
     assert dict(est.timeline)["loss"] == dict(base.timeline)["loss"] - 200 * MB
     assert est.host_bytes == 200 * MB
     assert est.time_breakdown["exposed transfer"] > 0  # 1 GB/s cannot hide 100 MB behind 10-20 ms blocks
+
+
+def test_drop_autocast_copies_for_16bit_weights():
+    p = make_profile(autocast="bfloat16")
+    sim = build_sim(p, 16)
+    assert sim.blocks[1].autocast_copy_bytes == 10 * MB and sim.blocks[0].autocast_copy_bytes == 0
+    before = simulate(sim).peak_bytes
+    cm.drop_autocast_copies(sim)
+    assert sim.blocks[1].act_bytes == 180 * MB
+    assert simulate(sim).peak_bytes == pytest.approx(before - 4 * 10 * MB)
