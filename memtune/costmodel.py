@@ -468,17 +468,32 @@ def _step_time(sim: SimStep) -> dict[str, float]:
             d2h_free = max(t, d2h_free) + b.d2h_bytes / d2h_bw
             d2h_done[b.name] = d2h_free
     fwd = t
-    # backward: block j's tensors are fetched when block j+1's backward starts (one ahead), on the h2d
-    # engine, after their d2h copy finished; block j waits for them
-    issue = t
+    # backward: when the backward reaches a repeated block, the newest offloaded block before it whose
+    # copy back has not started is fetched (strategies/offload.py: a prefetch queue that runs at least
+    # one block ahead); a block whose tensors were not asked for yet fetches them itself. Copies queue
+    # on the h2d engine and start once their d2h copy has finished; a block waits for its own.
     h2d_free = t
     compute_bwd = 0.0
-    for b in reversed(sim.blocks):
+    offloaded = [i for i, b in enumerate(sim.blocks) if b.h2d_bytes > 0]
+    h2d_done: dict[int, float] = {}
+
+    def fetch(i: int, at: float) -> None:
+        nonlocal h2d_free
+        b = sim.blocks[i]
+        h2d_free = max(at, h2d_free, d2h_done.get(b.name, 0.0)) + b.h2d_bytes / h2d_bw
+        h2d_done[i] = h2d_free
+
+    for i in reversed(range(len(sim.blocks))):
+        b = sim.blocks[i]
+        if b.kind == "repeated":
+            waiting = [j for j in offloaded if j < i and j not in h2d_done]
+            if waiting:
+                fetch(max(waiting), t)
         start = t
         if b.h2d_bytes > 0:
-            h2d_free = max(issue, h2d_free, d2h_done.get(b.name, 0.0)) + b.h2d_bytes / h2d_bw
-            start = max(t, h2d_free)
-        issue = start
+            if i not in h2d_done:
+                fetch(i, t)
+            start = max(t, h2d_done[i])
         work = b.bwd_s + b.recompute_s + b.extra_bwd_s
         compute_bwd += work
         t = start + work
