@@ -226,7 +226,9 @@ if _HAS_TRITON:
         av_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
         n = tl.load(row + 6)
         if ALIGNED:
-            # addresses read from memory carry no alignment facts: without these the loads are not vectorized
+            # values read from memory carry no alignment facts: without these hints (addresses 16-byte aligned,
+            # numel a multiple of 16, so the mask is constant over 16 elements) every load is scalar
+            n = tl.multiple_of(n, 16)
             p_ptr = tl.multiple_of(p_ptr, 16)
             g_ptr = tl.multiple_of(g_ptr, 16)
             qm_ptr = tl.multiple_of(qm_ptr, 16)
@@ -420,7 +422,16 @@ def fused_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: li
     bc1 = 1 - beta1**step
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
               decoupled=decoupled, maximize=maximize)
-    for (device, pdt, gdt), idx in groups.items():
+    # one launch per (device, dtypes, alignment): tensors whose addresses are 16-byte aligned and numel a
+    # multiple of 16 (nearly all weights) get the vectorized variant, the rest (odd biases) a masked one
+    split: dict[tuple, list[int]] = {}
+    for key, idx in groups.items():
+        for i in idx:
+            s = states[i]
+            ok = params[i].numel() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (
+                params[i], grads[i], s["exp_avg_q"], s["exp_avg_sq_q"]))
+            split.setdefault((*key, ok), []).append(i)
+    for (device, pdt, gdt, aligned), idx in split.items():
         triton_ok = triton_usable(device) if use_triton is None else use_triton
         if not triton_ok or pdt not in (torch.float32, torch.bfloat16, torch.float16):
             gen = None
@@ -452,7 +463,7 @@ def fused_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: li
                 1 / math.sqrt(1 - beta2**step), seed & 0x7FFFFFFF,
                 P_DTYPE=_tl_dtype(pdt), G_DTYPE=_tl_dtype(gdt), NB=block // qb, QB=qb, DECOUPLED=decoupled,
                 MAXIMIZE=maximize, STOCHASTIC=bool(stochastic_rounding and pdt == torch.bfloat16),
-                ALIGNED=cfg.get("aligned", True) and all(a % 16 == 0 for r in rows for a in r[:4]),
+                ALIGNED=bool(cfg.get("aligned", True) and aligned),
                 num_warps=cfg["num_warps"])
 
 
