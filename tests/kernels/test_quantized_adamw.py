@@ -9,8 +9,8 @@ from memtune.kernels import triton_usable
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_usable(DEV), reason="triton can't run here")
 
-# odd sizes: under one quant block, a partial last block, a 2-D tensor, several blocks + tail
-SHAPES = [(7,), (129,), (33, 65), (1000,)]
+# odd sizes: under one quant block, a partial last block, a 2-D tensor, several blocks + tail (masked launch)
+SHAPES = [(7,), (129,), (33, 65), (1000,), (2, 520)]  # the last: numel % 16 == 0, vectorized variant
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 SMALL = {"block": 1024, "num_warps": 4}  # few interpreter programs
 
