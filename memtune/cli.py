@@ -204,7 +204,7 @@ def tune(
     trials: Annotated[int, typer.Option("--trials", help="Plans to evaluate on the cost model (more on a resumed study).")] = 300,
     timeout: Annotated[str, typer.Option("--timeout", help="Stop searching after this long, e.g. 60s, 2m.")] = "60s",
     verify: Annotated[int, typer.Option("--verify", help="Run the k best predicted plans for real and pick on measurements.")] = 0,
-    verify_steps: Annotated[int, typer.Option("--verify-steps", help="Steps per verification run.")] = 5,
+    verify_steps: Annotated[int, typer.Option("--verify-steps", help="Steps per verification run.")] = 8,
     objective: Annotated[str, typer.Option("--objective", help="throughput (fastest plan that fits) or memory (smallest peak).")] = "throughput",
     lossless_only: Annotated[bool, typer.Option("--lossless-only", help="Leave out every choice that changes the numbers.")] = False,
     batch_knob: Annotated[str | None, typer.Option("--batch-knob", help="Search the script's batch flag too, e.g. --batch-size=8,16,32 (objective: samples/s).")] = None,

@@ -134,7 +134,7 @@ class TuneOptions:
     trials: int = 300
     timeout_s: float | None = 60.0
     verify: int = 0
-    verify_steps: int = 5
+    verify_steps: int = 8
     verify_timeout_s: float = 300.0
     lossless_only: bool = False
     batch_flag: str | None = None
@@ -885,9 +885,40 @@ def _likely_fails(cand: Candidate, plan: Plan, failed: list[tuple[Candidate, Pla
     return bool(common & _items(plan))
 
 
+def _signature(plan: Plan) -> str:
+    """A plan's kind, without its block lists and batch: the cost model's errors are shared within a kind
+    (e.g. selective checkpointing measured 35% slower than predicted on an H100, docs/benchmarks.md)."""
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): strip(x) for k, x in v.items() if not isinstance(x, (list, dict)) or x}
+        if isinstance(v, list) or v == "all":
+            return "*"
+        return v
+
+    return json.dumps({n: strip(sec) for n, sec in plan.sections.items()}, sort_keys=True, default=str)
+
+
+def _diverse(ranked: list[Candidate], tuner: _Tuner, k: int) -> list[Candidate]:
+    """The k plans to verify: the best predicted plan of each kind first, in predicted order, then the next best."""
+    firsts: list[Candidate] = []
+    seen: set[str] = set()
+    for c in ranked[: max(50, 10 * k)]:
+        sig = _signature(tuner.plan_for(c.params))
+        if sig not in seen:
+            seen.add(sig)
+            firsts.append(c)
+        if len(firsts) == k:
+            break
+    rest = [c for c in ranked if all(c.key != f.key for f in firsts)]
+    return firsts + rest
+
+
 def _verify(studies, tuner: _Tuner, ranked: list[Candidate], console: Any, opts: TuneOptions,
             verified: list[Candidate]) -> Candidate:
-    """Run the k best predicted plans for real; when all k fail, try up to k more that avoid the failures."""
+    """Run k plans for real (the best predicted of each kind); when all k fail, try up to k more that avoid
+    the failures; pick the winner on measurements."""
+    ranked = _diverse(ranked, tuner, opts.verify)
     study = studies[0]
     trials = {ft.number: ft for ft in study.get_trials(deepcopy=False)}
     k = opts.verify
@@ -950,7 +981,7 @@ def parse_margin(text: str | float | None) -> float | None:
 
 
 def tune_files(profile_path: str, budget: str, output: str = "plan.yaml", *, trials: int = 300,
-               timeout: str | None = "60s", verify: int = 0, verify_steps: int = 5, objective: str = "throughput",
+               timeout: str | None = "60s", verify: int = 0, verify_steps: int = 8, objective: str = "throughput",
                lossless_only: bool = False, batch_knob: str | None = None, storage: str | None = None,
                study_name: str | None = None, seed: int = 0, margin: str | None = None, force: bool = False,
                progress: bool = False, console: Any = None) -> TuneResult:

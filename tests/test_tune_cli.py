@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from memtune import search
 from memtune.cli import app
 from memtune.costmodel import estimate
+from memtune.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_search import install_fakes, make_profile, opts  # noqa: E402
@@ -153,3 +154,19 @@ def test_verify_avoids_a_section_every_crashed_plan_had(monkeypatch, fake_strate
 def test_tune_subprocess_help():
     r = subprocess.run([sys.executable, "-m", "memtune", "tune", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--budget" in r.stdout and "--lossless-only" in r.stdout
+
+
+def test_verify_picks_plans_of_different_kinds(monkeypatch, fake_strategies):
+    """The cost model's errors are shared within a kind of plan, so the k verified plans differ in kind."""
+    p = make_profile()
+    ran = []
+
+    def fake_run(cmd, **kw):
+        plan = yaml.safe_load(Path(cmd[cmd.index("apply") + 1]).read_text())
+        ran.append(search._signature(Plan.from_dict(plan)))
+        Path(cmd[cmd.index("--report") + 1]).write_text(json.dumps({"step_s": 0.3, "peak_allocated_bytes": 1}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(search.subprocess, "run", fake_run)
+    search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=3))
+    assert len(ran) == 3 and len(set(ran)) == 3
