@@ -163,7 +163,8 @@ def test_state_dict_round_trip(bits, tmp_path):
     opt2.load_state_dict(torch.load(path))
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         for k, v in opt.state[p].items():
-            assert torch.equal(v, opt2.state[q][k]), k
+            w = opt2.state[q][k]
+            assert torch.equal(v, w) if torch.is_tensor(v) else v == w, k
     # plain AdamW state dicts go both ways
     plain = opt.dequantized_state_dict()
     ref_opt = torch.optim.AdamW(model2.parameters(), lr=1e-2)

