@@ -782,8 +782,9 @@ class OptimizerStrategy(Strategy):
         kw = {k: section[k] for k in ("stochastic_rounding", "rank", "update_proj_gap", "scale") if k in section}
         undos = [install_clip_guard()] if name == "inbackward" else []
         for o in adam:
+            was = type(o).__name__
             undos.append(swap_optimizer(o, name, **kw))
-            ctx.note("optimizer", f"{type(o).__name__}: {name}" + (" (lossy)" if self.lossy(section) else ""))
+            ctx.note("optimizer", f"{was} -> {name}" + (" (lossy)" if self.lossy(section) else ""))
         for o in ctx.optimizers:
             if o not in adam:
                 ctx.note("optimizer", f"{type(o).__name__} left alone (not Adam/AdamW)")
