@@ -248,9 +248,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         for row in rec["rows"]:
             row["peak_err"] = _err(row.get("pred_peak"), row.get("measured_peak"))
             row["step_err"] = _err(row.get("pred_step_s"), row.get("measured_step_s"))
-            if row["peak_err"] is not None and not row.get("oom"):
+            bad = row.get("oom") or row.get("error") or row.get("not_run")
+            if row["peak_err"] is not None and not bad:
                 pe.append(abs(row["peak_err"]))
-            if row["step_err"] is not None and not row.get("oom"):
+            if row["step_err"] is not None and not bad:
                 se.append(abs(row["step_err"]))
         per_model[rec["model"]] = _stats(pe, se)
         peak_errs += pe
