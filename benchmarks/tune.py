@@ -7,7 +7,7 @@ For each workload and budget:
   3. in one worker process per workload (the model built once), measure every point of a grid of that same
      space, the manual recipe (transformers' gradient checkpointing on every layer, or checkpointing every
      block for the plain-PyTorch GPT, plus the largest batch that fits), the unpatched run, and the tuned plans;
-     peak = torch.cuda.max_memory_allocated over 3 steps after a warm-up step, time = median step.
+     peak = torch.cuda.max_memory_allocated over 6 steps after a warm-up step, time = median step.
 A batch grows in a family only while the smaller batch stayed under the largest budget and did not run out of
 memory. Results: JSON and a markdown table (docs/benchmarks.md).
 
@@ -242,7 +242,7 @@ def run_workload(name: str, w: dict, out: Path, deadline: float, args) -> dict:
             entry = {"budget_bytes": b, "budget": format_bytes(b)}
             try:
                 r = search.tune_files(str(prof), str(b), str(plan_out), trials=args.trials, timeout=f"{args.search_s}s",
-                                      verify=args.verify, verify_steps=5, batch_knob=knob, lossless_only=True,
+                                      verify=args.verify, verify_steps=8, batch_knob=knob, lossless_only=True,
                                       force=True, seed=0)
                 entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 1), plan=r.chosen.describe,
                              predicted=r.chosen.to_dict(), trials=r.new_trials,
@@ -259,7 +259,15 @@ def run_workload(name: str, w: dict, out: Path, deadline: float, args) -> dict:
         strategies._REGISTRY.clear()
         strategies._REGISTRY.update(saved)
     # the measured sweep, in a worker process (GPU memory of this process stays untouched)
-    configs = [dict(f, batch=bs) for f in grid(w) for bs in w["batches"]] + tuned_cfgs
+    configs = [dict(f, batch=bs) for f in grid(w) for bs in w["batches"]]
+    if args.remeasure:  # only the sweep's best, the manual recipe and the unpatched run of an earlier sweep
+        prev = next(r for r in json.loads(Path(args.remeasure).read_text())["results"] if r["workload"] == name)
+        keys = set()
+        for row in summarize(prev, w):
+            if row["budget_bytes"] in w["budgets"]:
+                keys |= {(r["family"], r["batch"]) for r in (row["best_grid"], row["manual"], row["unpatched"]) if r}
+        configs = [c for c in configs if (c["family"], c["batch"]) in keys]
+    configs += tuned_cfgs
     cfg_path, sweep_path = out / f"{name}.configs.json", out / f"{name}.sweep.json"
     cfg_path.write_text(json.dumps({"name": name, "w": w, "configs": configs}, default=str))
     rc, wall = sh([sys.executable, __file__, "--worker", str(cfg_path), "--worker-out", str(sweep_path),
@@ -331,7 +339,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=150)
     p.add_argument("--search-s", type=float, default=20)
     p.add_argument("--verify", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--remeasure", help="results JSON of an earlier run: measure only its key configs again")
+    p.add_argument("--budgets", default="", help="override budgets in GiB, e.g. llama1b=32;gpt350m=12")
     p.add_argument("--worker")
     p.add_argument("--worker-out")
     p.add_argument("--max-budget", type=int, default=0)
@@ -351,6 +361,10 @@ def main() -> None:
     all_res = []
     for name in args.workloads.split(","):
         w = dict(table[name], key=name)
+        for spec in filter(None, args.budgets.split(";")):
+            wname, _, vals = spec.partition("=")
+            if wname == name:
+                w["budgets"] = [int(float(v) * GiB) for v in vals.split(",")]
         if time.time() > deadline - 30:
             all_res.append({"workload": name, "error": "not run (time)"})
             continue
