@@ -10,8 +10,8 @@ hundred trials cover it and strategies never pick the same block twice. Strategi
     blocks = blocks_in_mode(trial, profile, opts, "recompute")   # [0, 1, 2] or module paths; [] = none
 
 The study maximizes predicted throughput (samples/s with a batch knob) under the constraint
-predicted_peak <= budget * (1 - margin), where the margin is the cost model's measured peak error
-(docs/accuracy.md) or 3%. It is seeded with the obvious plans (baseline, checkpoint everything, the
+predicted_peak <= budget * (1 - margin), where the margin is the cost model's measured median peak error
+(docs/accuracy.md), at least 3%. It is seeded with the obvious plans (baseline, checkpoint everything, the
 cheapest-memory plan and a greedy best plan, both found by coordinate search on the cost model), stored in
 SQLite next to the output so it resumes and opens in optuna-dashboard, and reproducible for one seed.
 `verify=k` runs the k best predicted plans for real (`memtune apply` in subprocesses), records measured
@@ -114,7 +114,7 @@ def blocks_in_mode(trial: Any, profile: Profile, opts: SearchOptions, mode: str)
 
 # --- options and results -------------------------------------------------------------------------------
 
-DEFAULT_MARGIN = 0.03  # used when docs/accuracy.md holds no measured peak error
+DEFAULT_MARGIN = 0.03  # and the floor over docs/accuracy.md's measured median peak error
 KNOB_PARAM = "run.batch_size"
 OBJECTIVES = ("throughput", "memory")
 
@@ -224,16 +224,17 @@ def parse_batch_knob(text: str | None) -> tuple[str | None, list[int]]:
 
 
 def safety_margin(accuracy_md: str | Path | None = None) -> tuple[float, str]:
-    """The fraction of the budget kept free: the cost model's measured median peak error, else 3%.
+    """The fraction of the budget kept free: the cost model's measured median peak error, at least 3%.
 
-    Reads `median absolute peak error ... N%` from docs/accuracy.md (written by benchmarks/accuracy.py).
-    Verification (`--verify`) measures the real peak and rejects plans over the budget either way.
+    Reads `median absolute peak error ... N%` from docs/accuracy.md (written by benchmarks/accuracy.py). The
+    3% floor is there because the worst errors are much larger than the median (0.6% median, 16.8% worst on
+    an H100 there); verification (`--verify`) measures the real peak and rejects plans over the budget.
     """
     path = Path(accuracy_md) if accuracy_md else Path(__file__).resolve().parents[1] / "docs" / "accuracy.md"
     with contextlib.suppress(OSError):
         m = re.search(r"median absolute peak error[^0-9\n]{0,40}?([0-9]+(?:\.[0-9]+)?)\s*%", path.read_text(), re.I)
         if m:
-            frac = min(0.15, max(0.01, float(m.group(1)) / 100))
+            frac = min(0.15, max(DEFAULT_MARGIN, float(m.group(1)) / 100))
             return frac, f"median peak error in {path.name}"
     return DEFAULT_MARGIN, "default"
 

@@ -231,8 +231,10 @@ def test_parse_batch_knob_and_margin():
 
 def test_safety_margin_reads_accuracy_doc(tmp_path):
     doc = tmp_path / "accuracy.md"
-    doc.write_text("| gpt | ... |\n\nMedian absolute peak error: 2.4% (worst 6.1%)\n")
-    assert search.safety_margin(doc) == (pytest.approx(0.024), "median peak error in accuracy.md")
+    doc.write_text("| gpt | ... |\n\nMedian absolute peak error: 4.5% over 25 plans (worst 9.1%)\n")
+    assert search.safety_margin(doc) == (pytest.approx(0.045), "median peak error in accuracy.md")
+    doc.write_text("Median absolute peak error: 0.6% over 25 measured plans (worst 16.8%)\n")
+    assert search.safety_margin(doc)[0] == 0.03  # never below the 3% floor
     assert search.safety_margin(tmp_path / "missing.md") == (0.03, "default")
 
 
