@@ -231,12 +231,12 @@ def tune(
         return
     console.print(pareto_table(res))
     c = res.chosen
-    how = "measured" if c.verified_ok else "predicted"
     m = c.measured if c.verified_ok else None
-    peak = m.get("peak_bytes") if m and m.get("peak_bytes") is not None else c.peak_bytes
-    thr = m["throughput"] if m else c.throughput
+    peak = (f"measured peak {format_bytes(m['peak_bytes'])}" if m and m.get("peak_bytes") is not None
+            else f"predicted peak {format_bytes(c.peak_bytes)}")
+    thr = f"{m['throughput']:.4g} {c.unit} measured" if m else f"{c.throughput:.4g} {c.unit} predicted"
     lossy = f" [bold yellow]LOSSY: {', '.join(c.lossy)}[/]" if c.lossy else ""
-    console.print(f"wrote [bold]{res.output}[/] ({how}: peak {format_bytes(peak)}, {thr:.4g} {c.unit}){lossy}; "
+    console.print(f"wrote [bold]{res.output}[/] ({peak}, {thr}){lossy}; "
                   f"{res.new_trials} trials in {res.elapsed_s:.1f} s, study {res.study_name!r} in {res.storage}",
                   soft_wrap=True, highlight=False)
     console.print(f"run it: memtune apply {res.output}", highlight=False)
