@@ -288,8 +288,9 @@ def render(results: dict[str, Any], summary: dict[str, Any]) -> str:
         f"measured {env.get('date', '?')} · predictions from the cost model at commit "
         f"`{results.get('predicted_at', '?')}`",
         "",
-        f"Command (on the GPU): `{env.get('command', '?')}`; predictions re-made from the stored profiles with "
-        f"`python benchmarks/accuracy.py --from results.json --doc docs/accuracy.md`.",
+        f"Command (on the GPU): `{env.get('command', '?')}`. The profiles and measurements are stored in "
+        "`benchmarks/accuracy_results.json`; predictions are re-made from them with the current cost model by "
+        "`python benchmarks/accuracy.py --from benchmarks/accuracy_results.json --doc docs/accuracy.md`.",
         "",
         "Measured peak = `torch.cuda.max_memory_allocated` over the applied run (`memtune apply --steps "
         f"{env.get('steps', '?')} --report`), step time = median of its steps after the first. Predicted = "
@@ -376,6 +377,7 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, help="seconds: plans not started by then are recorded as not run")
     ap.add_argument("--doc", help="also write the markdown here")
     ap.add_argument("--notes", help="markdown file whose lines go under 'What the measurements changed'")
+    ap.add_argument("--save", help="with --from: write the merged results (notes included) here")
     args = ap.parse_args()
 
     if args.from_:
@@ -412,6 +414,8 @@ def main() -> None:
         (out / "accuracy.md").write_text(doc)
     if args.doc:
         Path(args.doc).write_text(doc)
+    if args.save:
+        Path(args.save).write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps(summary["all"], indent=1))
 
 

@@ -463,3 +463,19 @@ def test_drop_autocast_copies_for_16bit_weights():
     cm.drop_autocast_copies(sim)
     assert sim.blocks[1].act_bytes == 180 * MB
     assert simulate(sim).peak_bytes == pytest.approx(before - 4 * 10 * MB)
+
+
+def test_offload_fetch_queue_runs_ahead_at_each_repeated_block():
+    # blocks.0 and blocks.1 offloaded, 20 MB each at 1 GB/s = 20 ms per copy; forward 10 ms per block.
+    # d2h: blocks.0 10->30 ms, blocks.1 30->50 ms. Backward starts at 40 ms: blocks.3's start fetches
+    # blocks.1 (50->70), blocks.2's start (60 ms) fetches blocks.0 (70->90); blocks.1 starts at 80 (ready
+    # at 70), blocks.0 at 100 (ready at 90): nothing exposed, the queue runs two blocks ahead.
+    p = make_profile(act=20 * MB, h2d=1.0, d2h=1.0)
+    sim = build_sim(p)
+    offload(sim, {"blocks.0", "blocks.1"})
+    assert simulate(sim).time_breakdown["exposed transfer"] == pytest.approx(0.0, abs=1e-12)
+    # copies of 40 ms each fall behind the 20 ms backwards
+    p = make_profile(act=40 * MB, h2d=1.0, d2h=1.0)
+    sim = build_sim(p)
+    offload(sim, {"blocks.0", "blocks.1"})
+    assert simulate(sim).time_breakdown["exposed transfer"] > 0
