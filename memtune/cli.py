@@ -269,6 +269,8 @@ def apply_cmd(
         t.add_column("what")
         for s_, n_ in notes:
             t.add_row(s_, escape(n_))
+        if not notes:
+            t.add_row("-", "nothing: the plan has no strategy sections (a baseline run)")
         (err_console if json_out else console).print(t)
 
     with user_errors():

@@ -165,6 +165,7 @@ def test_refused_without_gpu():
     ({"offload": {}}, "nothing to offload"),
     ({"offload": {"activations": [1]}, "checkpoint": {"blocks": [1]}}, "both recomputed"),
     ({"offload": {"activations": "all"}, "checkpoint": {"blocks": [0]}}, "both recomputed"),
+    ({"offload": {"activations": ["0-3"]}, "checkpoint": {"blocks": ["2-5"]}}, r"\[2, 3\] are both recomputed"),
 ])
 def test_validation_errors(bad, msg):
     with pytest.raises(PlanError, match=msg):

@@ -122,3 +122,54 @@ def test_resolve_run_order():
 def test_unknown_section_lists_strategies():
     with pytest.raises(PlanError, match="unknown section 'chekpoint'.*checkpoint"):
         Plan.from_dict({"chekpoint": {"blocks": "all"}})
+
+
+def _profile_and_sim(n=4):
+    from memtune.costmodel import BlockSim, SimStep
+    from memtune.profile import BlockProfile, OptimizerProfile, Profile
+
+    blocks = [BlockProfile(name=f"blocks.{i}", cls="Block", index=i + 1, param_bytes={"float32": 400},
+                           activation_bytes=1000, input_bytes=100, fwd_s=1.0, bwd_s=2.0) for i in range(n)]
+    blocks = [BlockProfile(name="tok", cls="Embedding", kind="other", param_bytes={"float32": 400}), *blocks]
+    prof = Profile(blocks=blocks, trainable_param_bytes=2000, param_bytes=2000,
+                   optimizers=[OptimizerProfile(cls="torch.optim.adamw.AdamW", kind="adamw", n_params=500)])
+    sim = SimStep(blocks=[BlockSim(name=b.name, kind=b.kind, act_bytes=b.activation_bytes, input_bytes=b.input_bytes,
+                                   fwd_s=b.fwd_s, bwd_s=b.bwd_s, param_bytes=400, grad_bytes=400) for b in blocks],
+                  param_bytes=2000, grad_bytes=2000, opt_state_bytes=4000, h2d_gbps=50, d2h_gbps=50)
+    return prof, sim
+
+
+def test_effects_set_the_simulator_fields():
+    from memtune.strategies import get_strategy
+
+    prof, sim = _profile_and_sim()
+    get_strategy("precision").effect(prof, {"autocast": "none", "params": "bf16", "master_weights": True}, sim)
+    get_strategy("checkpoint").effect(prof, {"blocks": [3], "mode": "full"}, sim)
+    get_strategy("offload").effect(prof, {"activations": ["0-1"], "optimizer_state": True}, sim)
+    by = {b.name: b for b in sim.blocks}
+    assert (by["blocks.3"].mode, by["blocks.3"].kept_bytes, by["blocks.3"].recompute_s) == ("recompute", 100, 1.0)
+    assert (by["blocks.0"].mode, by["blocks.0"].kept_bytes, by["blocks.0"].d2h_bytes) == ("offload", 0, 1000)
+    assert by["blocks.2"].mode == "keep" and by["tok"].mode == "keep"
+    assert sim.param_bytes == 1000 and sim.grad_bytes == 1000
+    assert sim.opt_state_bytes == 0 and sim.master_bytes == 0 and sim.opt_state_host_bytes == 4000 + 2000
+    assert sim.opt_s > 0 and "precision" in sim.lossy
+
+
+def test_search_spaces_make_valid_plans():
+    optuna = pytest.importorskip("optuna")
+    from memtune.strategies import SearchOptions, get_strategy
+
+    prof, _ = _profile_and_sim(6)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        plan = {}
+        for name in ("precision", "checkpoint", "offload"):
+            sec = get_strategy(name).space(trial, prof, SearchOptions(device="cuda"))
+            if sec is not None:
+                plan[name] = sec
+        Plan.from_dict(plan)  # validates, and refuses recompute+offload of one block
+        study.tell(trial, 0.0)
+    cpu = study.ask()
+    assert get_strategy("offload").space(cpu, prof, SearchOptions(device="cpu")) is None
+    assert get_strategy("precision").space(cpu, prof, SearchOptions(lossless_only=True)) is None
