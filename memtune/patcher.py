@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from memtune.errors import InputError, PlanError
+from memtune.errors import InputError, MemtuneError, PlanError
 from memtune.plan import Plan
 from memtune.strategies import ApplyContext, BlockRef, get_strategy
 from memtune.strategies.base import Undo
@@ -324,12 +324,18 @@ def run_apply(
         session.on_before_run.append(before)
 
     def ready(sess) -> None:
+        from memtune.capture import StopRun
+
         model = sess.model
         dev = _model_device(model)
-        preflight(plan, dev)
         ctx = ApplyContext(model=model, optimizers=list(sess.optimizers), blocks=list(sess.blocks),
                            device=dev, plan=plan)
-        state["applied"] = apply_to_context(ctx)
+        try:
+            preflight(plan, dev)
+            state["applied"] = apply_to_context(ctx)
+        except MemtuneError as e:  # the plan does not fit this run: stop the script, report it as ours
+            state["error"] = e
+            raise StopRun() from None
         result.notes = list(ctx.notes)
         result.device = str(dev)
         if dev.type == "cuda":
@@ -348,6 +354,8 @@ def run_apply(
                 applied()
             except RuntimeError as e:  # the run's numbers still count; say what could not be undone
                 result.notes.append(("patcher", str(e)))
+    if "error" in state:
+        raise state["error"]
     if "applied" not in state and session.failure is None:
         raise InputError("the script never built an optimizer over a model, so the plan was not applied: "
                          "memtune apply needs a script that creates a torch.optim optimizer")

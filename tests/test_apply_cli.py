@@ -81,3 +81,10 @@ def test_real_subprocess(tmp_path, examples_dir):
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["steps"] == 2 and d["notes"][0]["strategy"] == "checkpoint"
+
+
+def test_plan_not_matching_the_model_stops_script_with_one_line(tmp_path, examples_dir):
+    plan = write_plan(tmp_path, "checkpoint: {blocks: [7]}\n", examples_dir)  # the tiny GPT has 2 blocks
+    r = runner.invoke(app, ["apply", str(plan)])
+    assert r.exit_code == 1 and "block 7 is out of range" in r.output
+    assert "step    0" not in r.output  # stopped before the first step
