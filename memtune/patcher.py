@@ -172,6 +172,15 @@ def wrap_step(opt: torch.optim.Optimizer, new_raw: Callable[..., Any]) -> Undo:
     return undo
 
 
+def check_elementwise(opt: torch.optim.Optimizer, what: str) -> None:
+    """Stand-in updates (step_on) need an optimizer that updates each parameter from its own gradient and
+    state, on whatever device the stand-in lives (all of torch.optim except LBFGS)."""
+    cls = type(opt)
+    if cls.__name__ == "LBFGS" or cls.__module__.split(".")[0] == "bitsandbytes":
+        raise PlanError(f"{what} cannot drive {cls.__module__}.{cls.__name__} (it needs the whole model's gradient "
+                        "at once, or device-only kernels): remove that section or use e.g. torch.optim.AdamW")
+
+
 def step_on(
     opt: torch.optim.Optimizer,
     subs: dict[int, torch.Tensor],

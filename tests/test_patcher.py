@@ -173,3 +173,16 @@ def test_search_spaces_make_valid_plans():
     cpu = study.ask()
     assert get_strategy("offload").space(cpu, prof, SearchOptions(device="cpu")) is None
     assert get_strategy("precision").space(cpu, prof, SearchOptions(lossless_only=True)) is None
+
+
+def test_lbfgs_refused_for_stand_in_updates():
+    from memtune.strategies.offload import simulate_host
+
+    m = GPT(2, 32, 4, 16, 64)
+    opt = torch.optim.LBFGS(m.parameters())
+    with simulate_host(), pytest.raises(PlanError, match="cannot drive torch.optim.lbfgs.LBFGS"):
+        memtune.apply_plan(m, opt, {"offload": {"optimizer_state": True}})
+    assert "step" not in opt.__dict__
+    with pytest.raises(PlanError, match="precision.master_weights cannot drive"):
+        memtune.apply_plan(m, opt, {"precision": {"params": "bf16"}})
+    assert all(p.dtype == torch.float32 for p in m.parameters())  # undone

@@ -163,7 +163,7 @@ class Checkpoint(Strategy):
         mode = section["mode"]
         undos: list[Undo] = []
         hf_off = 0
-        for name in names:
+        for name in names:  # names resolved above: nothing below raises on a valid plan
             mod = ctx.module(name)
             off = hf_checkpointing_off(mod)
             if off is not None:

@@ -370,8 +370,9 @@ class OptimizerOffload:
     """Keeps one optimizer's state and the update on the host; see the module docstring."""
 
     def __init__(self, opt: torch.optim.Optimizer, transport, masters: dict[int, torch.Tensor] | None = None):
-        from memtune.patcher import wrap_step
+        from memtune.patcher import check_elementwise, wrap_step
 
+        check_elementwise(opt, "offload.optimizer_state")
         self.opt, self.t = opt, transport
         self.params = _param_list(opt)
         self.ps: dict[int, _PState] = {}
@@ -604,6 +605,19 @@ class Offload(Strategy):
         self.preflight(section, ctx.device)
         transport = make_transport(ctx.device)
         undos: list[Undo] = []
+
+        def undo() -> None:
+            for u in reversed(undos):
+                u()
+
+        try:
+            self._apply(ctx, section, transport, undos)
+        except BaseException:
+            undo()
+            raise
+        return undo
+
+    def _apply(self, ctx: ApplyContext, section: dict[str, Any], transport, undos: list[Undo]) -> None:
         if section["activations"]:
             names = resolve_block_refs(section["activations"], ctx.repeated, ctx.block_names, "offload.activations")
             ck = ctx.shared.get("checkpointed_blocks", set())
@@ -641,9 +655,3 @@ class Offload(Strategy):
                 how = "fused CPU kernel" if o.overrides else f"{type(opt).__name__}'s own CPU code"
                 ctx.note(self.name, f"{type(opt).__name__} state of {n / 1e6:.1f}M params on the host, update on "
                                     f"the CPU ({how})" + ("; fp32 master weights on the host" if masters else ""))
-
-        def undo() -> None:
-            for u in reversed(undos):
-                u()
-
-        return undo

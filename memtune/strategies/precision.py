@@ -36,8 +36,9 @@ class MasterWeights:
     """fp32 masters for one optimizer's low-precision parameters; the update runs on them."""
 
     def __init__(self, opt: torch.optim.Optimizer, masters: dict[int, torch.Tensor]):
-        from memtune.patcher import wrap_step
+        from memtune.patcher import check_elementwise, wrap_step
 
+        check_elementwise(opt, "precision.master_weights")
         self.opt = opt
         self.params = [p for g in opt.param_groups for p in g["params"] if id(p) in masters]
         self.subs = {id(p): masters[id(p)] for p in self.params}
@@ -167,9 +168,14 @@ class Precision(Strategy):
 
     @torch.no_grad()
     def _cast_params(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
+        from memtune.patcher import check_elementwise
+
         dtype = _DT[section["params"]]
         params = [p for p in ctx.model.parameters() if p.dtype == torch.float32]
         offload = (ctx.plan.get("offload") or {}).get("optimizer_state", False)
+        if section["master_weights"] and not offload:
+            for opt in ctx.optimizers:  # refuse before changing anything
+                check_elementwise(opt, "precision.master_weights")
         masters: dict[int, torch.Tensor] = {}
         if section["master_weights"]:
             for p in params:
