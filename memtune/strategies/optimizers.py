@@ -56,19 +56,20 @@ KEYS = {
     "scale": "galore: scale of the projected update (default 1.0)",
 }
 
-# Step time per parameter, 268M fp32 params as 16 x (4096 x 4096), H100 80GB HBM3, torch 2.11+cu130,
-# triton 3.6, 2026-11-25, `python benchmarks/optim.py --sweep` (docs/benchmarks.md). Memory-bound, so the
-# cost model scales them by the profile's measured copy bandwidth.
-MEASURED_GBPS = 2900.0  # that GPU's device copy bandwidth (read + write) in the same run
+# Step time per parameter (ns), 268M fp32 params as 16 x (4096 x 4096), back-to-back steps, H100 80GB HBM3,
+# torch 2.11+cu130, triton 3.6, 2026-11-25, `python benchmarks/optim.py --steps 25 --warmup 5`
+# (docs/benchmarks.md). Memory-bound, so the cost model scales them by the profile's copy bandwidth.
+MEASURED_GBPS = 2995.0  # that GPU's device copy bandwidth (read + write), same run
+_N = 268_435_456
 STEP_NS_PER_PARAM = {
-    "adamw": 3.03e6 / 268_435_456,
-    "adamw8bit": 2.0e6 / 268_435_456,
-    "adamw4bit": 2.0e6 / 268_435_456,
-    "adafactor": 9.4e6 / 268_435_456,
-    "galore": 3.03e6 / 268_435_456,  # no-refresh step of rank 128; refresh cost below, amortized
-    "inbackward": 3.03e6 / 268_435_456,
+    "adamw": 2.944e6 / _N,  # torch fused AdamW
+    "adamw8bit": 1.494e6 / _N,
+    "adamw4bit": 1.302e6 / _N,
+    "adafactor": 10.18e6 / _N,  # torch.optim.Adafactor (foreach)
+    "galore": 6.783e6 / _N,  # rank 128, a step without a projection refresh
+    "inbackward": 2.944e6 / _N,  # the same AdamW arithmetic, one param at a time inside backward
 }
-GALORE_REFRESH_NS_PER_PARAM = 0.0  # one refresh of the projection, per param of the 2-D weights
+GALORE_REFRESH_NS_PER_PARAM = 0.4e9 / _N  # first step (16 range finders + state allocation): 0.4 s, same run
 GALORE_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 1.0}
 
 
