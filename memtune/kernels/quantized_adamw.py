@@ -4,7 +4,7 @@ One launch updates every tensor of a (device, param dtype, grad dtype) group: a 
 addresses of param, grad and the four state tensors plus numel, and a per-program table says which tensor
 and which element range each program owns, so small tensors don't pay a launch each. Each program loads
 param + grad + codes + absmax, dequantizes, does the AdamW update in fp32, requantizes with a fresh absmax
-per block, and writes param and state back: the minimum traffic (16 B/param for 8-bit, 13 for 4-bit, fp32).
+per block, and writes param and state back: the minimum traffic (16 B/param for 8-bit, 14 for 4-bit, fp32).
 
 Quantization (block-wise, absmax per block as in Dettmers et al. 2022, "8-bit Optimizers via Block-wise
 Quantization"; 4-bit second moment without a zero point as in Li et al. 2023, "Memory Efficient Optimizers
