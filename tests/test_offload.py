@@ -166,6 +166,7 @@ def test_refused_without_gpu():
     ({"offload": {"activations": [1]}, "checkpoint": {"blocks": [1]}}, "both recomputed"),
     ({"offload": {"activations": "all"}, "checkpoint": {"blocks": [0]}}, "both recomputed"),
     ({"offload": {"activations": ["0-3"]}, "checkpoint": {"blocks": ["2-5"]}}, r"\[2, 3\] are both recomputed"),
+    ({"offload": {"optimizer_state": True}, "optimizer": {"name": "adamw8bit"}}, "keeps its state in device kernels"),
 ])
 def test_validation_errors(bad, msg):
     with pytest.raises(PlanError, match=msg):

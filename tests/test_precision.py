@@ -128,6 +128,7 @@ def test_lossy_label():
     ({"precision": {"params": "fp16"}}, "'fp16' is not allowed; choose one of: fp32, bf16"),
     ({"precision": {"dtype": "bf16"}}, "unknown key 'dtype'; allowed: autocast, params, master_weights"),
     ({"precision": {"params": "bf16", "master_weights": "yes"}}, "choose one of: true, false"),
+    ({"precision": {"params": "bf16"}, "optimizer": {"name": "inbackward"}}, "optimizer inbackward updates the bf16"),
 ])
 def test_validation_errors(bad, msg):
     with pytest.raises(PlanError, match=msg):

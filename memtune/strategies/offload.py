@@ -538,18 +538,24 @@ class Offload(Strategy):
         return "offload " + " and ".join(parts)
 
     def conflicts(self, plan: Any, section: dict[str, Any]) -> list[str]:
+        out = []
+        oname = (plan.get("optimizer") or {}).get("name")
+        if section["optimizer_state"] and oname not in (None, "adamw", "adafactor", "inbackward"):
+            # (inbackward: the optimizer section reports that one itself)
+            out.append(f"offload.optimizer_state runs the update on the CPU; optimizer {oname!r} keeps its state "
+                       "in device kernels: drop one of the two, or use optimizer adamw/adafactor")
         ck = plan.get("checkpoint")
         if not ck or not section["activations"]:
-            return []
+            return out
         a, c = section["activations"], ck["blocks"]
         if a == "all" or c == "all":
-            return ["a block cannot be both recomputed (checkpoint) and offloaded: checkpoint and "
+            return [*out, "a block cannot be both recomputed (checkpoint) and offloaded: checkpoint and "
                     "offload.activations both cover every block; give each a different set"]
         both = _indices(a) & _indices(c)
         if both:
-            return [f"block(s) {sorted(both)} are both recomputed (checkpoint) and offloaded "
-                    "(offload.activations): choose one per block"]
-        return []
+            out.append(f"block(s) {sorted(both, key=str)} are both recomputed (checkpoint) and offloaded "
+                       "(offload.activations): choose one per block")
+        return out
 
     def preflight(self, section: dict[str, Any], device: torch.device | None) -> None:
         if _simulated:

@@ -88,6 +88,13 @@ class Precision(Strategy):
         out["master_weights"] = mw
         return out
 
+    def conflicts(self, plan: Any, section: dict[str, Any]) -> list[str]:
+        oname = (plan.get("optimizer") or {}).get("name")
+        if section["params"] != "fp32" and section["master_weights"] and oname == "inbackward":
+            return ["precision.master_weights updates fp32 masters in optimizer.step(); optimizer inbackward "
+                    "updates the bf16 weights during backward instead: set master_weights: false or drop one"]
+        return []
+
     def lossy(self, section: dict[str, Any]) -> bool:
         return section["autocast"] != "none" or section["params"] != "fp32"
 
