@@ -40,8 +40,9 @@ KEYS = {"activations": "blocks whose saved activations go to host memory (all, i
 MIN_BYTES = 64 * 1024  # smaller saved tensors stay on the GPU: not worth a copy and an event
 CHUNK_BYTES = 64 * 2**20  # optimizer offload pipelines the CPU update and the H2D copy in chunks this big
 # CPU optimizer update rate used by the cost model: bytes touched per second by a fused CPU AdamW step
-# (p, g, m, v read; p, m, v written = 28 B/param). Assumed; see docs/strategies.md for the measured rate.
-HOST_UPDATE_GBPS = 12.0
+# (p, g, m, v read; p, m, v written = 28 B/param). Measured on the H100 machine's 16-core host, torch 2.11,
+# 2026-11-25 (docs/strategies.md): 1.1B params added ~200 ms to the step -> ~150 GB/s. Hosts differ widely.
+HOST_UPDATE_GBPS = 150.0
 _FUSED_CPU = ("Adam", "AdamW", "SGD", "Adagrad")
 
 _simulated = 0
