@@ -57,6 +57,7 @@ def test_gpt_one_block_per_layer_with_equal_activations():
     assert p.batch_size == 2 and p.seq_len == 16 and p.tokens_per_step == 32
     assert p.other_activation_bytes > 0  # cross-entropy saves its log-softmax
     assert p.model_cls.endswith("GPT") and p.autocast is None
+    assert p.extra["clip_grad_norm"] == 1.0  # the script clips: update-in-backward must not be proposed
 
 
 def test_gradient_accumulation_micro_batches():
@@ -70,6 +71,7 @@ def test_convnet_steps_counted():
     p = prof(str(ROOT / "examples" / "convnet.py"), ["--steps", "10", "--width", "16", "--depth", "2",
                                                      "--image-size", "8"], steps=2, warmup=1)
     assert p.steps == 2 and not p.grad_scaler  # the example's scaler is disabled on CPU
+    assert "clip_grad_norm" not in p.extra
     assert [b.cls for b in p.repeated_blocks] == ["Bottleneck", "Bottleneck"]
     assert p.batch_size == 16
 

@@ -96,6 +96,7 @@ class _Profiler:
         self.notes: list[str] = []
         self.state_ptrs: set[int] = set()
         self.mem_forward_done = False
+        self.clip_grad_norm: float | None = None  # max_norm of the script's global-norm clipping, if any
 
     # --- plan of the steps ---------------------------------------------------------------------------
     def mode_for(self, i: int) -> str:
@@ -148,12 +149,43 @@ class _Profiler:
 
     def before_run(self, s: Session) -> Callable[[], None] | None:
         """torch.compile'd code runs eagerly while profiling: per-module hooks and saved-tensor hooks must see
-        every module, and compiling would be measured as the first steps' time."""
+        every module, and compiling would be measured as the first steps' time. Global-norm clipping is
+        recorded: update-in-backward cannot honour it, so the tuner must know."""
+        undo_clip = self._watch_clipping()
         stance = getattr(torch.compiler, "set_stance", None)
         if stance is None:
-            return None
+            return undo_clip
         stance("force_eager")
-        return lambda: stance("default")
+
+        def undo() -> None:
+            stance("default")
+            undo_clip()
+
+        return undo
+
+    def _watch_clipping(self) -> Callable[[], None]:
+        import torch.nn.utils as nu
+        import torch.nn.utils.clip_grad as cg
+
+        patched: list[tuple[Any, str, Any]] = []
+        for mod in (nu, cg):
+            for attr in ("clip_grad_norm_", "clip_grad_norm"):
+                orig = getattr(mod, attr, None)
+                if orig is None:
+                    continue
+
+                def watched(parameters, max_norm, *args, _orig=orig, **kwargs):
+                    self.clip_grad_norm = float(max_norm)
+                    return _orig(parameters, max_norm, *args, **kwargs)
+
+                patched.append((mod, attr, orig))
+                setattr(mod, attr, watched)
+
+        def undo() -> None:
+            for mod, attr, orig in reversed(patched):
+                setattr(mod, attr, orig)
+
+        return undo
 
     def end(self, s: Session) -> None:
         if s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None:
@@ -592,6 +624,8 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
             prof.notes.append(f"profile incomplete ({type(e).__name__}: {e})")
         prof.hardware = _hardware(prof.device, measure_hardware)
     prof.steps = max(0, session.steps_done - warmup)
+    if prof_state.clip_grad_norm is not None:
+        prof.extra["clip_grad_norm"] = prof_state.clip_grad_norm
     prof.notes.extend(prof_state.notes)
     if len(session.optimizers) > 1:
         prof.notes.append(f"{len(session.optimizers)} optimizers: steps counted on the first "
