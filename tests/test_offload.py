@@ -260,3 +260,33 @@ def test_offload_gpu_saves_memory():
           f"{static2 / 2**20:.0f} MiB")
     assert act1 < 0.85 * act0  # 2 of 4 blocks offloaded; copies still in flight hold their source a while
     assert static2 < 0.5 * static0  # Adam state (2x params) left the GPU
+
+
+def test_transformers_model_offload_equivalent():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+
+    def run(plan):
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(cfg)
+        m.config.use_cache = False
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        if plan:
+            memtune.apply_plan(m, opt, plan)
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(2):
+            ids = torch.randint(64, (2, 8), generator=gen)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        return losses, [p.detach().clone() for p in m.parameters()]
+
+    base = run(None)
+    with simulate_host():
+        got = run({"offload": {"activations": [0, 1], "optimizer_state": True}})
+    assert all(torch.equal(a, b) for a, b in zip(base[0], got[0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(base[1], got[1], strict=True))
