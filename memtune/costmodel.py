@@ -627,6 +627,7 @@ class EstimateReport:
     fits: bool | None = None
     margin: float | None = None  # budget - peak (negative: over by that much)
     max_batch: int | None = None  # the largest batch that fits the budget with this plan
+    calibration: tuple[float, float] = (0.0, 0.0)  # (loss working set, constant) taken from the measured peak
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "estimate"}
@@ -655,6 +656,7 @@ def estimate_files(profile_path: str, plan_path: str | None = None, budget: str 
         estimate=est, plan_sections=sections, batch_size=bs if bs is not None else profile.batch_size,
         profile_batch_size=profile.batch_size,
         measured_peak=float(profile.peak.allocated_bytes) if profile.peak.measured else None,
+        calibration=_calibration(profile),
     )
     if budget_bytes is not None:
         rep.budget = float(budget_bytes)
@@ -703,10 +705,17 @@ def render_report(rep: EstimateReport, console: Any) -> None:
         if v > 0:
             t.add_row(k, format_seconds(v))
     console.print(t)
-    if not rep.plan_sections and rep.measured_peak:
-        console.print(f"measured baseline peak {format_bytes(rep.measured_peak)} at batch size "
-                      f"{rep.profile_batch_size}; 'allocator overhead' is the part the model's parts do not "
-                      "explain, taken once from that measurement")
+    if rep.measured_peak:
+        loss_extra, residual = rep.calibration
+        how = []
+        if loss_extra:
+            how.append(f"{format_bytes(loss_extra)} of loss working memory no block owns (in 'transient' at the "
+                       "loss; it grows with the batch)")
+        if residual:
+            how.append(f"{format_bytes(residual)} of 'allocator overhead' (constant)")
+        console.print(f"calibrated once on the measured baseline peak {format_bytes(rep.measured_peak)} at batch "
+                      f"size {rep.profile_batch_size}: " + ("; ".join(how) if how else "the parts explain it all"),
+                      highlight=False)
     if est.host_bytes:
         console.print(f"pinned host memory needed: {format_bytes(est.host_bytes)}")
     if rep.budget is not None:

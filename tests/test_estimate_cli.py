@@ -49,6 +49,9 @@ def test_baseline_table_explains_the_measured_peak(profile_file):
     assert "baseline (no plan)" in r.stdout
     assert "peak 954 MiB during loss" in r.stdout  # 1000 MB measured, reproduced
     assert "allocator overhead" in r.stdout
+    assert "calibrated once on the measured baseline peak" in r.stdout and "(constant)" in r.stdout
+    d = json.loads(runner.invoke(app, ["estimate", str(profile_file), "--json"]).stdout)
+    assert d["calibration"][1] == pytest.approx(d["estimate"]["breakdown"]["allocator overhead"])
     assert "samples/s" in r.stdout
 
 
