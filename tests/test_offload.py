@@ -20,6 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from gpt import GPT, synthetic_batch  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _restore_clip():
+    # tests below leave plans applied (no undo); keep the global clip/unscale patches out of other tests
+    import torch.nn.utils as nu
+    import torch.nn.utils.clip_grad as cg
+    from torch.amp.grad_scaler import GradScaler
+
+    saved = nu.clip_grad_norm_, cg.clip_grad_norm_, GradScaler.__dict__["_unscale_grads_"]
+    yield
+    nu.clip_grad_norm_, cg.clip_grad_norm_ = saved[:2]
+    GradScaler._unscale_grads_ = saved[2]
+
+
 def train(plan=None, steps=3, accum=1, device="cpu", clip=True, scaler=False, width=32, seq=16, batch=4):
     torch.manual_seed(0)
     m = GPT(3, width, 4, seq, 64).to(device)
@@ -80,6 +93,59 @@ def test_offload_grad_accumulation_and_scaler():
     with simulate_host():
         got = train({"offload": {"activations": "all", "optimizer_state": True}}, accum=2, scaler=True)
     assert_same(base, got)
+
+
+def test_clip_applied_on_host_without_recopy():
+    # the patched clip_grad_norm_ hands its coefficient to the host copy: no gradient goes down twice, and
+    # the update is the unpatched one bit for bit (same multiply, same operands)
+    base = train(steps=4)
+    with simulate_host():
+        got = train({"offload": {"optimizer_state": True}}, steps=4)
+    assert_same(base, got)
+    (off,) = got[4].ctx.shared["optimizer_offloads"]
+    n = sum(1 for p in got[2].parameters())
+    assert off.stats["host_scaled"] == 4 * n and off.stats["recopied"] == 0
+
+
+def test_clip_recopy_fallback(monkeypatch):
+    # the other path (gradients copied down again after the clip) gives the same numbers
+    from memtune.strategies import offload
+
+    monkeypatch.setattr(offload, "CLIP_ON_HOST", False)
+    base = train()
+    with simulate_host():
+        got = train({"offload": {"optimizer_state": True}})
+    assert_same(base, got)
+    (off,) = got[4].ctx.shared["optimizer_offloads"]
+    assert off.stats["host_scaled"] == 0 and off.stats["recopied"] > 0
+
+
+def test_grad_scaler_without_clip():
+    # GradScaler unscales in place without bumping version counters: the host copies must still follow
+    base = train(scaler=True, clip=False)
+    with simulate_host():
+        got = train({"offload": {"optimizer_state": True}}, scaler=True, clip=False)
+    assert_same(base, got)
+
+
+def test_clip_bf16_params_host_masters():
+    # bf16 gradients: the host multiplies in bf16 (as the device clip did), then upcasts for the fp32 master
+    base = train({"precision": {"params": "bf16"}}, steps=3)
+    with simulate_host():
+        got = train({"precision": {"params": "bf16"}, "offload": {"optimizer_state": True}}, steps=3)
+    assert_same(base, got)
+    assert got[4].ctx.shared["optimizer_offloads"][0].stats["host_scaled"] > 0
+
+
+def test_clip_patch_undone():
+    import torch.nn.utils as nu
+
+    orig = nu.clip_grad_norm_
+    with simulate_host():
+        _, _, _, _, undo = train({"offload": {"optimizer_state": True}}, steps=1)
+        assert nu.clip_grad_norm_ is not orig and nu.clip_grad_norm_.__wrapped__ is orig
+        undo()
+    assert nu.clip_grad_norm_ is orig
 
 
 def test_offload_optimizer_state_dict_round_trip():
