@@ -132,6 +132,11 @@ class Precision(Strategy):
                 sim.master_bytes += trainable_fp32
             else:
                 sim.opt_state_bytes /= 2
+            if profile.autocast:
+                # autocast no longer keeps 16-bit copies of weights that are 16-bit already
+                from memtune.costmodel import drop_autocast_copies
+
+                drop_autocast_copies(sim)
         if section["autocast"] != "none" and not profile.autocast:
             ratio = AUTOCAST_TIME
             rates = profile.hardware.matmul_tflops or {}
