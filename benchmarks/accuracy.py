@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -167,7 +168,9 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
 
     work.mkdir(parents=True, exist_ok=True)
     argv = list(cfg["argv"]) + ["--batch-size", str(cfg["batch"]), "--steps", "1000"]
-    if prev and "profile" in prev:
+    late = bool(args.deadline and time.perf_counter() - t_start > args.deadline)
+    reprofile = name in (args.reprofile or []) and not late
+    if prev and "profile" in prev and not reprofile:
         profile = Profile.from_dict(prev["profile"])
         rec = {k: v for k, v in prev.items() if k != "rows"}
         rec["rows"] = [r for r in prev["rows"] if not r.get("not_run")]
@@ -183,6 +186,12 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
             return {"model": name, "error": f"profile failed: {err.strip().splitlines()[-1:]}", "rows": []}
         profile = Profile.load(prof_path)
         rec = {"model": name, "profile": profile.to_dict(), "profile_wall_s": wall, "rows": []}
+        if prev:  # measured plans do not depend on the profile: keep them, re-predicted from this one
+            rec["rows"] = [r for r in prev.get("rows", []) if not r.get("not_run")]
+            if "profile" in prev:
+                rec["previous_profile_peak"] = prev["profile"]["peak"]
+    if args.only:  # named plans are measured again, replacing earlier rows of the same name
+        rec["rows"] = [r for r in rec["rows"] if r["plan"] not in args.only]
     done = {r["plan"] for r in rec["rows"]}
     cands = candidate_plans(len(profile.repeated_blocks), cfg["batch"], cfg["batches"])
     if cfg.get("drop"):
@@ -208,6 +217,8 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         rec["rows"] += list(ex.map(one, todo))
+    pos = {pname: i for i, (pname, _) in enumerate(plans)}
+    rec["rows"].sort(key=lambda r: pos.get(r["plan"], len(pos)))
     return rec
 
 
@@ -379,7 +390,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="accuracy-out", help="folder for results.json and accuracy.md")
     ap.add_argument("--models", nargs="*", help=f"subset of {sorted(MODELS)} (or of the tiny ones)")
-    ap.add_argument("--only", nargs="*", help="run only these plan names")
+    ap.add_argument("--only", nargs="*", help="run only these plan names (with --resume: run them again)")
+    ap.add_argument("--reprofile", nargs="*", help="with --resume: profile these models again (their measured "
+                    "plans are kept and re-predicted from the new profile)")
     ap.add_argument("--tiny", action="store_true", help="tiny CPU sizes: checks the pipeline, not accuracy")
     ap.add_argument("--steps", type=int, default=5, help="steps per applied plan")
     ap.add_argument("--profile-steps", type=int, default=3)
@@ -406,7 +419,7 @@ def main() -> None:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
         results = {"env": {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
                            "date": datetime.date.today().isoformat(), "steps": args.steps,
-                           "command": "python " + " ".join(["benchmarks/accuracy.py", *sys.argv[1:]])},
+                           "command": "python " + shlex.join(["benchmarks/accuracy.py", *sys.argv[1:]])},
                    "models": []}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,9 @@ class Estimate:
 #            grow linearly with the batch; we fit a line through one profile (through the origin, fixed
 #            parts apart) or through two profiles at different batch sizes.
 #   [data]   measured on an H100 with benchmarks/accuracy.py; numbers in docs/accuracy.md.
+#   [probe]  the profiler's what-if run (profilers/runner.py `_saved_bytes_bf16_params`): one block of each
+#            repeated class re-run with bf16 weights and bf16 inputs under the script's autocast, saved bytes
+#            counted like the memory step's (`BlockProfile.activation_bytes_bf16_params`).
 
 # Host<->device bandwidth when the profile measured none (CPU profile): PCIe 4.0 x16 moves ~25 GB/s
 # pinned in practice (NVIDIA bandwidthTest on A100/H100 hosts); only used to rank plans on a CPU profile.
@@ -551,6 +554,29 @@ def drop_autocast_copies(sim: SimStep, fraction: float = 1.0) -> None:
         if b.kept_bytes is not None:
             b.kept_bytes = max(0.0, b.kept_bytes - gone)
         b.autocast_copy_bytes -= gone
+
+
+def use_bf16_params_probe(profile: Profile, sim: SimStep) -> set[str]:
+    """Blocks whose saved bytes with bf16 weights were measured [probe] take that measurement, scaled to the
+    simulated batch as their fp32 activations were (the probe ran at the profile's batch; it holds no autocast
+    weight copies, the weights being bf16 already, so those are dropped here and not subtracted again).
+    Returns the names of the blocks changed; the others are left to `drop_autocast_copies`."""
+    by_name = {b.name: b for b in profile.blocks}
+    done: set[str] = set()
+    for b in sim.blocks:
+        pb = by_name.get(b.name)
+        probe = getattr(pb, "activation_bytes_bf16_params", None) if pb is not None else None
+        if probe is None:
+            continue
+        base = float(pb.activation_bytes) - _autocast_fixed_bytes(profile, pb)  # batch-scaled part, profiled
+        now = max(0.0, b.act_bytes - b.autocast_copy_bytes)  # the same part at the simulated batch
+        new = float(probe) * (now / base) if base > 0 else float(probe)
+        if b.kept_bytes is not None:
+            b.kept_bytes = max(0.0, b.kept_bytes - (b.act_bytes - new))
+        b.act_bytes = new
+        b.autocast_copy_bytes = 0.0
+        done.add(b.name)
+    return done
 
 
 def plan_batch_size(plan: Plan | None) -> int | None:

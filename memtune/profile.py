@@ -57,6 +57,9 @@ class BlockProfile:
     fwd_s: float = 0.0
     bwd_s: float = 0.0
     calls_per_step: int = 1  # forward calls per optimizer step (gradient accumulation multiplies this)
+    # what-if probe: saved bytes of this block's class with its floating parameters and inputs in bf16,
+    # under the script's autocast (what precision `params: bf16` makes of it); None when not probed
+    activation_bytes_bf16_params: int | None = None
 
 
 @dataclass

@@ -479,3 +479,23 @@ def test_offload_fetch_queue_runs_ahead_at_each_repeated_block():
     sim = build_sim(p)
     offload(sim, {"blocks.0", "blocks.1"})
     assert simulate(sim).time_breakdown["exposed transfer"] > 0
+
+
+def test_bf16_params_use_the_profiled_probe_and_scale_it_with_the_batch():
+    # blocks of 100 MB saved at batch 8 under bf16 autocast, 10 MB of it autocast's copies of the 20 MB of
+    # fp32 weights (fixed); the probe measured 60 MB with bf16 weights (no copies) for blocks.0-2
+    p = make_profile(autocast="bfloat16")
+    for b in p.repeated_blocks[:3]:
+        b.activation_bytes_bf16_params = 60 * MB
+    plan = Plan.from_dict({"precision": {"params": "bf16"}})
+    for batch, probed, other in ((8, 60, 90), (16, 120, 180)):
+        sim = cm.apply_plan_effects(p, plan, build_sim(p, batch))
+        acts = {b.name: b.act_bytes for b in sim.blocks}
+        assert [acts[f"blocks.{i}"] for i in range(3)] == [pytest.approx(probed * MB)] * 3
+        assert acts["blocks.3"] == pytest.approx(other * MB)  # no probe: only the copies dropped
+        assert all(b.autocast_copy_bytes == 0 for b in sim.blocks)
+    base = estimate(p)
+    est = estimate(p, plan)
+    # at the loss: 3 x 40 + 10 MB fewer activations, half the block and other parameters
+    drop = (3 * 40 + 10) * MB + p.param_bytes / 2
+    assert dict(est.timeline)["loss"] == pytest.approx(dict(base.timeline)["loss"] - drop + p.param_bytes)

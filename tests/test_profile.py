@@ -43,6 +43,9 @@ def test_mlp_block_activation_bytes_equal_the_count_from_shapes():
     n_tensors = 2 + 3 * 4 + 2
     assert opt.state_bytes == 2 * p.param_bytes + 4 * n_tensors
     assert p.grad_bytes == p.trainable_param_bytes == p.param_bytes
+    # the bf16-weights probe: the same three saved tensors, 2 bytes each; filled for every repeated block
+    assert all(x.activation_bytes_bf16_params == expected // 2 for x in rep)
+    assert all(x.activation_bytes_bf16_params is None for x in p.blocks if x.kind == "other")
     assert not p.peak.measured and p.peak.allocated_bytes >= p.param_bytes + opt.state_bytes
     assert [x.index for x in p.blocks] == list(range(len(p.blocks)))
 
@@ -57,6 +60,10 @@ def test_gpt_one_block_per_layer_with_equal_activations():
     assert p.batch_size == 2 and p.seq_len == 16 and p.tokens_per_step == 32
     assert p.other_activation_bytes > 0  # cross-entropy saves its log-softmax
     assert p.model_cls.endswith("GPT") and p.autocast is None
+    # bf16-weights probe (CPU: no autocast, so the block runs wholly in bf16; LayerNorm keeps fp32 stats)
+    assert len({x.activation_bytes_bf16_params for x in rep}) == 1
+    assert rep[0].activation_bytes // 2 <= rep[0].activation_bytes_bf16_params < rep[0].activation_bytes
+    assert not any("probe" in n for n in p.notes)
     assert p.extra["clip_grad_norm"] == 1.0  # the script clips: update-in-backward must not be proposed
 
 
@@ -92,6 +99,11 @@ def test_hf_llama_decoder_layers():
     # to save it counts it, each storage once
     assert rep[0].activation_bytes - rep[1].activation_bytes == 2 * 16 * (32 // 4) * 4
     assert rep[1].activation_bytes > 0
+    # bf16-weights probe, one per class: smaller than the fp32 activations, but not half (RMSNorm computes
+    # in fp32 whatever its input is)
+    probe = rep[0].activation_bytes_bf16_params
+    assert probe is not None and rep[1].activation_bytes_bf16_params == probe
+    assert rep[1].activation_bytes // 2 < probe < rep[1].activation_bytes
     assert p.batch_size == 4 and p.seq_len == 16
     assert not p.hf_gradient_checkpointing
     assert any("clean step" in n for n in p.notes)
@@ -165,6 +177,7 @@ def test_gpu_profile_reads_the_allocator():
     assert p.peak.allocated_bytes >= states + sum(x.activation_bytes for x in p.blocks)
     expected = 4 * (b * w + 2 * b * 4 * w)
     assert all(x.activation_bytes == expected for x in p.repeated_blocks)
+    assert all(x.activation_bytes_bf16_params == expected // 2 for x in p.repeated_blocks)  # bf16 probe
     # the block's forward holds at least what it saves
     assert all(x.transient_bytes >= expected for x in p.repeated_blocks)
     assert p.step_start_bytes >= states and p.step_s > 0

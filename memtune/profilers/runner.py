@@ -97,6 +97,10 @@ class _Profiler:
         self.state_ptrs: set[int] = set()
         self.mem_forward_done = False
         self.clip_grad_norm: float | None = None  # max_norm of the script's global-norm clipping, if any
+        # bf16-weights what-if probe: class -> (module, host copy of its first call's args/kwargs) taken in
+        # the memory step; class -> saved bytes, measured in `end`
+        self.probe_inputs: dict[str, tuple[nn.Module, Any]] = {}
+        self.probe_bytes: dict[str, int] = {}
 
     # --- plan of the steps ---------------------------------------------------------------------------
     def mode_for(self, i: int) -> str:
@@ -133,7 +137,8 @@ class _Profiler:
         self.block_handles = []
         if mode in ("memory", "timing", "both"):
             for b in self.s.blocks:
-                self.block_handles.append(b.module.register_forward_pre_hook(self._block_pre(b.name), with_kwargs=True))
+                self.block_handles.append(b.module.register_forward_pre_hook(self._block_pre(b.name, b.kind),
+                                                                             with_kwargs=True))
                 self.block_handles.append(b.module.register_forward_hook(self._block_post(b.name)))
 
     def on_step(self, s: Session, i: int) -> None:
@@ -196,8 +201,33 @@ class _Profiler:
         for h in self.block_handles + self.model_handles:
             h.remove()
         self.block_handles, self.model_handles = [], []
+        self._probe_bf16_params(s)
         if self.undo_compile is not None:
             self.undo_compile()
+
+    # --- what-if: bf16 weights -----------------------------------------------------------------------
+    def _stash_probe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep a host copy of the first call's inputs of one repeated block per class: a copy, so that the
+        memory step's allocator peak is unchanged (only this step's times pay for the device-to-host copy)."""
+        cls = type(module).__name__
+        if cls in self.probe_inputs or not _probe_worthy(module):
+            return
+        self.probe_inputs[cls] = (module, _map_tensors((args, kwargs), _to_host))
+
+    def _probe_bf16_params(self, s: Session) -> None:
+        """Saved bytes of each stashed block class with bf16 weights and bf16 floating inputs, under the
+        script's autocast: the dtypes an fp32 profile cannot show (HF RMSNorm's `.to(input_dtype)`, a bf16
+        residual stream). Measured after the measured steps; the copies are freed at once."""
+        stash, self.probe_inputs = self.probe_inputs, {}
+        if not stash or s.failure is not None or (s.world_size > 1 and not s.ddp):
+            return  # a sharded block's forward would run collectives on this rank alone
+        for cls, (module, inputs) in stash.items():
+            try:
+                self.probe_bytes[cls] = _saved_bytes_bf16_params(s.model, module, inputs, s.device, self.autocast)
+            except Exception as e:  # the probe is an extra: a failure costs its number, not the profile
+                self.notes.append(f"bf16-weights probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
+                                  "estimates of bf16 parameters fall back to dropping autocast's weight copies")
+        del stash
 
     # --- marks ---------------------------------------------------------------------------------------
     def mark(self, *label) -> None:
@@ -282,7 +312,7 @@ class _Profiler:
         if self.counter is not None:
             self.counter.active = False
 
-    def _block_pre(self, name: str):
+    def _block_pre(self, name: str, kind: str = "repeated"):
         def hook(module, args, kwargs):
             rec = self.step
             if rec is None:
@@ -294,6 +324,8 @@ class _Profiler:
                 self.io_bytes[name] = [mem.tensors_bytes((args, kwargs), self.state_ptrs), 0]
                 if name not in self.first_order:
                     self.first_order.append(name)
+                if kind == "repeated" and rec.forwards == 1:
+                    self._stash_probe_input(module, args, kwargs)
             self.mark("fwd", name)
         return hook
 
@@ -348,6 +380,70 @@ class _Profiler:
         if not rec.marks or rec.marks[-1].label != ("opt_end",):
             rec.marks.append(_Mark(("opt_end",), self.clock.mark() if self.clock else 0.0))
         self.records.append(rec)
+
+
+@dataclass
+class _HostTensor:
+    """A block input kept on the host for the probe, with what it was on the device."""
+
+    t: torch.Tensor
+    requires_grad: bool
+
+
+def _to_host(t: torch.Tensor) -> _HostTensor:
+    return _HostTensor(t.detach().to("cpu", copy=True), t.requires_grad)
+
+
+def _map_tensors(obj: Any, fn: Callable[[Any], Any], depth: int = 0) -> Any:
+    """`obj` with every tensor (or _HostTensor) replaced by fn(it); tuples, lists and dicts rebuilt, anything
+    else (None, flags, cache objects) kept as it is."""
+    if isinstance(obj, (torch.Tensor, _HostTensor)):
+        return fn(obj)
+    if depth > 6:
+        return obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_map_tensors(x, fn, depth + 1) for x in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(x, fn, depth + 1) for x in obj]
+    if isinstance(obj, dict) and type(obj) is dict:
+        return {k: _map_tensors(v, fn, depth + 1) for k, v in obj.items()}
+    return obj
+
+
+def _probe_worthy(module: nn.Module) -> bool:
+    """fp32 weights to cast, all of them plain tensors (a DTensor/FSDP block is left alone)."""
+    ps = list(module.parameters())
+    return any(p.dtype == torch.float32 for p in ps) and all(type(p.data) is torch.Tensor for p in ps)
+
+
+def _saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, device: torch.device,
+                             autocast: str | None) -> int:
+    """Bytes `module` saves for backward when its fp32 parameters are bf16 (precision `params: bf16`) and so
+    are its floating inputs (the residual stream that bf16 weights upstream produce), counted like the memory
+    step counts them (unique storages, parameters and buffers excluded)."""
+    import contextlib
+
+    bf16 = torch.bfloat16
+    params = {n: (p.detach().to(bf16).requires_grad_(p.requires_grad) if p.dtype == torch.float32 else p)
+              for n, p in module.named_parameters()}
+
+    def to_device(h: _HostTensor) -> torch.Tensor:
+        t = h.t.to(device, dtype=bf16 if h.t.dtype == torch.float32 else h.t.dtype)
+        return t.requires_grad_(True) if h.requires_grad and t.is_floating_point() else t
+
+    args, kwargs = _map_tensors(inputs, to_device)
+    exclude = mem.state_ptrs(model) | {k[0] for p in params.values() if (k := mem.storage_key(p)) is not None}
+    counter = mem.SavedTensorCounter(lambda: "probe", exclude)
+    counter.active = True
+    amp = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast and hasattr(torch, autocast)
+           else contextlib.nullcontext())
+    try:
+        with torch.enable_grad(), amp, counter.hooks():
+            out = torch.func.functional_call(module, params, args, kwargs)
+        del out
+        return counter.bytes.get("probe", 0)
+    finally:
+        del args, kwargs, params
 
 
 def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
@@ -467,6 +563,9 @@ def _assemble(p: _Profiler, s: Session, prof: Profile) -> None:
         blocks[b.name] = bp
     if memrec is not None and counter is not None:
         prof.other_activation_bytes = counter.bytes.get(None, 0)
+    for bp in blocks.values():  # one probe per class stands for every repeated block of it
+        if bp.kind == "repeated" and bp.cls in p.probe_bytes:
+            bp.activation_bytes_bf16_params = p.probe_bytes[bp.cls]
 
     # memory intervals: transients, loss transient, peak and its phase
     if memrec is not None and p.cuda:

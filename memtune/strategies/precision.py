@@ -117,6 +117,7 @@ class Precision(Strategy):
 
     def effect(self, profile: Any, section: dict[str, Any], sim: Any) -> None:
         sim.lossy.append(self.name)
+        probed: set[str] = set()
         if section["params"] == "bf16":
             fp32 = sum(b.param_bytes.get("float32", 0) for b in profile.blocks)
             trainable_fp32 = min(fp32, profile.trainable_param_bytes)
@@ -132,10 +133,13 @@ class Precision(Strategy):
                 sim.master_bytes += trainable_fp32
             else:
                 sim.opt_state_bytes /= 2
-            if profile.autocast:
-                # autocast no longer keeps 16-bit copies of weights that are 16-bit already
-                from memtune.costmodel import drop_autocast_copies
+            from memtune.costmodel import drop_autocast_copies, use_bf16_params_probe
 
+            # blocks the profiler re-ran with bf16 weights take that measurement (a bf16 residual stream and
+            # HF RMSNorm's `.to(input_dtype)` shrink fp32 saved tensors, which an fp32 profile cannot show)
+            probed = use_bf16_params_probe(profile, sim)
+            if profile.autocast:
+                # elsewhere: autocast no longer keeps 16-bit copies of weights that are 16-bit already
                 drop_autocast_copies(sim)
         if section["autocast"] != "none" and not profile.autocast:
             ratio = AUTOCAST_TIME
@@ -143,7 +147,8 @@ class Precision(Strategy):
             if rates.get("fp32") and rates.get(section["autocast"]):
                 ratio = min(1.0, max(0.1, rates["fp32"] / rates[section["autocast"]]))
             for b in sim.blocks:
-                b.act_bytes *= AUTOCAST_BYTES
+                if b.name not in probed:  # a probed block's bytes were measured in bf16 already
+                    b.act_bytes *= AUTOCAST_BYTES
                 b.fwd_s *= ratio
                 b.bwd_s *= ratio
             sim.notes.append(f"autocast: activations assumed x{AUTOCAST_BYTES}, block time x{ratio:.2f}")
