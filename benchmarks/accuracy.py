@@ -190,6 +190,7 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
             rec["rows"] = [r for r in prev.get("rows", []) if not r.get("not_run")]
             if "profile" in prev:
                 rec["previous_profile_peak"] = prev["profile"]["peak"]
+    earlier = {r["plan"]: r for r in rec["rows"]}
     if args.only:  # named plans are measured again, replacing earlier rows of the same name
         rec["rows"] = [r for r in rec["rows"] if r["plan"] not in args.only]
     done = {r["plan"] for r in rec["rows"]}
@@ -211,6 +212,9 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
     def one(item):
         i, pname, plan = item
         if args.deadline and time.perf_counter() - t_start > args.deadline:
+            if pname in earlier:
+                print(f"[{name}] {pname}: past --deadline, the earlier measurement is kept", flush=True)
+                return earlier[pname]
             print(f"[{name}] {pname}: not run (past --deadline)", flush=True)
             return {"plan": pname, "plan_dict": plan.to_dict(), "not_run": True}
         return run_plan(name, i, pname, plan, work, args)
