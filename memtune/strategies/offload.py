@@ -14,10 +14,11 @@ are copied down as each one is ready (post-accumulate-grad hooks, overlapping th
 on the CPU chunk by chunk with the optimizer's own code (fused CPU kernels for Adam/AdamW/SGD/Adagrad), and
 each chunk's parameters stream back while the CPU updates the next. Same optimizer object (LR schedulers,
 GradScaler, clipping and accumulation work: a gradient changed after its copy, e.g. by unscaling, is copied
-again at step time), same `state_dict()`. Global-norm clipping (`torch.nn.utils.clip_grad_norm_`, patched
-while an optimizer is offloaded) still clips the device gradients exactly as torch does, and hands the
-clip coefficient to the host, which multiplies its copy the same way inside the update instead of copying
-every gradient down again.
+again at step time), same `state_dict()`. Global-norm clipping: the clipped gradients are copied down again
+(measured faster than the alternative, CLIP_ON_HOST: `torch.nn.utils.clip_grad_norm_`, patched while an
+optimizer is offloaded, clips the device gradients exactly as torch does and hands the coefficient to the
+host, which multiplies its copy the same way inside the update). GradScaler's unscale changes gradients
+without bumping their version counters, so it is patched to mark the host copies stale.
 
 Needs a CUDA GPU; `simulate_host()` (tests) runs the same logic on CPU with plain clones as "host" copies.
 """
@@ -43,9 +44,12 @@ KEYS = {"activations": "blocks whose saved activations go to host memory (all, i
 MIN_BYTES = 64 * 1024  # smaller saved tensors stay on the GPU: not worth a copy and an event
 CHUNK_BYTES = 64 * 2**20  # optimizer offload pipelines the CPU update and the H2D copy in chunks this big
 # Clipped gradients: multiply the host copy by the clip coefficient (True) or copy the clipped gradients down
-# again (False, the fallback whenever the host copy is not the one the clip saw). benchmarks/strategies.py
-# times both.
-CLIP_ON_HOST = True
+# again (False; also the fallback whenever the host copy is not the one the clip saw). Both exact. On the H100
+# machine (1.1B Llama, torch 2.11, 2026-11-25, docs/strategies.md) copying again was faster: 487 vs 538 ms
+# median step. The host is memory-bound (the fused CPU AdamW ran at ~110 GB/s), so one more pass over 4.4 GB
+# of gradients costs more CPU time than a 55 GB/s copy that runs beside the update; either way the update
+# cannot start before the backward ends (the coefficient needs every gradient).
+CLIP_ON_HOST = False
 # CPU optimizer update rate used by the cost model: bytes touched per second by a fused CPU AdamW step
 # (p, g, m, v read; p, m, v written = 28 B/param). Measured on the H100 machine's 16-core host, torch 2.11,
 # 2026-11-25 (docs/strategies.md): 1.1B params added ~200 ms to the step -> ~150 GB/s. Hosts differ widely.
@@ -831,4 +835,5 @@ class Offload(Strategy):
                 how = "fused CPU kernel" if o.overrides else f"{type(opt).__name__}'s own CPU code"
                 ctx.note(self.name, f"{type(opt).__name__} state of {n / 1e6:.1f}M params on the host, update on "
                                     f"the CPU ({how})" + ("; fp32 master weights on the host" if masters else "")
-                                    + "; clip_grad_norm_'s coefficient applied to the host copy")
+                                    + ("; clip_grad_norm_'s coefficient applied to the host copy"
+                                       if o.clip_on_host else ""))
