@@ -169,3 +169,26 @@ def resolve_block_refs(refs: list[int | str] | str, repeated: list[str], all_blo
         else:
             raise PlanError(f"{where}: no block {r!r}; blocks are 0..{len(repeated) - 1} or one of {all_blocks}")
     return [b for b in all_blocks if b in chosen]
+
+
+def block_ref_keys(refs: list[int | str]) -> set[int | str]:
+    """Block references as comparable keys without the model: 'a-b' ranges expand to their indices.
+    (A negative index or a module path that aliases an index is only caught once the model is known.)"""
+    out: set[int | str] = set()
+    for r in refs:
+        if isinstance(r, str) and "-" in r and all(x.strip().isdigit() for x in r.split("-", 1)):
+            a, b = (int(x) for x in r.split("-", 1))
+            out.update(range(a, b + 1))
+        else:
+            out.add(r)
+    return out
+
+
+def shared_block_refs(a: list[int | str] | str, b: list[int | str] | str) -> set[int | str]:
+    """What two sections' block references both name ('all' is every repeated block, so it shares each index)."""
+    if a == "all" and b == "all":
+        return {"all"}
+    if a == "all" or b == "all":
+        other = b if a == "all" else a
+        return {r for r in block_ref_keys(other) if isinstance(r, int)}
+    return block_ref_keys(a) & block_ref_keys(b)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_choice, check_keys, resolve_block_refs, validate_block_refs
+from memtune.plan import check_choice, check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
 from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register
 from memtune.units import format_bytes, parse_size
 
@@ -39,20 +39,6 @@ BWD_LIVE_SHARE = 0.25
 # docs/benchmarks.md) lost 1.8 ms per compressed block against ~0.45 ms of pack+unpack traffic (launches,
 # contiguous copies of non-dense views, Python hooks).
 OVERHEAD_FACTOR = 4.0
-
-
-def _refs(section_blocks: Any) -> tuple[set, bool]:
-    """(set of comparable refs, is 'all') for overlap checks without a model."""
-    if section_blocks == "all":
-        return set(), True
-    out = set()
-    for r in section_blocks or []:
-        if isinstance(r, str) and "-" in r and all(p.strip().isdigit() for p in r.split("-", 1)):
-            a, b = (int(p) for p in r.split("-", 1))
-            out.update(range(a, b + 1))
-        else:
-            out.add(r)
-    return out, False
 
 
 _VIEWS = {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0", "PermuteBackward0",
@@ -126,15 +112,7 @@ class Compress(Strategy):
         ck = plan.get("checkpoint") if plan is not None else None
         if not ck or "blocks" not in ck:
             return []
-        mine, mine_all = _refs(section["blocks"])
-        theirs, theirs_all = _refs(ck["blocks"])
-        if mine_all or theirs_all:
-            # 'all' is every repeated block: any repeated reference (an index or a range) overlaps it
-            other = theirs if mine_all else mine
-            overlap = (mine_all and theirs_all) or any(isinstance(r, int) for r in other)
-        else:
-            overlap = bool(mine & theirs)
-        if overlap:
+        if shared_block_refs(section["blocks"], ck["blocks"]):
             return ["compress and checkpoint name the same block(s): a recomputed block saves nothing to "
                     "compress; take those blocks out of one of the two sections"]
         return []

@@ -35,7 +35,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_keys, resolve_block_refs, validate_block_refs
+from memtune.plan import check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
 from memtune.strategies.base import ApplyContext, Strategy, Undo, register
 from memtune.strategies.checkpoint import hf_checkpointing_off, wrap_forward
 
@@ -663,20 +663,6 @@ def install_clip_patch() -> Undo:
 # --- the strategy -----------------------------------------------------------------------------------
 
 
-def _indices(refs: list) -> set:
-    """Block references as comparable keys without the model: ints and 'a-b' ranges expand to indices.
-    (Negative indices and module paths that alias an index are caught at apply time.)"""
-    out: set = set()
-    for r in refs:
-        if isinstance(r, str) and "-" in r and all(x.strip().isdigit() for x in r.split("-", 1)):
-            a, b = (int(x) for x in r.split("-", 1))
-            out.update(range(a, b + 1))
-        else:
-            out.add(r)
-    return out
-
-
-
 @register
 class Offload(Strategy):
     name = "offload"
@@ -714,11 +700,7 @@ class Offload(Strategy):
         ck = plan.get("checkpoint")
         if not ck or not section["activations"]:
             return out
-        a, c = section["activations"], ck["blocks"]
-        if a == "all" or c == "all":
-            return [*out, "a block cannot be both recomputed (checkpoint) and offloaded: checkpoint and "
-                    "offload.activations both cover every block; give each a different set"]
-        both = _indices(a) & _indices(c)
+        both = shared_block_refs(section["activations"], ck["blocks"])
         if both:
             out.append(f"block(s) {sorted(both, key=str)} are both recomputed (checkpoint) and offloaded "
                        "(offload.activations): choose one per block")
