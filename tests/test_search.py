@@ -231,11 +231,36 @@ def test_parse_batch_knob_and_margin():
 
 def test_safety_margin_reads_accuracy_doc(tmp_path):
     doc = tmp_path / "accuracy.md"
+    # the largest under-prediction (measured > predicted) sets it, rounded up to the next whole percent;
+    # over-predictions (bf16 +16.8%) don't count, and the median line is ignored when tables are there
+    doc.write_text("Median absolute peak error: 0.2% over 3 plans\n\n"
+                   "| plan | measured peak GiB | predicted GiB | err |\n|---|---|---|---|\n"
+                   "| baseline | 35.44 | 35.44 | +0.0% |\n| bf16 params (lossy) | 32.10 | 37.49 | +16.8% |\n"
+                   "| ckpt last half + offload quarter | 22.56 | 21.68 | -3.9% |\n"
+                   "| update in backward | failed: RuntimeError | 9.31 | |\n")
+    frac, source = search.safety_margin(doc)
+    assert frac == pytest.approx(0.04) and "3.9% over 3 plans" in source
+    for meas, pred in ((22.56, 21.68), (10.0, 9.9999)):  # every measured plan fits a budget B if P <= B(1-m)
+        assert meas <= pred / (1 - frac)
+    doc.write_text("| plan | measured | predicted |\n| a | 10.00 | 10.00 |\n| b | 10.00 | 11.00 |\n")
+    assert search.safety_margin(doc)[0] == pytest.approx(0.01)  # no under-prediction: 1%
+    doc.write_text("| plan | measured | predicted |\n| a | 10.00 | 5.00 |\n")
+    assert search.safety_margin(doc)[0] == search.MAX_MARGIN  # clamped
     doc.write_text("| gpt | ... |\n\nMedian absolute peak error: 4.5% over 25 plans (worst 9.1%)\n")
     assert search.safety_margin(doc) == (pytest.approx(0.045), "median peak error in accuracy.md")
     doc.write_text("Median absolute peak error: 0.6% over 25 measured plans (worst 16.8%)\n")
-    assert search.safety_margin(doc)[0] == 0.03  # never below the 3% floor
+    assert search.safety_margin(doc)[0] == 0.03  # no tables: the median line, at least the default
     assert search.safety_margin(tmp_path / "missing.md") == (0.03, "default")
+
+
+def test_safety_margin_of_the_repo_doc_covers_its_measurements():
+    from pathlib import Path
+
+    doc = Path(search.__file__).resolve().parents[1] / "docs" / "accuracy.md"
+    pairs = search.measured_peak_pairs(doc.read_text())
+    assert len(pairs) >= 10
+    frac, _ = search.safety_margin(doc)
+    assert all(meas <= pred / (1 - frac) for _, meas, pred in pairs) or frac == search.MAX_MARGIN
 
 
 def test_pareto_front():

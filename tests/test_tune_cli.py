@@ -170,3 +170,72 @@ def test_verify_picks_plans_of_different_kinds(monkeypatch, fake_strategies):
     monkeypatch.setattr(search.subprocess, "run", fake_run)
     search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=3))
     assert len(ran) == 3 and len(set(ran)) == 3
+
+
+# --- benchmarks/tune.py's helpers (the GPU benchmark itself runs on a GPU) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune.py"
+    spec = importlib.util.spec_from_file_location("bench_tune", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_reduced_space_restricts_and_restores(bench):
+    import memtune.strategies as strategies
+    from memtune.strategies.base import SearchOptions
+
+    before = strategies.strategy_names()
+    p = make_profile(n=8)
+    p.extra["clip_grad_norm"] = 1.0  # a clipping script: no update-in-backward
+    with bench.reduced_space():
+        assert set(strategies.strategy_names()) == {"checkpoint", "optimizer", "offload"}
+        fixed = {"checkpoint.k": 3, "optimizer.name": "adamw8bit", "offload.optimizer_state": True}
+        t = search._ProbeTrial(fixed)
+        secs = {s.name: s.space(t, p, SearchOptions(device="cuda")) for s in strategies.all_strategies()}
+        assert secs["checkpoint"] == {"blocks": ["5-7"], "mode": "full"}
+        assert secs["optimizer"] == {"name": "adamw8bit"}
+        assert secs["offload"] == {"activations": [], "optimizer_state": True}
+        lossless = search._ProbeTrial({"optimizer.name": "adamw8bit"})
+        assert strategies.get_strategy("optimizer").space(lossless, p, SearchOptions(device="cuda", lossless_only=True)) is None
+        assert lossless.distributions["optimizer.name"].choices == ("adamw",)
+    assert strategies.strategy_names() == before
+
+
+def test_bench_sweep_order_keys_and_summary(bench):
+    w = dict(bench.WORKLOADS["llama1b"], budgets=[20 * bench.GiB, 32 * bench.GiB])
+    ck_all = {"checkpoint": {"blocks": "all", "mode": "full"}}
+    tuned = [{"family": "tuned 32 GiB", "plan": ck_all, "batch": 16, "tuned": True, "key": bench.plan_key(ck_all)},
+             {"family": "tuned 20 GiB", "plan": {**ck_all, **bench.OFFLOAD_STATE}, "batch": 8, "tuned": True,
+              "key": bench.plan_key({**bench.OFFLOAD_STATE, **ck_all})}]
+    cfgs = bench.sweep_configs(w, True, tuned)
+    assert cfgs[0].get("unpatched") and cfgs[0]["batch"] == 4 and cfgs[0]["plan"] is None  # tuned plans are grid points
+    assert cfgs[1]["family"] == "adamw, checkpoint all" and cfgs[4].get("last_of_twin")
+    assert [c["k"] for c in cfgs[1:]] == sorted((c["k"] for c in cfgs[1:]), reverse=True)
+    assert len(cfgs) == 1 + 9 * 4 - 1
+
+    def pt(c, sps, peak):
+        return dict(c, status="ok", samples_per_s=sps, peak_bytes=peak * bench.GiB, spread=0.02)
+
+    by = {(c["family"], c["batch"]): c for c in cfgs}
+    sweep = [pt(cfgs[0], 17.7, 35.4), pt(by["adamw, checkpoint all", 16], 17.3, 30.4),
+             pt(by["adamw8bit, checkpoint all", 16], 18.0, 19.0), pt(by["adamw + state offload, checkpoint all", 8], 9.0, 13.0),
+             dict(family="manual: HF gradient checkpointing", manual=True, batch=16, status="ok", samples_per_s=17.2,
+                  peak_bytes=30.4 * bench.GiB, spread=0.01)]
+    res = {"sweep": sweep, "tunes": [
+        {"budget_bytes": 20 * bench.GiB, "budget": "20 GiB", "status": "ok", "key": tuned[1]["key"], "batch": 8,
+         "plan": "offload", "lossy_allowed": False},
+        {"budget_bytes": 32 * bench.GiB, "budget": "32 GiB", "status": "ok", "key": tuned[0]["key"], "batch": 16,
+         "plan": "ck all", "lossy_allowed": False}]}
+    rows = bench.summarize(res, w)
+    r20, r32 = rows
+    assert r20["best_grid"]["samples_per_s"] == 9.0 and r20["best_any"]["samples_per_s"] == 18.0  # lossy not compared
+    assert r20["ratio_vs_best"] == pytest.approx(1.0) and r20["manual"] is None
+    assert r32["ratio_vs_best"] == pytest.approx(1.0)  # the lossy 8-bit point is not in a lossless tune's space
+    assert r32["speedup_vs_manual"] == pytest.approx(17.3 / 17.2) and r32["within_budget"]
+    assert "none fits" in bench.markdown([{"workload": "llama1b", "summary": rows}])
