@@ -115,9 +115,15 @@ def check_keys(section: dict[str, Any], allowed: dict[str, str] | list[str], whe
 
 
 def check_choice(value: Any, allowed: list[Any] | tuple[Any, ...], where: str) -> Any:
-    if value not in allowed:
-        raise PlanError(f"{where}: {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+    # `type(a) is type(value)`: YAML's 1 must not pass for true, nor true for 1
+    if not any(value == a and type(a) is type(value) for a in allowed):
+        shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+        raise PlanError(f"{where}: {value!r} is not allowed; choose one of: {shown}")
     return value
+
+
+def check_bool(value: Any, where: str) -> bool:
+    return check_choice(value, (True, False), where)
 
 
 def check_conflicts(plan: Plan, source: str = "plan") -> None:

@@ -35,7 +35,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
+from memtune.plan import check_bool, check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
 from memtune.strategies.base import ApplyContext, Strategy, Undo, register
 from memtune.strategies.checkpoint import hf_checkpointing_off, wrap_forward
 
@@ -676,8 +676,7 @@ class Offload(Strategy):
         acts = section.get("activations", [])
         acts = validate_block_refs(acts, "offload.activations") if acts not in (None, [], False) else []
         opt = section.get("optimizer_state", False)
-        if not isinstance(opt, bool):
-            raise PlanError(f"offload.optimizer_state: {opt!r} is not allowed; choose one of: true, false")
+        check_bool(opt, "offload.optimizer_state")
         if not acts and not opt:
             raise PlanError("offload: nothing to offload; give `activations` blocks and/or `optimizer_state: true`")
         return {"activations": acts, "optimizer_state": opt}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from memtune.errors import PlanError
-from memtune.plan import check_choice, check_keys
+from memtune.plan import check_bool, check_choice, check_keys
 from memtune.strategies.base import ApplyContext, Strategy, Undo, register
 
 AUTOCAST = ("none", "bf16", "fp16")
@@ -83,8 +83,7 @@ class Precision(Strategy):
         out = {"autocast": check_choice(section.get("autocast", "none"), AUTOCAST, "precision.autocast"),
                "params": check_choice(section.get("params", "fp32"), PARAMS, "precision.params")}
         mw = section.get("master_weights", True)
-        if not isinstance(mw, bool):
-            raise PlanError(f"precision.master_weights: {mw!r} is not allowed; choose one of: true, false")
+        check_bool(mw, "precision.master_weights")
         out["master_weights"] = mw
         return out
 

@@ -30,7 +30,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_choice, check_keys
+from memtune.plan import check_bool, check_choice, check_keys
 from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, _noop, register
 
 if TYPE_CHECKING:
@@ -70,8 +70,7 @@ class Sharding(Strategy):
         stage = check_choice(section["stage"], STAGES, "sharding.stage")
         out: dict[str, Any] = {"stage": stage}
         offload = section.get("offload", False)
-        if not isinstance(offload, bool):
-            raise PlanError(f"sharding.offload: {offload!r} is not allowed; choose one of: true, false")
+        check_bool(offload, "sharding.offload")
         if offload and stage == 1:
             raise PlanError("sharding.offload needs stage 2 or 3 (FSDP2 CPUOffloadPolicy); "
                             "for stage 1 use the `offload: {optimizer_state: true}` section instead")
