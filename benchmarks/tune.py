@@ -106,9 +106,10 @@ def ck(n: int, k: int) -> dict:
 def grid(w: dict, cuda: bool) -> list[dict]:
     """The measured sweep's families (each over the batch sizes): optimizer x checkpoint {none, half, all}."""
     n = w["n_layers"]
-    opts = [("adamw", {}, False), ("adamw8bit", {"optimizer": {"name": "adamw8bit"}}, True)]
-    if cuda:  # state offload needs a GPU
-        opts.append(("adamw + state offload", OFFLOAD_STATE, False))
+    opts = [("adamw", {}, False), ("adamw + state offload", OFFLOAD_STATE, False),
+            ("adamw8bit", {"optimizer": {"name": "adamw8bit"}}, True)]  # lossless first: the tunes are lossless
+    if not cuda:  # state offload needs a GPU
+        opts.pop(1)
     fams = []
     for oname, osec, lossy in opts:
         for k in (0, n // 2, n):
@@ -400,7 +401,7 @@ def sweep_configs(w: dict, cuda: bool, tuned: list[dict]) -> list[dict]:
     points, the unpatched run, then the families, checkpoint-all ones first (they fit the most budgets),
     each by increasing batch."""
     fams = grid(w, cuda)
-    fams.sort(key=lambda f: -f["k"])  # stable: adamw, adamw8bit, offload within each k
+    fams.sort(key=lambda f: -f["k"])  # stable: adamw, offload, adamw8bit within each k
     configs, unpatched = [], []
     for f in fams:
         key = plan_key(f["plan"])
@@ -523,6 +524,27 @@ def markdown(all_res: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown(res: dict) -> str:
+    """Every measured point of one workload: family x batch -> samples/s (spread), peak."""
+    from memtune.units import format_bytes
+
+    batches = res.get("batches", [])
+    fams: dict[str, dict[int, str]] = {}
+    for r in res.get("sweep", []):
+        fam = r["family"] + (" [LOSSY]" if r.get("lossy") else "")
+        if r.get("status") == "ok":
+            peak = format_bytes(r["peak_bytes"]) if r.get("peak_bytes") is not None else "?"
+            cell = f"{r['samples_per_s']:.2f} ({r['spread']:.0%}), {peak}"
+        else:
+            cell = r.get("status", "-").split(" (")[0]
+        fams.setdefault(fam, {})[r["batch"]] = cell
+    lines = [f"| {res['workload']}: family | " + " | ".join(f"bs {b}" for b in batches) + " |",
+             "|" + "---|" * (len(batches) + 1)]
+    for fam, cells in fams.items():
+        lines.append(f"| {fam} | " + " | ".join(cells.get(b, "") for b in batches) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-tune")
@@ -573,7 +595,7 @@ def main() -> None:
         all_res.append(run_workload(name, w, out, deadline, args))
         env["elapsed_s"] = round(time.time() - t_start, 1)
         (out / "tune_bench.json").write_text(json.dumps({"env": env, "results": all_res}, indent=1, default=str))
-    md = markdown(all_res)
+    md = markdown(all_res) + "".join("\n" + sweep_markdown(r) for r in all_res if r.get("sweep"))
     (out / "tune_bench.md").write_text(md)
     print(json.dumps(env, default=str))
     print(md)
