@@ -818,10 +818,14 @@ def render_profile(prof: Profile, console: Any, top: int = 5) -> None:
 
     if prof.blocks:
         bt = Table(title=f"top {min(top, len(prof.blocks))} blocks by activation memory", title_justify="left")
-        for c in ("block", "class", "params", "activations", "transient", "fwd", "bwd"):
-            bt.add_column(c, justify="left" if c in ("block", "class") else "right")
-        for b in sorted(prof.blocks, key=lambda b: -b.activation_bytes)[:top]:
-            bt.add_row(b.name, b.cls, fb(sum(b.param_bytes.values())), fb(b.activation_bytes),
+        shown = sorted(prof.blocks, key=lambda b: -b.activation_bytes)[:top]
+        # no class column (the model line names the repeated class): the path, which a plan refers to, gets
+        # the room and folds rather than truncates
+        for c in ("block", "params", "activations", "transient", "fwd", "bwd"):
+            bt.add_column(c, justify="left" if c == "block" else "right", overflow="fold" if c == "block" else "ellipsis",
+                          min_width=min(28, max(len(b.name) for b in shown)) if c == "block" else None)
+        for b in shown:
+            bt.add_row(b.name, fb(sum(b.param_bytes.values())), fb(b.activation_bytes),
                        fb(max(b.transient_bytes, b.bwd_transient_bytes)), fs(b.fwd_s), fs(b.bwd_s))
         console.print(bt)
     for n in prof.notes:
