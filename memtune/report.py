@@ -19,13 +19,13 @@ import math
 import os
 import pickle
 import sqlite3
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memtune.errors import EnvironmentNotSupported, InputError, MemtuneError
+from memtune.io import write_bytes_atomic
 from memtune.units import format_bytes, format_seconds, parse_size
 
 if TYPE_CHECKING:
@@ -1000,23 +1000,6 @@ class ReportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_report(source: str | os.PathLike, out: str | os.PathLike = "report.html", *,
                  png_dir: str | os.PathLike | None = None, csv_dir: str | os.PathLike | None = None,
                  force: bool = False, profile: str | os.PathLike | None = None, budget: str | int | None = None,
@@ -1036,9 +1019,9 @@ def write_report(source: str | os.PathLike, out: str | os.PathLike = "report.htm
     pngs = [check_writable(Path(png_dir) / f"{f.name}.png", force) for f in figures] if png_dir is not None else []
     csvs = [check_writable(Path(csv_dir) / f"{n}.csv", force) for n in tables] if csv_dir is not None else []
     for f, p in zip(figures, pngs, strict=False):
-        _write_bytes_atomic(p, f.png)
+        write_bytes_atomic(p, f.png)
     for (name, df), p in zip(tables.items(), csvs, strict=False):
-        _write_bytes_atomic(p, df[CSV_COLUMNS[name]].to_csv(index=False).encode())
-    html_path = _write_bytes_atomic(Path(out), render_html(data, tables, figures).encode("utf-8"))
+        write_bytes_atomic(p, df[CSV_COLUMNS[name]].to_csv(index=False).encode())
+    html_path = write_bytes_atomic(Path(out), render_html(data, tables, figures).encode("utf-8"))
     return ReportResult(html=html_path, pngs=pngs, csvs=csvs, sections=[f.name for f in figures],
                         notes=data.notes)
