@@ -118,6 +118,7 @@ def profile(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     stop: Annotated[bool, typer.Option("--stop/--no-stop", help="Stop the script after the measured steps (--no-stop: let it finish).")] = True,
     blocks: Annotated[str | None, typer.Option("--blocks", help="Glob over module paths for the repeated blocks, e.g. 'model.layers.*'.")] = None,
+    memory_timeline: Annotated[bool, typer.Option("--memory-timeline", help="On a GPU, record the allocator's history over the memory step beside the profile (PROFILE.memory.pickle), for `memtune report`.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a training script unchanged for a few steps and measure what its memory and time are made of."""
@@ -133,7 +134,8 @@ def profile(
         try:
             with redirect:
                 prof = profile_script(script, module=module, argv=args, steps=steps, warmup=warmup, stop=stop,
-                                      blocks_pattern=blocks, output=output, force=force)
+                                      blocks_pattern=blocks, output=output, force=force,
+                                      memory_timeline=memory_timeline)
         except ScriptFailed as e:
             sys.stderr.write(e.failure.traceback)
             raise

@@ -182,3 +182,31 @@ def test_gpu_profile_reads_the_allocator():
     assert all(x.transient_bytes >= expected for x in p.repeated_blocks)
     assert p.step_start_bytes >= states and p.step_s > 0
     assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in p.repeated_blocks)
+
+
+def test_memory_timeline_on_cpu_says_it_needs_a_gpu(tmp_path):
+    p = prof(argv=["--steps", "5"], output=tmp_path / "p.json", memory_timeline=True)
+    assert any("--memory-timeline needs a CUDA GPU" in n for n in p.notes)
+    assert "memory_timeline" not in p.extra and not (tmp_path / "p.memory.pickle").exists()
+
+
+def test_memory_timeline_written_beside_the_profile(tmp_path):
+    import pickle
+
+    from memtune.profilers.runner import _save_memory_timeline
+
+    p, out = Profile(), tmp_path / "run.json"
+    snap = {"segments": [], "device_traces": [[{"action": "alloc", "addr": 1, "size": 64, "time_us": 5}]]}
+    _save_memory_timeline(p, snap, out)
+    assert p.extra["memory_timeline"] == "run.memory.pickle"
+    assert pickle.loads((tmp_path / "run.memory.pickle").read_bytes()) == snap
+
+
+@pytest.mark.gpu
+def test_gpu_memory_timeline_reaches_the_report(tmp_path):
+    from memtune.report import write_report
+
+    p = prof(argv=["--steps", "5", "--device", "cuda"], output=tmp_path / "p.json", memory_timeline=True)
+    assert (tmp_path / p.extra["memory_timeline"]).is_file()
+    res = write_report(tmp_path / "p.json", tmp_path / "r.html", csv_dir=tmp_path / "csv")
+    assert "allocator (measured)" in (tmp_path / "csv" / "timeline.csv").read_text(), res.notes

@@ -97,6 +97,9 @@ class _Profiler:
         self.state_ptrs: set[int] = set()
         self.mem_forward_done = False
         self.clip_grad_norm: float | None = None  # max_norm of the script's global-norm clipping, if any
+        self.memory_timeline = False  # record the allocator's history over the memory step (CUDA)
+        self.recording = False
+        self.snapshot: dict[str, Any] | None = None
         # bf16-weights what-if probe: class -> (module, host copy of its first call's args/kwargs) taken in
         # the memory step; class -> saved bytes, measured in `end`
         self.probe_inputs: dict[str, tuple[nn.Module, Any]] = {}
@@ -131,6 +134,12 @@ class _Profiler:
         self.set_mode(self.mode_for(0))
 
     def set_mode(self, mode: str) -> None:
+        if self.memory_timeline and self.cuda:
+            if mode in ("memory", "both") and not self.recording and self.snapshot is None:
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                self.recording = True
+            elif mode not in ("memory", "both"):
+                self._stop_recording()
         self.mode = mode
         for h in self.block_handles:
             h.remove()
@@ -192,7 +201,16 @@ class _Profiler:
 
         return undo
 
+    def _stop_recording(self) -> None:
+        """Keep the allocator's history of the memory step (PyTorch's memory snapshot), then stop recording."""
+        if self.recording:
+            self.snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+
     def end(self, s: Session) -> None:
+        if self.cuda:
+            self._stop_recording()
         if s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None:
             self.notes.append(
                 "the model is torch.compile'd: profiled eagerly (compiled kernels fuse some activations, so the "
@@ -688,12 +706,15 @@ def _cpu_peak(prof: Profile) -> None:
 def profile_script(script: str | None = None, *, module: str | None = None, argv: Sequence[str] = (),
                    steps: int = 5, warmup: int = 1, stop: bool = True, blocks_pattern: str | None = None,
                    output: str | os.PathLike | None = None, force: bool = False, measure_hardware: bool = True,
-                   on_progress: Callable[[int, int | None], None] | None = None) -> Profile:
+                   on_progress: Callable[[int, int | None], None] | None = None,
+                   memory_timeline: bool = False) -> Profile:
     """Run `script` (or `-m module`) with `argv` for `warmup + steps` optimizer steps and return its Profile.
 
     Writes it to `output` when given (refusing an existing file unless `force`; rank 0 only). A script that
     raises -> `ScriptFailed` carrying the partial profile (saved to `output` first); one that builds no
-    optimizer or never steps -> `ScriptError` saying what was seen.
+    optimizer or never steps -> `ScriptError` saying what was seen. `memory_timeline`: on a GPU, record the
+    allocator's history over the memory step and write it beside `output` (PROFILE.memory.pickle, a
+    `torch.cuda.memory._snapshot()`; pytorch.org/memory_viz opens it too), named in `extra.memory_timeline`.
     """
     from memtune.io import check_writable
 
@@ -701,6 +722,7 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
     session = Session(script, module=module, argv=argv, steps=steps, warmup=warmup, stop=stop,
                       blocks_pattern=blocks_pattern)
     prof_state = _Profiler(session, on_progress=on_progress)
+    prof_state.memory_timeline = memory_timeline
     session.on_before_run.append(prof_state.before_run)
     session.on_ready.append(prof_state.ready)
     session.on_step.append(prof_state.on_step)
@@ -759,9 +781,27 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
         raise ScriptError(
             f"{session.name} ran only {session.steps_done} optimizer step(s), all of them warm-up: "
             f"lower --warmup (now {warmup}) or let the script run more steps")
+    if memory_timeline:
+        _save_memory_timeline(prof, prof_state.snapshot, out_path if is_main else None)
     if out_path is not None and is_main:
         prof.save(out_path)
     return prof
+
+
+def _save_memory_timeline(prof: Profile, snapshot: dict[str, Any] | None, out_path: Any) -> None:
+    import pickle
+
+    from memtune.io import write_bytes_atomic
+
+    if snapshot is None:
+        prof.notes.append("--memory-timeline needs a CUDA GPU (PyTorch's allocator history): not recorded")
+        return
+    if out_path is None:
+        prof.notes.append("--memory-timeline is written beside the profile file: give -o to keep it")
+        return
+    path = out_path.with_name(out_path.stem + ".memory.pickle")
+    write_bytes_atomic(path, pickle.dumps(snapshot))
+    prof.extra["memory_timeline"] = path.name  # relative: the report looks beside the profile
 
 
 # --- rendering (the CLI's summary) -----------------------------------------------------------------------
