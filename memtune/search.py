@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memtune.errors import InputError, MemtuneError, PlanError
+from memtune.errors import InputError, MemtuneError
 from memtune.strategies.base import SearchOptions
 from memtune.units import format_bytes
 
@@ -477,9 +477,7 @@ class _Tuner:
         self.evals += 1
         try:
             plan, bs = self.propose(trial)
-        except PlanError as e:  # strategies proposed sections that contradict each other
-            return _Eval(False, f"invalid plan: {e}")
-        except MemtuneError as e:
+        except MemtuneError as e:  # e.g. strategies proposed sections that contradict each other (PlanError)
             return _Eval(False, f"invalid plan: {e}")
         except Exception as e:  # a bug in some strategy's space(): keep searching, report it at the end
             msg = f"a strategy's space() failed: {type(e).__name__}: {e}"
