@@ -26,7 +26,7 @@ import torch
 from memtune.errors import InputError, MemtuneError, PlanError
 from memtune.plan import Plan
 from memtune.strategies import ApplyContext, BlockRef, get_strategy
-from memtune.strategies.base import Undo
+from memtune.strategies.base import Undo, replace_on_instance
 
 # --- plan input ------------------------------------------------------------------------------------
 
@@ -152,24 +152,13 @@ def wrap_step(opt: torch.optim.Optimizer, new_raw: Callable[..., Any]) -> Undo:
     `new_raw(opt, closure=None)` does the update. It records `_opt_called` itself, all an LR scheduler's
     own step wrapper does, so schedulers created before or after keep working without warnings.
     """
-    had = "step" in opt.__dict__
-    previous = opt.__dict__.get("step")
-
     def raw(self, *args, **kwargs):
         self._opt_called = True  # what LRScheduler's own wrapper records
         return new_raw(self, *args, **kwargs)
 
     hooked = torch.optim.Optimizer.profile_hook_step(raw)
     hooked._wrapped_by_lr_sched = True  # schedulers: this step records `_opt_called`, no need to wrap it
-    opt.step = types.MethodType(hooked, opt)
-
-    def undo() -> None:
-        if had:
-            opt.step = previous
-        else:
-            opt.__dict__.pop("step", None)
-
-    return undo
+    return replace_on_instance(opt, "step", types.MethodType(hooked, opt))
 
 
 def check_elementwise(opt: torch.optim.Optimizer, what: str) -> None:

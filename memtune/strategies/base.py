@@ -40,6 +40,27 @@ def _noop() -> None:
     pass
 
 
+def replace_on_instance(obj: Any, name: str, value: Any) -> Undo:
+    """Set `obj.name = value` on this instance only (its class untouched); the undo restores exactly what the
+    instance had: its own attribute, or none so the class's shows again."""
+    had = name in obj.__dict__
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, value)
+
+    def undo() -> None:
+        if had:
+            setattr(obj, name, previous)
+        else:
+            obj.__dict__.pop(name, None)
+
+    return undo
+
+
+def wrap_forward(module: Any, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Undo:
+    """Replace module.forward on the instance with make(current forward), so state_dict keys never change."""
+    return replace_on_instance(module, "forward", make(module.forward))
+
+
 @dataclass
 class BlockRef:
     """A live block of the model, found the same way `memtune profile` finds them."""

@@ -19,7 +19,7 @@ import torch
 
 from memtune.errors import PlanError
 from memtune.plan import check_choice, check_keys, resolve_block_refs, validate_block_refs
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register
+from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
 
 MODES = ("full", "selective")
 KEYS = {"blocks": "block references: all, indices, 'a-b' ranges or module paths", "mode": "full | selective"}
@@ -72,21 +72,6 @@ def checkpointed(forward, mode: str = "full"):
 
     wrapper._memtune_checkpoint = mode  # type: ignore[attr-defined]
     return wrapper
-
-
-def wrap_forward(module: torch.nn.Module, make) -> Undo:
-    """Replace module.forward on the instance with make(current forward); the undo restores it."""
-    had = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = make(module.forward)
-
-    def undo() -> None:
-        if had:
-            module.forward = previous
-        else:
-            module.__dict__.pop("forward", None)
-
-    return undo
 
 
 def hf_checkpointing_off(module: torch.nn.Module) -> Undo | None:

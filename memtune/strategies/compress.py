@@ -20,7 +20,7 @@ import torch
 
 from memtune.errors import EnvironmentNotSupported, PlanError
 from memtune.plan import check_choice, check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
-from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register
+from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register, wrap_forward
 from memtune.units import format_bytes, parse_size
 
 DTYPES = ("int8", "fp8")
@@ -211,23 +211,14 @@ class Compress(Strategy):
 
 
 def _wrap_forward(module: torch.nn.Module, pack, unpack) -> Undo:
-    had = "forward" in module.__dict__
-    prev = module.__dict__.get("forward")
-    inner = module.forward
+    def make(inner):
+        def forward(*args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                return inner(*args, **kwargs)
 
-    def forward(*args, **kwargs):
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            return inner(*args, **kwargs)
+        return forward
 
-    module.forward = forward
-
-    def undo() -> None:
-        if had:
-            module.forward = prev
-        else:
-            module.__dict__.pop("forward", None)
-
-    return undo
+    return wrap_forward(module, make)
 
 
 def _has_fp8(profile) -> bool:

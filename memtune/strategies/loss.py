@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from memtune.errors import PlanError
 from memtune.plan import check_keys
-from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register
+from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register, replace_on_instance
 
 KEYS = {"fused": "true to fuse the head's matmul with the cross-entropy", "head": "module path of the head",
         "chunk_tokens": "tokens per chunk (default: a 192 MiB logits chunk)"}
@@ -182,8 +182,6 @@ def find_head(model: nn.Module, path: str | None = None) -> tuple[str | None, nn
 
 
 def patch_head(head: nn.Linear, opts: dict[str, Any]) -> Undo:
-    had = "forward" in head.__dict__
-    prev = head.__dict__.get("forward")
     inner = head.forward
 
     def forward(input, *args, **kwargs):
@@ -196,15 +194,7 @@ def patch_head(head: nn.Linear, opts: dict[str, Any]) -> Undo:
             cd = torch.promote_types(input.dtype, head.weight.dtype)
         return LazyLogits(input, head.weight, cd, cd, opts)
 
-    head.forward = forward
-
-    def undo() -> None:
-        if had:
-            head.forward = prev
-        else:
-            head.__dict__.pop("forward", None)
-
-    return undo
+    return replace_on_instance(head, "forward", forward)
 
 
 @register

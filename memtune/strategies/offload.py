@@ -36,8 +36,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memtune.errors import EnvironmentNotSupported, PlanError
 from memtune.plan import check_bool, check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register
-from memtune.strategies.checkpoint import hf_checkpointing_off, wrap_forward
+from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
+from memtune.strategies.checkpoint import hf_checkpointing_off
 
 KEYS = {"activations": "blocks whose saved activations go to host memory (all, indices, 'a-b', paths)",
         "optimizer_state": "true: optimizer state on the host, update on the CPU"}

@@ -21,7 +21,7 @@ import torch
 
 from memtune.errors import PlanError
 from memtune.plan import check_bool, check_choice, check_keys
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register
+from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
 
 AUTOCAST = ("none", "bf16", "fp16")
 PARAMS = ("fp32", "bf16")
@@ -166,8 +166,6 @@ class Precision(Strategy):
         return undo
 
     def _autocast(self, ctx: ApplyContext, name: str) -> Undo:
-        from memtune.strategies.checkpoint import wrap_forward
-
         dtype, dev = _DT[name], ctx.device.type
 
         def make(forward):
