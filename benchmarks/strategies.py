@@ -79,11 +79,13 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> tuple[float
 
 
 def run_config(model, cfg, device, make_opt, plan=None, clip=True, hf_gc=False, steps=4, warmup=2,
-               clip_on_host=None):
+               clip_on_host=None, chunk_mib=None):
     import memtune.strategies.offload as offload
 
     if clip_on_host is not None:
         offload.CLIP_ON_HOST = clip_on_host
+    if chunk_mib is not None:  # the optimizer offload's update/copy-back pipeline granularity
+        offload.CHUNK_BYTES = int(chunk_mib * 2**20)
     gc.collect()
     torch.manual_seed(1234)  # same tokens for every configuration
     if device.type == "cuda":
@@ -150,6 +152,8 @@ def configs(n_rep: int) -> dict[str, dict]:
         "baseline": dict(),
         "offload_optimizer_state_noclip": dict(plan=opt, clip=False),
         "torchao_cpu_offload_noclip": dict(make_opt="torchao", clip=False),
+        "offload_optimizer_state_noclip_c16": dict(plan=opt, clip=False, chunk_mib=16),
+        "offload_optimizer_state_noclip_c256": dict(plan=opt, clip=False, chunk_mib=256),
         "offload_optimizer_state": dict(plan=opt),  # clipped gradients copied down again (the default)
         "offload_optimizer_state_hostclip": dict(plan=opt, clip_on_host=True),
         "hf_gradient_checkpointing": dict(hf_gc=True),
@@ -212,14 +216,15 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(configs(22))
     results, meta = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k, name in enumerate(names):
+        for k, cname in enumerate(names):  # a name repeated in --only is run again (interleaved A/B timing)
+            name = cname if cname not in results else f"{cname}#{sum(n.split('#')[0] == cname for n in results) + 1}"
             left = args.budget_s - (time.perf_counter() - t_start)
             if left < 20:
                 results[name] = {"error": "skipped: --budget-s spent"}
                 print(f"{name:34s} skipped (budget)", flush=True)
                 continue
             res_file = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, __file__, "--child", name, "--result", str(res_file), "--preset", args.preset,
+            cmd = [sys.executable, __file__, "--child", cname, "--result", str(res_file), "--preset", args.preset,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
             if k == 0:
                 cmd.append("--bandwidth")
