@@ -7,8 +7,6 @@ extra peak memory, on one CUDA GPU.
 "extra peak" = max_memory_allocated during loss forward+backward minus what was allocated before (x, W,
 labels). It includes the two gradients every method returns (dx: N*H, dW: V*H in the input dtype);
 "beyond grads" subtracts them. Time: CUDA events around forward+backward, median of --rep after --warmup.
-memtune rows are overlapped (row kernel on a second stream) unless named "serial"; "pieces=" and "prio="
-vary the overlapped schedule's private knobs (pieces per chunk, the side stream's priority).
 """
 
 from __future__ import annotations
@@ -40,16 +38,9 @@ def methods(chunks, block_vs=()):
         print(f"liger-kernel not installed ({e}); skipping it")
     for c in chunks:
         out[f"memtune c={c}"] = lambda x, w, y, c=c: linear_cross_entropy(x, w, y, chunk_tokens=c)
-    if 1024 in chunks:
-        out["memtune c=1024 serial"] = lambda x, w, y: linear_cross_entropy(x, w, y, chunk_tokens=1024, overlap=False)
     for bv in block_vs:
         out[f"memtune bv={bv}"] = lambda x, w, y, bv=bv: linear_cross_entropy(x, w, y, block_v=bv)
-    # auto = the default chunk, overlapped (rows on a side stream, 2 pieces per chunk, high-priority stream)
     out["memtune auto"] = lambda x, w, y: linear_cross_entropy(x, w, y)
-    out["memtune auto serial"] = lambda x, w, y: linear_cross_entropy(x, w, y, overlap=False)
-    for p in (3, 4):
-        out[f"memtune auto pieces={p}"] = lambda x, w, y, p=p: linear_cross_entropy(x, w, y, _pieces=p)
-    out["memtune auto prio=0"] = lambda x, w, y: linear_cross_entropy(x, w, y, _side_priority=0)
     return out
 
 

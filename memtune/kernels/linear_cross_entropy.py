@@ -11,29 +11,11 @@ logits) and backward only scales them by grad_output. Extra memory: one [C, V] c
 which any implementation returns. Idea: Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language
 Models"; the chunk-and-compute-grads-in-forward layout is Liger-Kernel's fused_linear_cross_entropy.
 
-Overlapped schedule (default on CUDA with the Triton rows; `overlap=False` gives the serial one above): the
-row kernel is memory-bound and sits between compute-bound matmuls, so each chunk's buffer is cut by rows
-into P nearly equal pieces (P = 2 by default) and the rows run on a second, high-priority stream while the
-main stream multiplies the next piece:
-  main:  logits_1 .. logits_P;  wait(rows_1) dx_1 .. wait(rows_P) dx_P;  dW += g_c.T @ x_c (whole chunk)
-  side:  wait(logits_1) rows_1 .. wait(logits_P) rows_P
-rows_p hides behind logits_{p+1}, and rows_P behind dx_1. No memory is added (the pieces are views of the
-one buffer), dW is still updated once per chunk with K = C, and the next chunk's logits, on the main stream,
-start only after this chunk's dx and dW have read the buffer. Each row's arithmetic is unchanged, and dW's
-sums run in the same order: only the logits and dx matmuls are split by rows (the BLAS may pick another
-kernel for fewer rows, which can move a result by an ulp). Off CUDA (tests) `overlap=True` runs the same
-pieces in program order. By count the rows fit behind the matmuls: per token they move 3V elements
-(~0.3 us at 2.7 TB/s for V = 128256, bf16) against ~0.75 us per token for each matmul (H = 2048, 700
-TFLOP/s); but they only get the SMs the matmuls leave free, so the gain is for benchmarks/loss.py to show
-(its "serial" rows run the schedule above).
-
 Differences from `F.cross_entropy(x @ W.T, y)`: the log-sum-exp is summed in another order (fp32), and with
 bf16 weights dW is rounded to bf16 once per chunk instead of once (in fp32 both are fp32 rounding only).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -127,67 +109,10 @@ def default_chunk(n_tokens: int, vocab: int, elem_bytes: int) -> int:
     return min(n_tokens, c)
 
 
-def _pieces_of(m, pieces):
-    """Row ranges of min(pieces, m) nearly equal pieces of m rows (sizes differ by at most one)."""
-    k = max(1, min(pieces, m))
-    cuts = [m * i // k for i in range(k + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(k)]
-
-
-class _InOrder:
-    """No second stream: the schedule's operations run in program order (CPU, serial path)."""
-
-    def side(self):
-        return contextlib.nullcontext()
-
-    def main_done(self, i):
-        return None
-
-    def side_done(self, i):
-        return None
-
-    def main_wait(self, ev):
-        pass
-
-    def side_wait(self, ev):
-        pass
-
-
-class _SideStream(_InOrder):
-    """The rows on a second CUDA stream; events order them against the main stream's matmuls."""
-
-    def __init__(self, device, n_events, priority):
-        self.main = torch.cuda.current_stream(device)
-        self.stream = torch.cuda.Stream(device=device, priority=priority)
-        # reused from chunk to chunk: a wait enqueued before the event is recorded again keeps the old record
-        self.events = [torch.cuda.Event() for _ in range(n_events)]
-
-    def side(self):
-        return torch.cuda.stream(self.stream)
-
-    def main_done(self, i):
-        self.events[i].record(self.main)
-        return self.events[i]
-
-    def side_done(self, i):
-        self.events[i].record(self.stream)
-        return self.events[i]
-
-    def main_wait(self, ev):
-        self.main.wait_event(ev)
-
-    def side_wait(self, ev):
-        self.stream.wait_event(ev)
-
-
-def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, need_dw, backend, block_v,
-           overlap=None, pieces=2, side_priority=-1):
+def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, need_dw, backend, block_v):
     n, _ = x.shape
     v = w.shape[0]
     rows = _rows_triton if (backend == "triton" or (backend == "auto" and x.is_cuda)) else _rows_torch
-    if overlap is None:
-        overlap = x.is_cuda and rows is _rows_triton
-    pieces = max(1, int(pieces)) if overlap else 1
     valid = labels != ignore_index
     n_valid = valid.sum()
     if reduction == "mean":
@@ -200,39 +125,18 @@ def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, nee
     chunk = chunk or default_chunk(n, v, x.element_size())
     buf = torch.empty(min(chunk, n), v, device=x.device, dtype=x.dtype)
     write_grad = need_dx or need_dw
-    # events 0..P-1: logits of piece p done (main); P..2P-1: rows of piece p done (side); 2P: entry
-    sched = _SideStream(x.device, 2 * pieces + 1, side_priority) if overlap and x.is_cuda else _InOrder()
-    # entry: x, w, labels, scale and the buffer come from the main stream. Everything the side stream reads is
-    # a view of tensors that outlive the loop (buf, labels, row_loss, scale), and the main stream waits for
-    # every piece's rows before it goes on, so nothing is freed or reused while the side stream reads it.
-    sched.side_wait(sched.main_done(2 * pieces))
-    done = []
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc, lc = x[s:e], buf[: e - s]
-        parts = _pieces_of(e - s, pieces)
-        ready = []
-        for i, (a, b) in enumerate(parts):
-            torch.mm(xc[a:b], w.t(), out=lc[a:b])
-            ready.append(sched.main_done(i))
-        done = []
-        with sched.side():
-            for i, ((a, b), ev) in enumerate(zip(parts, ready, strict=True)):
-                sched.side_wait(ev)
-                rows(lc[a:b], labels[s + a:s + b], row_loss[s + a:s + b], scale, ignore_index, smoothing,
-                     write_grad, block_v)
-                done.append(sched.side_done(pieces + i))
-        for (a, b), ev in zip(parts, done, strict=True):
-            sched.main_wait(ev)  # unconditional: the next chunk's logits overwrite the buffer
-            if need_dx:
-                torch.mm(lc[a:b], w, out=dx[s + a:s + b])
-        if need_dw:  # the whole chunk at once: dW is read and written once per chunk, as in the serial path
+        torch.mm(xc, w.t(), out=lc)
+        rows(lc, labels[s:e], row_loss[s:e], scale, ignore_index, smoothing, write_grad, block_v)
+        if need_dx:
+            torch.mm(lc, w, out=dx[s:e])
+        if need_dw:
             if dw is None:
                 dw = torch.mm(lc.t(), xc)
             else:
                 dw.addmm_(lc.t(), xc)
-    if done:  # exit: already implied by the waits above; explicit so that row_loss is safe to read
-        sched.main_wait(done[-1])
     del buf
     loss = row_loss.sum()
     if reduction == "mean":
@@ -242,11 +146,10 @@ def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, nee
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, labels, ignore_index, reduction, smoothing, chunk, backend, block_v, overlap=None,
-                pieces=2, side_priority=-1):
+    def forward(ctx, x, w, labels, ignore_index, reduction, smoothing, chunk, backend, block_v):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, dx, dw = _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, need_dw,
-                              backend, block_v, overlap, pieces, side_priority)
+                              backend, block_v)
         # kept as attributes, not saved tensors: saved-tensor hooks (offload, compress) must not touch them
         ctx.grads = (dx, dw)
         return loss
@@ -258,26 +161,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_out.item() != 1.0:  # the common loss.backward() skips a pass over dW
             dx = dx.mul_(grad_out.to(dx.dtype)) if dx is not None else None
             dw = dw.mul_(grad_out.to(dw.dtype)) if dw is not None else None
-        return dx, dw, None, None, None, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          chunk_tokens: int | None = None, backend: str = "auto",
-                         block_v: int | None = None, overlap: bool | None = None, _pieces: int = 2,
-                         _side_priority: int = -1) -> torch.Tensor:
+                         block_v: int | None = None) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, labels) (fp32 result) without the full logits.
 
     hidden [..., H], weight [V, H], labels [...] (int). reduction: mean | sum. backend: auto (Triton on
     CUDA, torch elsewhere) | triton | torch. The matmuls run in hidden's dtype (cast first for autocast).
-    overlap: run the row kernel on a second CUDA stream behind the matmuls (see the module doc); None = on
-    for CUDA with the Triton rows, False = the serial schedule; True off CUDA runs the same pieces in order.
-    _pieces (rows pieces per chunk) and _side_priority (the second stream's priority) are for benchmarks.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction {reduction!r}: the fused loss supports 'mean' and 'sum'")
-    if int(_pieces) < 1:
-        raise ValueError(f"_pieces={_pieces}: at least 1")
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h).contiguous()
     y = labels.reshape(-1).contiguous()
@@ -286,8 +183,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     return LinearCrossEntropyFunction.apply(x, weight.contiguous(), y, int(ignore_index), reduction,
-                                            float(label_smoothing), chunk_tokens, backend, block_v, overlap,
-                                            int(_pieces), int(_side_priority))
+                                            float(label_smoothing), chunk_tokens, backend, block_v)
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
