@@ -76,6 +76,11 @@ def candidate_plans(n_repeated: int, batch: int, batches: list[int]) -> list[tup
         (f"batch {big} + ckpt all", {"run": {"knobs": {"--batch-size": big}}, "checkpoint": {"blocks": "all"}}),
         (f"batch {2 * big} + ckpt all", {"run": {"knobs": {"--batch-size": 2 * big}},
                                         "checkpoint": {"blocks": "all"}}),
+        # what the tuner picks at tight budgets: nothing but the loss and checkpoint inputs on the device
+        ("ckpt all + offload opt. state", {"checkpoint": {"blocks": "all"}, "offload": {"optimizer_state": True}}),
+        (f"batch {big} + ckpt all + offload opt. state", {"run": {"knobs": {"--batch-size": big}},
+                                                          "checkpoint": {"blocks": "all"},
+                                                          "offload": {"optimizer_state": True}}),
     ]
 
 

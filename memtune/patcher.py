@@ -346,6 +346,13 @@ def run_apply(
     try:
         session.run()
     finally:
+        # the run's peak, read before undo: undoing an optimizer offload moves its state back to the GPU
+        # (8 GiB for a 1.1B AdamW), which is not the run's memory (tune's verification measured 16.5 GiB
+        # on a plan that peaked at 10.1 GiB, H100 2026-11-25)
+        if result.device.startswith("cuda"):
+            dev = torch.device(result.device)
+            result.peak_allocated_bytes = int(torch.cuda.max_memory_allocated(dev))
+            result.peak_reserved_bytes = int(torch.cuda.max_memory_reserved(dev))
         applied = state.get("applied")
         if applied is not None:
             try:
@@ -363,10 +370,6 @@ def run_apply(
     result.step_times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     if result.step_times:
         result.step_s = statistics.median(result.step_times[1:] or result.step_times)
-    if result.device.startswith("cuda"):
-        dev = torch.device(result.device)
-        result.peak_allocated_bytes = int(torch.cuda.max_memory_allocated(dev))
-        result.peak_reserved_bytes = int(torch.cuda.max_memory_reserved(dev))
     if session.failure is not None:
         f = session.failure
         result.failure = {"exc_type": f.exc_type, "message": f.message, "traceback": f.traceback}
