@@ -378,8 +378,12 @@ def test_apply_peak_is_the_runs_not_the_undos(tmp_path):
         "    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)\n"
         "    opt.step()\n"
         "    opt.zero_grad(set_to_none=True)\n")
+    import gc
+
+    gc.collect()
     torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()  # what earlier tests in this process still hold
     res = run_apply({"offload": {"optimizer_state": True}}, str(script), [], steps=3)
     param_bytes = 8 * 2048 * 2048 * 4
-    # params + grads (+ small activations); with the Adam state back on the GPU it would be 4x the params
-    assert res.peak_allocated_bytes < 2.5 * param_bytes
+    # params + grads + one layer's working set: 2.50x on the H100; the Adam state back on the GPU makes it 4x
+    assert res.peak_allocated_bytes - before < 3 * param_bytes, (res.peak_allocated_bytes, before)
