@@ -328,6 +328,7 @@ def run_apply(
         dev = _model_device(model)
         ctx = ApplyContext(model=model, optimizers=list(sess.optimizers), blocks=list(sess.blocks),
                            device=dev, plan=plan)
+        state["ctx"] = ctx
         try:
             preflight(plan, dev)
             state["applied"] = apply_to_context(ctx)
@@ -355,6 +356,7 @@ def run_apply(
             result.peak_reserved_bytes = int(torch.cuda.max_memory_reserved(dev))
         applied = state.get("applied")
         if applied is not None:
+            state["ctx"].shared["run_over"] = True  # the script has ended: undo need not restore what it moved
             try:
                 applied()
             except RuntimeError as e:  # the run's numbers still count; say what could not be undone

@@ -362,6 +362,35 @@ def test_transformers_model_offload_equivalent():
     assert all(torch.equal(a, b) for a, b in zip(base[1], got[1], strict=True))
 
 
+def test_apply_leaves_the_state_on_the_host_when_the_run_is_over(tmp_path, monkeypatch):
+    """In-process undo restores the optimizer state to the device; `memtune apply` undoes after the script
+    ended, where moving it back would only cost time or memory the card may not have."""
+    from memtune.patcher import run_apply
+    from memtune.strategies import offload
+
+    calls = []
+    orig = offload.OptimizerOffload.undo
+    monkeypatch.setattr(offload.OptimizerOffload, "undo",
+                        lambda self, restore_state=True: calls.append(restore_state) or orig(self, restore_state))
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "m = torch.nn.Linear(8, 8)\n"
+        "opt = torch.optim.AdamW(m.parameters())\n"
+        "for _ in range(2):\n"
+        "    m(torch.randn(4, 8)).sum().backward()\n"
+        "    opt.step()\n"
+        "    opt.zero_grad()\n")
+    plan = {"offload": {"optimizer_state": True}}
+    with simulate_host():
+        res = run_apply(plan, str(script), [])
+        assert res.steps == 2 and calls == [False]
+        m = torch.nn.Linear(8, 8)
+        opt = torch.optim.AdamW(m.parameters())
+        memtune.apply_plan(m, opt, plan)()
+    assert calls == [False, True]
+
+
 @pytest.mark.gpu
 def test_apply_peak_is_the_runs_not_the_undos(tmp_path):
     """`memtune apply` reads the peak before undo, which moves the offloaded optimizer state back to the GPU

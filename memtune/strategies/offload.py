@@ -582,12 +582,16 @@ class OptimizerOffload:
         self.stats["update_s"] += upd
         return loss
 
-    def undo(self) -> None:
+    def undo(self, restore_state: bool = True) -> None:
+        """Put the optimizer back as it was; `restore_state=False` leaves its state on the host (the run is
+        over: moving 8 bytes per parameter back to the GPU would only cost time, or memory it may not have)."""
         _LIVE.discard(self)
         self.undo_step()
         for h in self.handles:
             h.remove()
         self.t.sync(self.last_h2d)
+        if not restore_state:
+            return
         dev = {id(p): p.device for p in self.params}
         for p in self.params:
             st = self.opt.state.get(p)
@@ -810,7 +814,7 @@ class Offload(Strategy):
             undos.append(install_clip_patch())  # no-op when `install` already patched it
             for opt in ctx.optimizers:
                 o = OptimizerOffload(opt, transport, masters)
-                undos.append(o.undo)
+                undos.append(lambda o=o: o.undo(restore_state=not ctx.shared.get("run_over", False)))
                 ctx.shared.setdefault("optimizer_offloads", []).append(o)
                 n = sum(p.numel() for p in o.params)
                 how = "fused CPU kernel" if o.overrides else f"{type(opt).__name__}'s own CPU code"
