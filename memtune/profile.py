@@ -132,6 +132,12 @@ class Profile:
     def repeated_blocks(self) -> list[BlockProfile]:
         return [b for b in self.blocks if b.kind == "repeated"]
 
+    def resolve_blocks(self, refs: list[int | str] | str, where: str) -> list[str]:
+        """A plan section's block references -> this profile's block names (`plan.resolve_block_refs`)."""
+        from memtune.plan import resolve_block_refs
+
+        return resolve_block_refs(refs, [b.name for b in self.repeated_blocks], [b.name for b in self.blocks], where)
+
     def block(self, name: str) -> BlockProfile:
         for b in self.blocks:
             if b.name == name:

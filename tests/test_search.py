@@ -6,7 +6,7 @@ import pytest
 
 import memtune.strategies as strategies
 from memtune import search
-from memtune.plan import check_keys, resolve_block_refs, validate_block_refs
+from memtune.plan import check_keys, validate_block_refs
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Profile
 from memtune.strategies.base import SearchOptions, Strategy
 
@@ -47,8 +47,7 @@ class FakeCheckpoint(Strategy):
         return {"blocks": blocks} if blocks else None
 
     def effect(self, profile, section, sim):
-        names = resolve_block_refs(section["blocks"], [b.name for b in profile.repeated_blocks],
-                                   [b.name for b in profile.blocks], "checkpoint")
+        names = profile.resolve_blocks(section["blocks"], "checkpoint")
         for b in sim.blocks:
             if b.name in names:
                 b.mode, b.kept_bytes, b.bwd_extra_bytes, b.recompute_s = "recompute", b.input_bytes, b.act_bytes, b.fwd_s

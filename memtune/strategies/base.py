@@ -101,6 +101,12 @@ class ApplyContext:
     def block_names(self) -> list[str]:
         return [b.name for b in self.blocks]
 
+    def resolve(self, refs: list[int | str] | str, where: str) -> list[str]:
+        """A plan section's block references -> module paths of this run (`plan.resolve_block_refs`)."""
+        from memtune.plan import resolve_block_refs
+
+        return resolve_block_refs(refs, self.repeated, self.block_names, where)
+
     def module(self, name: str) -> torch.nn.Module:
         for b in self.blocks:
             if b.name == name:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from memtune.errors import PlanError
-from memtune.plan import check_choice, check_keys, resolve_block_refs, validate_block_refs
+from memtune.plan import check_choice, check_keys, validate_block_refs
 from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
 
 MODES = ("full", "selective")
@@ -89,10 +89,6 @@ def hf_checkpointing_off(module: torch.nn.Module) -> Undo | None:
     return undo
 
 
-def resolve(ctx: ApplyContext, refs, where: str) -> list[str]:
-    return resolve_block_refs(refs, ctx.repeated, ctx.block_names, where)
-
-
 @register
 class Checkpoint(Strategy):
     name = "checkpoint"
@@ -124,8 +120,7 @@ class Checkpoint(Strategy):
         return {"blocks": "all" if k == n else [f"{n - k}-{n - 1}"], "mode": mode}
 
     def effect(self, profile: Any, section: dict[str, Any], sim: Any) -> None:
-        names = resolve_block_refs(section["blocks"], [b.name for b in profile.repeated_blocks],
-                                   [b.name for b in profile.blocks], "checkpoint.blocks")
+        names = profile.resolve_blocks(section["blocks"], "checkpoint.blocks")
         for b in sim.blocks:
             if b.name not in names:
                 continue
@@ -144,7 +139,7 @@ class Checkpoint(Strategy):
                              f"activations and recompute {SELECTIVE_RECOMPUTE:.0%} of its forward")
 
     def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
-        names = resolve(ctx, section["blocks"], "checkpoint.blocks")
+        names = ctx.resolve(section["blocks"], "checkpoint.blocks")
         mode = section["mode"]
         undos: list[Undo] = []
         hf_off = 0

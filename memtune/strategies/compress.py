@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_choice, check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
+from memtune.plan import check_choice, check_keys, shared_block_refs, validate_block_refs
 from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register, wrap_forward
 from memtune.units import format_bytes, parse_size
 
@@ -138,8 +138,7 @@ class Compress(Strategy):
     def effect(self, profile, section: dict[str, Any], sim) -> None:
         from memtune.kernels.activation_quant import ratio
 
-        names = resolve_block_refs(section["blocks"], [b.name for b in profile.repeated_blocks],
-                                   [b.name for b in profile.blocks], "compress.blocks")
+        names = profile.resolve_blocks(section["blocks"], "compress.blocks")
         gbps = profile.hardware.d2d_gbps or 0.0
         if gbps <= 0:  # CPU profile or no measurement: the torch reference runs at host memory speed
             gbps = 20.0
@@ -176,10 +175,10 @@ class Compress(Strategy):
     def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
         from memtune.kernels.activation_quant import fp8_supported
 
-        names = resolve_block_refs(section["blocks"], ctx.repeated, ctx.block_names, "compress.blocks")
+        names = ctx.resolve(section["blocks"], "compress.blocks")
         ck = ctx.plan.get("checkpoint") if ctx.plan is not None else None
         if ck and "blocks" in ck:
-            recomputed = set(resolve_block_refs(ck["blocks"], ctx.repeated, ctx.block_names, "checkpoint.blocks"))
+            recomputed = set(ctx.resolve(ck["blocks"], "checkpoint.blocks"))
             both = [n for n in names if n in recomputed]
             if both:
                 raise PlanError(f"compress: blocks {both} are recomputed by checkpoint; take them out of one section")

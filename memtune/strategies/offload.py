@@ -35,7 +35,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_bool, check_keys, resolve_block_refs, shared_block_refs, validate_block_refs
+from memtune.plan import check_bool, check_keys, shared_block_refs, validate_block_refs
 from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
 from memtune.strategies.checkpoint import hf_checkpointing_off
 
@@ -733,8 +733,7 @@ class Offload(Strategy):
 
     def effect(self, profile: Any, section: dict[str, Any], sim: Any) -> None:
         if section["activations"]:
-            names = resolve_block_refs(section["activations"], [b.name for b in profile.repeated_blocks],
-                                       [b.name for b in profile.blocks], "offload.activations")
+            names = profile.resolve_blocks(section["activations"], "offload.activations")
             for b in sim.blocks:
                 if b.name not in names:
                     continue
@@ -782,7 +781,7 @@ class Offload(Strategy):
 
     def _apply(self, ctx: ApplyContext, section: dict[str, Any], transport, undos: list[Undo]) -> None:
         if section["activations"]:
-            names = resolve_block_refs(section["activations"], ctx.repeated, ctx.block_names, "offload.activations")
+            names = ctx.resolve(section["activations"], "offload.activations")
             ck = ctx.shared.get("checkpointed_blocks", set())
             if set(names) & ck:
                 raise PlanError(f"offload.activations: blocks {sorted(set(names) & ck)} are checkpointed: "
