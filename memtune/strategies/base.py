@@ -56,6 +56,17 @@ def replace_on_instance(obj: Any, name: str, value: Any) -> Undo:
     return undo
 
 
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """What `optimizer.step(closure)` does first: re-evaluate the loss with grad enabled (steps run under
+    no_grad), or None without a closure."""
+    if closure is None:
+        return None
+    import torch
+
+    with torch.enable_grad():
+        return closure()
+
+
 def wrap_forward(module: Any, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Undo:
     """Replace module.forward on the instance with make(current forward), so state_dict keys never change."""
     return replace_on_instance(module, "forward", make(module.forward))

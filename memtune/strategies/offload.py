@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memtune.errors import EnvironmentNotSupported, PlanError
 from memtune.plan import check_bool, check_keys, shared_block_refs, validate_block_refs
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
+from memtune.strategies.base import ApplyContext, Strategy, Undo, register, run_closure, wrap_forward
 from memtune.strategies.checkpoint import hf_checkpointing_off
 
 KEYS = {"activations": "blocks whose saved activations go to host memory (all, indices, 'a-b', paths)",
@@ -532,10 +532,7 @@ class OptimizerOffload:
 
         from memtune.patcher import step_on
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.t.sync(self.last_h2d)  # the previous step's copies out of the host buffers are done
         # backward produces the last parameters' gradients first: update those first
         todo = [p for p in reversed(self.params) if p.grad is not None]

@@ -38,7 +38,7 @@ import torch
 
 from memtune.errors import PlanError, ScriptError
 from memtune.plan import check_choice, check_keys
-from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register
+from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register, run_closure
 
 if TYPE_CHECKING:
     from memtune.costmodel import SimStep
@@ -103,10 +103,7 @@ class QuantizedAdamW(_Swapped):
     def step(self, closure=None):
         from memtune.kernels import quantized_adamw as Q
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         bits = self._memtune_bits
         self._memtune_seed = getattr(self, "_memtune_seed", 0) + 1
         for gi, group in enumerate(self.param_groups):
@@ -221,10 +218,7 @@ class GaLoreAdamW(_Swapped):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         cfg = self._memtune_galore
         for group in self.param_groups:
             h = _hyper(self, group)
@@ -328,10 +322,7 @@ class InBackwardAdamW(_Swapped):
         p.grad = None
 
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()  # its backward runs the updates
+        loss = run_closure(closure)  # its backward runs the updates
         self._memtune_updated = set()
         return loss
 

@@ -21,7 +21,7 @@ import torch
 
 from memtune.errors import PlanError
 from memtune.plan import check_bool, check_choice, check_keys
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
+from memtune.strategies.base import ApplyContext, Strategy, Undo, register, run_closure, wrap_forward
 
 AUTOCAST = ("none", "bf16", "fp16")
 PARAMS = ("fp32", "bf16")
@@ -49,10 +49,7 @@ class MasterWeights:
     def _step(self, opt, closure=None):
         from memtune.patcher import step_on
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for p in self.params:
             m = self.subs[id(p)]
             if p._version != self.ver[id(p)]:  # weights set from outside (load_state_dict): follow them
