@@ -135,35 +135,30 @@ def param_stats(module: torch.nn.Module, seen: set[int] | None = None) -> dict[s
     return {"param_bytes": by_dtype, "trainable": trainable, "frozen": frozen, "n_params": n}
 
 
-def buffer_bytes(module: torch.nn.Module) -> int:
+def _bytes_once_per_storage(tensors: Iterable[torch.Tensor], whole_storage: bool = False) -> int:
+    """Bytes of `tensors`, a storage shared by several counted once: the tensor's own bytes, or with
+    `whole_storage` the storage's (an optimizer's state may be views into one flat buffer)."""
     seen: dict[int, int] = {}
-    for b in module.buffers():
-        k = storage_key(b)
+    for t in tensors:
+        k = storage_key(t)
         if k is not None:
-            seen[k[0]] = b.numel() * b.element_size()
+            seen[k[0]] = k[1] if whole_storage else t.numel() * t.element_size()
     return sum(seen.values())
+
+
+def buffer_bytes(module: torch.nn.Module) -> int:
+    return _bytes_once_per_storage(module.buffers())
 
 
 def grad_bytes(module: torch.nn.Module) -> int:
-    seen: dict[int, int] = {}
-    for p in module.parameters():
-        g = p.grad
-        if g is not None:
-            k = storage_key(g)
-            if k is not None:
-                seen[k[0]] = g.numel() * g.element_size()
-    return sum(seen.values())
+    return _bytes_once_per_storage(p.grad for p in module.parameters() if p.grad is not None)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of the tensors in the optimizer's state (moments, step counters...), each storage once."""
-    seen: dict[int, int] = {}
-    for st in opt.state.values():
-        for t in iter_tensors(dict(st) if isinstance(st, dict) else st):
-            k = storage_key(t)
-            if k is not None:
-                seen[k[0]] = k[1]
-    return sum(seen.values())
+    return _bytes_once_per_storage((t for st in opt.state.values()
+                                    for t in iter_tensors(dict(st) if isinstance(st, dict) else st)),
+                                   whole_storage=True)
 
 
 class PeakTracker:
