@@ -229,9 +229,10 @@ BLOCK_TIME_FIXED_SHARE = 0.4
 def _fixed_parts(profile: Profile) -> dict[str, float]:
     """The part of each value that a single profile says does not scale with the batch."""
     fixed = {f"block:{b.name}:act": _autocast_fixed_bytes(profile, b) for b in profile.blocks}
+    times = _block_times(profile)
     for b in profile.blocks:
         for k in ("fwd_s", "bwd_s"):
-            fixed[f"block:{b.name}:{k}"] = BLOCK_TIME_FIXED_SHARE * _block_times(profile)[b.name][k == "bwd_s"]
+            fixed[f"block:{b.name}:{k}"] = BLOCK_TIME_FIXED_SHARE * times[b.name][k == "bwd_s"]
     fixed["outside_s"] = (1 - OUTSIDE_BATCH_SHARE) * _split_time(profile)[1]
     return fixed
 
