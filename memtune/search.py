@@ -248,7 +248,7 @@ def safety_margin(accuracy_md: str | Path | None = None) -> tuple[float, str]:
         margin = clamp(floor(100 * max_u) / 100 + 0.01, 0.01, 0.15)
 
     Over-predictions (predicted > measured, e.g. bf16 params +16.8% on an H100) only waste memory and do not
-    count. On the H100 data of 2026-11-25 (39 plans) the worst is -3.9% (Llama-1.1B, checkpoint half + offload
+    count. On the H100 data of 2026-11-25 (44 plans) the worst is -3.9% (Llama-1.1B, checkpoint half + offload
     a quarter: 22.56 GiB measured, 21.68 predicted): margin 4%, which keeps every measured plan within budget
     where the median error (0.2%) would not. Without the tables: the `median absolute peak error` line, at
     least DEFAULT_MARGIN; without the file: DEFAULT_MARGIN. Verification (`--verify`) measures the real peak
