@@ -39,13 +39,14 @@ def _step(model, x, y, **ce):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, logits
 
 
+@pytest.mark.parametrize("section", [None, {"fused": True, "low_memory": True, "chunk_tokens": 5}])
 @pytest.mark.parametrize("ce", [{}, {"ignore_index": 7, "label_smoothing": 0.1}, {"reduction": "sum"}])
-def test_gpt_same_loss_and_grads(gpt, ce):
+def test_gpt_same_loss_and_grads(gpt, ce, section):
     idx = torch.randint(101, (3, 17))
     x, y = idx[:, :-1], idx[:, 1:].clone()
     y[0, :4] = 7
     l0, g0, logits0 = _step(gpt, x, y, **ce)
-    ctx, undo = _apply(gpt)
+    ctx, undo = _apply(gpt, section)
     l1, g1, logits1 = _step(gpt, x, y, **ce)
     assert type(logits0) is torch.Tensor and isinstance(logits1, LazyLogits)
     assert ctx.shared["loss_stats"]["fused"] == 1 and "materialized" not in ctx.shared["loss_stats"]
@@ -98,6 +99,12 @@ def test_validate_and_effect():
     s.effect(prof, {"fused": True}, sim)
     assert sim.other_act_bytes == pytest.approx(10 + (8192 + 32000) * 2048 * 2)
     assert sim.loss_transient_bytes <= 200 * 2**20
+    low = SimStep(other_act_bytes=8192 * 32000 * 4 + 10.0, loss_transient_bytes=3e9)
+    s.effect(prof, s.validate({"fused": True, "low_memory": True}), low)
+    assert low.loss_transient_bytes == 56 * 2**20
+    assert s.validate({"low_memory": False}) == {"fused": True}
+    with pytest.raises(PlanError, match="true or false"):
+        s.validate({"low_memory": "yes"})
 
 
 def test_hf_causal_lm_same_loss_and_grads():
@@ -124,3 +131,15 @@ def test_hf_causal_lm_same_loss_and_grads():
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     undo()
+
+
+def test_plan_options_reach_the_kernel(gpt, monkeypatch):
+    import memtune.kernels.linear_cross_entropy as lce
+
+    seen = []
+    real = lce.linear_cross_entropy
+    monkeypatch.setattr(lce, "linear_cross_entropy", lambda *a, **k: seen.append(k) or real(*a, **k))
+    _apply(gpt, {"fused": True, "low_memory": True, "chunk_tokens": 5})
+    idx = torch.randint(101, (2, 9))
+    _step(gpt, idx[:, :-1], idx[:, 1:])
+    assert seen and seen[0]["low_memory"] is True and seen[0]["chunk_tokens"] == 5

@@ -7,8 +7,13 @@ loss = CE(x @ W.T, y) for x [N, H], W [V, H]. The tokens are cut into chunks of 
      over logits_c (pass 2); all arithmetic in fp32
   3. dx_c = g_c @ W;  dW += g_c.T @ x_c   (cuBLAS; dW accumulates in W's dtype)
 The loss is a scalar, so both gradients are computed in forward (three matmuls in all, no recompute of the
-logits) and backward only scales them by grad_output. Extra memory: one [C, V] chunk plus dx and dW,
-which any implementation returns. Idea: Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language
+logits) and backward only scales them by grad_output (on the device: no host sync). Extra memory: one
+[C, V] chunk plus dx and dW, which any implementation returns.
+
+low_memory=True trades one more matmul for a smaller chunk without re-reading dW per chunk: the token
+pass computes the loss, each row's log-sum-exp and dx; then a pass over vocabulary slices [N, Vs]
+recomputes those logits, turns them into gradients with the stored log-sum-exp and writes
+dW[slice] = g.T @ x once (summed over all tokens inside one matmul, so dW is rounded once). Idea: Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language
 Models"; the chunk-and-compute-grads-in-forward layout is Liger-Kernel's fused_linear_cross_entropy.
 
 Differences from `F.cross_entropy(x @ W.T, y)`: the log-sum-exp is summed in another order (fp32), and with
@@ -27,12 +32,27 @@ except ImportError:  # pragma: no cover
     triton = None
 
 CHUNK_BYTES = 192 * 2**20  # logits chunk budget when chunk_tokens is not given (<= 200 MiB beyond the grads)
+LOW_CHUNK_BYTES = 56 * 2**20  # the same with low_memory (Liger-Kernel's chunk is 63 MiB at vocab 128256)
 BLOCK_V = 4096  # vocabulary elements per step of the row loop on GPU
 
 if triton is not None:
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, scale_ptr, V, ignore_index,
+    def _write_grad(ptr, n_cols, col0, y, lse, scale, smoothing, V, HAS_SMOOTHING: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+        # softmax - onehot (label-smoothed), times scale, in place over n_cols logits at vocab offset col0
+        cols0 = tl.arange(0, BLOCK_V)
+        for off in range(0, n_cols, BLOCK_V):
+            cols = off + cols0
+            mask = cols < n_cols
+            x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(cols + col0 == y, 1.0 - smoothing, 0.0)
+            if HAS_SMOOTHING:
+                g -= smoothing / V
+            tl.store(ptr + cols, (g * scale).to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, lse_ptr, scale_ptr, V, ignore_index,
                         smoothing, WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                         BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -59,30 +79,80 @@ if triton is not None:
         if HAS_SMOOTHING:
             loss -= smoothing * sum_x / V
         tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
-        if WRITE_GRAD:
-            # pass 2: gradient of the (scaled) loss wrt the logits, in place
-            scale = tl.where(valid, tl.load(scale_ptr), 0.0)
-            for off in range(0, V, BLOCK_V):
-                cols = off + cols0
-                mask = cols < V
-                x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) - tl.where(cols == y, 1.0 - smoothing, 0.0)
-                if HAS_SMOOTHING:
-                    g -= smoothing / V
-                tl.store(ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(lse_ptr + row, lse)
+        if WRITE_GRAD:  # pass 2: gradient of the (scaled) loss wrt the logits, in place
+            _write_grad(ptr, V, 0, y, lse, tl.where(valid, tl.load(scale_ptr), 0.0), smoothing, V,
+                        HAS_SMOOTHING, BLOCK_V)
+
+    @triton.jit
+    def _ce_grad_cols_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, scale_ptr, n_cols, col0, V,
+                             ignore_index, smoothing, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+        # the gradient over a vocabulary slice [col0, col0 + n_cols) of every row, given each row's lse
+        row = tl.program_id(0).to(tl.int64)
+        y = tl.load(labels_ptr + row)
+        scale = tl.where(y != ignore_index, tl.load(scale_ptr), 0.0)
+        _write_grad(logits_ptr + row * stride_row, n_cols, col0, y, tl.load(lse_ptr + row), scale, smoothing, V,
+                    HAS_SMOOTHING, BLOCK_V)
+
+    @triton.jit
+    def _scale_unless_one_kernel(ptr, n, g_ptr, BLOCK: tl.constexpr):
+        # reads grad_output on the device: no host sync, and the common loss.backward() (grad 1) is free
+        g = tl.load(g_ptr).to(tl.float32)
+        if g != 1.0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptr + offs, (v * g).to(ptr.dtype.element_ty), mask=mask)
 
 
-def _rows_triton(logits, labels, row_loss, scale, ignore_index, smoothing, write_grad, block_v):
+def _scale_by_grad(t, grad_out, use_triton):
+    """t *= grad_out in place, skipped when grad_out is 1; the Triton path reads it without a host sync."""
+    if t is None:
+        return None
+    if use_triton:
+        block = 16384
+        _scale_unless_one_kernel[(triton.cdiv(t.numel(), block),)](t, t.numel(), grad_out, BLOCK=block, num_warps=8)
+    elif grad_out.item() != 1.0:
+        t.mul_(grad_out.to(t.dtype))
+    return t
+
+
+def _block(block_v, n_cols):
+    return block_v or min(BLOCK_V, triton.next_power_of_2(n_cols))
+
+
+def _rows_triton(logits, labels, row_loss, lse, scale, ignore_index, smoothing, write_grad, block_v):
     if triton is None:
         raise ImportError("Triton is needed for the CUDA kernel: pip install triton")
     n, v = logits.shape
-    bv = block_v or min(BLOCK_V, triton.next_power_of_2(v))
-    _ce_rows_kernel[(n,)](logits, logits.stride(0), labels, row_loss, scale, v, ignore_index, float(smoothing),
-                          WRITE_GRAD=write_grad, HAS_SMOOTHING=smoothing != 0.0, BLOCK_V=bv,
+    bv = _block(block_v, v)
+    _ce_rows_kernel[(n,)](logits, logits.stride(0), labels, row_loss, lse, scale, v, ignore_index,
+                          float(smoothing), WRITE_GRAD=write_grad, HAS_SMOOTHING=smoothing != 0.0, BLOCK_V=bv,
                           num_warps=8 if bv >= 2048 else 4)
 
 
-def _rows_torch(logits, labels, row_loss, scale, ignore_index, smoothing, write_grad, block_v=None):
+def _grad_cols_triton(logits, labels, lse, scale, col0, vocab, ignore_index, smoothing, block_v):
+    if triton is None:
+        raise ImportError("Triton is needed for the CUDA kernel: pip install triton")
+    n, nc = logits.shape
+    bv = _block(block_v, nc)
+    _ce_grad_cols_kernel[(n,)](logits, logits.stride(0), labels, lse, scale, nc, col0, vocab, ignore_index,
+                               float(smoothing), HAS_SMOOTHING=smoothing != 0.0, BLOCK_V=bv,
+                               num_warps=8 if bv >= 2048 else 4)
+
+
+def _grad_torch(lf, labels, lse, scale, col0, vocab, ignore_index, smoothing):
+    """softmax - onehot over columns [col0, col0 + lf.shape[1]) of each row, scaled; fp32."""
+    valid = labels != ignore_index
+    g = torch.exp(lf - lse[:, None])
+    cols = torch.arange(col0, col0 + lf.shape[1], device=lf.device)
+    g -= (cols[None, :] == labels[:, None]).float() * (1.0 - smoothing)
+    if smoothing:
+        g -= smoothing / vocab
+    return g * (valid.float() * scale)[:, None]
+
+
+def _rows_torch(logits, labels, row_loss, lse_out, scale, ignore_index, smoothing, write_grad, block_v=None):
     """Reference for the row kernel: same outputs, materializes the chunk in fp32."""
     lf = logits.float()
     v = lf.shape[1]
@@ -93,26 +163,45 @@ def _rows_torch(logits, labels, row_loss, scale, ignore_index, smoothing, write_
     if smoothing:
         loss = loss - smoothing * lf.sum(1) / v
     row_loss.copy_(torch.where(valid, loss, torch.zeros_like(loss)))
+    lse_out.copy_(lse)
     if write_grad:
-        g = torch.exp(lf - lse[:, None])
-        g.scatter_add_(1, yc[:, None], torch.full_like(lse[:, None], -(1.0 - smoothing)))
-        if smoothing:
-            g -= smoothing / v
-        g *= (valid.float() * scale)[:, None]
-        logits.copy_(g)
+        logits.copy_(_grad_torch(lf, labels, lse, scale, 0, v, ignore_index, smoothing))
 
 
-def default_chunk(n_tokens: int, vocab: int, elem_bytes: int) -> int:
-    c = max(1, CHUNK_BYTES // max(1, vocab * elem_bytes))
-    if c >= 64:
-        c -= c % 64
+def _grad_cols_torch(logits, labels, lse, scale, col0, vocab, ignore_index, smoothing, block_v=None):
+    """Reference for the vocabulary-slice gradient kernel."""
+    logits.copy_(_grad_torch(logits.float(), labels, lse, scale, col0, vocab, ignore_index, smoothing))
+
+
+def _use_triton(backend, x):
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
+def default_chunk(n_tokens: int, vocab: int, elem_bytes: int, budget: int = CHUNK_BYTES, multiple: int = 64) -> int:
+    c = max(1, budget // max(1, vocab * elem_bytes))
+    if c >= multiple:
+        c -= c % multiple
     return min(n_tokens, c)
 
 
-def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, need_dw, backend, block_v):
+def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, need_dw, backend, block_v,
+           low_memory):
     n, _ = x.shape
     v = w.shape[0]
-    rows = _rows_triton if (backend == "triton" or (backend == "auto" and x.is_cuda)) else _rows_torch
+    tri = _use_triton(backend, x)
+    rows = _rows_triton if tri else _rows_torch
+    elem = x.element_size()
+    if low_memory:
+        chunk = chunk or default_chunk(n, v, elem, LOW_CHUNK_BYTES, 32)
+        vchunk = chunk * v // n  # same bytes as a token chunk
+        vchunk = min(v, max(1, vchunk - vchunk % 128 if vchunk >= 128 else vchunk))
+    else:
+        chunk = chunk or default_chunk(n, v, elem)
+        vchunk = 0
+    c0 = min(chunk, n)
+    store = torch.empty(max(c0 * v, n * vchunk if need_dw else 0), device=x.device, dtype=x.dtype)
+    buf = store[: c0 * v].view(c0, v)
+    torch.mm(x[:c0], w.t(), out=buf)  # queued first: the GPU starts while the setup below runs
     valid = labels != ignore_index
     n_valid = valid.sum()
     if reduction == "mean":
@@ -120,24 +209,37 @@ def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, nee
     else:
         scale = torch.ones(1, device=x.device, dtype=torch.float32)
     row_loss = torch.empty(n, device=x.device, dtype=torch.float32)
+    lse = torch.empty(n, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else None
     dw = None
-    chunk = chunk or default_chunk(n, v, x.element_size())
-    buf = torch.empty(min(chunk, n), v, device=x.device, dtype=x.dtype)
-    write_grad = need_dx or need_dw
+    # one pass over token chunks: loss, and dx; dW too unless low_memory (then a pass over vocabulary slices)
+    dw_here = need_dw and not low_memory
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc, lc = x[s:e], buf[: e - s]
-        torch.mm(xc, w.t(), out=lc)
-        rows(lc, labels[s:e], row_loss[s:e], scale, ignore_index, smoothing, write_grad, block_v)
+        if s:
+            torch.mm(xc, w.t(), out=lc)
+        rows(lc, labels[s:e], row_loss[s:e], lse[s:e], scale, ignore_index, smoothing, need_dx or dw_here,
+             block_v)
         if need_dx:
             torch.mm(lc, w, out=dx[s:e])
-        if need_dw:
+        if dw_here:
             if dw is None:
                 dw = torch.mm(lc.t(), xc)
             else:
                 dw.addmm_(lc.t(), xc)
-    del buf
+    if need_dw and low_memory:
+        # recompute the logits a vocabulary slice at a time: each slice of dW is written once, no
+        # read-modify-write over chunks, and summed over all tokens inside one matmul
+        grad_cols = _grad_cols_triton if tri else _grad_cols_torch
+        dw = torch.empty_like(w)
+        for a in range(0, v, vchunk):
+            b = min(v, a + vchunk)
+            lv = store[: n * (b - a)].view(n, b - a)
+            torch.mm(x, w[a:b].t(), out=lv)
+            grad_cols(lv, labels, lse, scale, a, v, ignore_index, smoothing, block_v)
+            torch.mm(lv.t(), x, out=dw[a:b])
+    del buf, store
     loss = row_loss.sum()
     if reduction == "mean":
         loss = loss / n_valid  # nan when every label is ignored, as F.cross_entropy
@@ -146,32 +248,33 @@ def _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, nee
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, labels, ignore_index, reduction, smoothing, chunk, backend, block_v):
+    def forward(ctx, x, w, labels, ignore_index, reduction, smoothing, chunk, backend, block_v, low_memory):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, dx, dw = _fused(x, w, labels, ignore_index, reduction, smoothing, chunk, need_dx, need_dw,
-                              backend, block_v)
+                              backend, block_v, low_memory)
         # kept as attributes, not saved tensors: saved-tensor hooks (offload, compress) must not touch them
         ctx.grads = (dx, dw)
+        ctx.triton = _use_triton(backend, x)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         dx, dw = ctx.grads
         ctx.grads = (None, None)
-        if grad_out.item() != 1.0:  # the common loss.backward() skips a pass over dW
-            dx = dx.mul_(grad_out.to(dx.dtype)) if dx is not None else None
-            dw = dw.mul_(grad_out.to(dw.dtype)) if dw is not None else None
-        return dx, dw, None, None, None, None, None, None, None
+        return (_scale_by_grad(dx, grad_out, ctx.triton), _scale_by_grad(dw, grad_out, ctx.triton),
+                None, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          chunk_tokens: int | None = None, backend: str = "auto",
-                         block_v: int | None = None) -> torch.Tensor:
+                         block_v: int | None = None, low_memory: bool = False) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, labels) (fp32 result) without the full logits.
 
     hidden [..., H], weight [V, H], labels [...] (int). reduction: mean | sum. backend: auto (Triton on
     CUDA, torch elsewhere) | triton | torch. The matmuls run in hidden's dtype (cast first for autocast).
+    chunk_tokens: tokens per chunk (default: 192 MiB of logits, 56 MiB with low_memory). low_memory: four
+    matmuls instead of three, in a quarter of the memory (see the module doc).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction {reduction!r}: the fused loss supports 'mean' and 'sum'")
@@ -183,7 +286,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     return LinearCrossEntropyFunction.apply(x, weight.contiguous(), y, int(ignore_index), reduction,
-                                            float(label_smoothing), chunk_tokens, backend, block_v)
+                                            float(label_smoothing), chunk_tokens, backend, block_v,
+                                            bool(low_memory))
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
