@@ -73,6 +73,9 @@ class SimStep:
     fixed_bytes: float = 0.0  # inputs/labels and whatever else sits on device at step start
     calib_bytes: float = 0.0  # what the profile's measured peak leaves unexplained (allocator, workspace)
     output_bytes: float = 0.0  # the model's output (logits): live from the end of forward into the loss
+    # how far the measured peak before backward (the loss's forward, autocast's weight copies still cached)
+    # lay under the modelled loss event in the unchanged step; None when the profile did not measure it
+    loss_fwd_gap_bytes: float | None = None
     other_s: float = 0.0  # step time outside blocks and optimizer (data loading, loss, glue)
     extra_s: float = 0.0  # time added by strategies outside any block
     comm_s: float = 0.0  # communication not hidden (sharding)
@@ -329,7 +332,8 @@ def _optimizer_transient(profile: Profile) -> float:
     return total
 
 
-def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: bool = True) -> SimStep:
+def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: bool = True,
+              loss_forward: bool = True) -> SimStep:
     """The step as the profile measured it, at `batch_size` (default: the profile's own)."""
     b0 = profile.batch_size
     if batch_size is not None and batch_size <= 0:
@@ -397,16 +401,30 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
                 sim.calib_bytes = residual / base * now if base > 0 else 0.0
             else:
                 sim.calib_bytes = residual
+        gap = _loss_forward_gap(profile) if loss_forward else None
+        if gap is not None:
+            sim.loss_fwd_gap_bytes = gap * (bs / b0 if b0 and bs else 1.0)  # logit-sized, like the loss's
     if not profile.peak.measured:
         sim.notes.append("CPU profile: the peak is the sum of the modelled parts, not an allocator reading")
     return sim
 
 
+def _loss_forward_gap(profile: Profile) -> float | None:
+    """Modelled loss event minus the measured peak before backward, both of the unchanged step at the
+    profile's batch (profiles from memtune >= the version that records `forward_peak_bytes`)."""
+    fwd_peak = profile.extra.get("forward_peak_bytes")
+    if not fwd_peak:
+        return None
+    sim = build_sim(profile, loss_forward=False)
+    at = dict(simulate(sim).timeline).get("loss" if sim.micro_batches == 1 else "mb0/loss")
+    return None if at is None else at - float(fwd_peak)
+
+
 # --- the timeline -----------------------------------------------------------------------------------
 
 _COMPONENTS = ("parameters", "master weights", "buffers", "gradients", "optimizer state",
-               "activations kept", "model output", "recompute working set", "transient",
-               "gathered parameters", "inputs and fixed", "allocator overhead")
+               "activations kept", "autocast weight copies", "model output", "recompute working set",
+               "transient", "gathered parameters", "inputs and fixed", "allocator overhead")
 
 
 def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, float]]], float]:
@@ -420,10 +438,12 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
     block_grads = sum(b.grad_bytes for b in sim.blocks)
     grads = sim.grad_bytes if sim.grads_persist else 0.0
 
-    def rec(name, phase, where, kept, grads_now, transient=0.0, recompute=0.0, gathered=0.0, output=0.0):
+    def rec(name, phase, where, kept, grads_now, transient=0.0, recompute=0.0, gathered=0.0, output=0.0,
+            copies=0.0):
         c = dict(base)
         c.update({"gradients": grads_now, "activations kept": kept, "model output": output,
-                  "recompute working set": recompute, "transient": transient, "gathered parameters": gathered})
+                  "recompute working set": recompute, "transient": transient, "gathered parameters": gathered,
+                  "autocast weight copies": copies})
         events.append((name, phase, where, c))
 
     for m in range(sim.micro_batches):
@@ -440,6 +460,10 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
                 gathered=b.gather_bytes)
             kept += b.kept
         kept += sim.other_act_bytes
+        if sim.loss_fwd_gap_bytes is not None:
+            # the loss's forward: autocast's cache keeps the 16-bit weight copies of every block until the
+            # autocast region ends (before backward), also of blocks whose saved tensors are gone [amp]
+            _loss_forward(rec, f"{pre}loss forward", sim, kept, grads)
         # the model's output (logits) is live until the loss's backward has used it [alloc]
         rec(f"{pre}loss", "loss", None, kept, grads, transient=sim.loss_transient_bytes, output=sim.output_bytes)
         kept -= sim.other_act_bytes  # the loss's saved tensors go with its backward
@@ -455,6 +479,17 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
             grads += max(0.0, sim.grad_bytes - block_grads)  # gradients of parameters outside the blocks
     rec("optimizer", "optimizer", None, 0.0, grads, transient=sim.opt_transient_bytes)
     return events, block_grads
+
+
+def _loss_forward(rec, name: str, sim: SimStep, kept: float, grads: float) -> None:
+    """The loss event less the measured forward-to-loss gap, plus the weight copies only the cache holds."""
+    copies = sum(min(b.autocast_copy_bytes, max(0.0, b.act_bytes - b.kept)) for b in sim.blocks)
+    gap = sim.loss_fwd_gap_bytes or 0.0
+    transient = sim.loss_transient_bytes - gap
+    output = sim.output_bytes + min(0.0, transient)  # a gap wider than the transient comes off the output,
+    kept_now = kept + min(0.0, output)  # then off the activations
+    rec(name, "loss", None, kept_now, grads, transient=max(0.0, transient), output=max(0.0, output),
+        copies=copies)
 
 
 def _step_time(sim: SimStep) -> dict[str, float]:

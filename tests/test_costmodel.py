@@ -499,3 +499,50 @@ def test_bf16_params_use_the_profiled_probe_and_scale_it_with_the_batch():
     # at the loss: 3 x 40 + 10 MB fewer activations, half the block and other parameters
     drop = (3 * 40 + 10) * MB + p.param_bytes / 2
     assert dict(est.timeline)["loss"] == pytest.approx(dict(base.timeline)["loss"] - drop + p.param_bytes)
+
+
+# --- the loss's forward: autocast's weight copies outlive checkpointed blocks' saved tensors ------------
+
+
+def _with_forward_peak(gap, **kw):
+    p = make_profile(autocast="bfloat16", measured_peak=1_000 * MB, **kw)
+    at_loss = dict(estimate(p).timeline)["loss"]
+    p.extra["forward_peak_bytes"] = int(at_loss - gap)  # as the profiler measures it: before backward
+    return p, at_loss
+
+
+def test_loss_forward_event_reproduces_the_measured_forward_peak():
+    p, at_loss = _with_forward_peak(30 * MB)
+    tl = dict(estimate(p).timeline)
+    assert tl["loss forward"] == pytest.approx(at_loss - 30 * MB)  # unchanged step: the measured number
+    assert estimate(p).peak_bytes == pytest.approx(1_000 * MB)
+    # twice the batch: the gap is logit-sized and doubles
+    tl16 = dict(estimate(p, batch_size=16).timeline)
+    assert tl16["loss forward"] == pytest.approx(tl16["loss"] - 60 * MB)
+
+
+def test_checkpointed_blocks_weight_copies_stay_until_the_loss_forward_ends():
+    # 4 blocks of 20 MB fp32 weights: 10 MB of bf16 copies each, held by autocast's cache
+    plan = Plan.from_dict({"checkpoint": {"blocks": "all"}})
+    p, _ = _with_forward_peak(30 * MB)
+    est = estimate(p, plan)
+    tl = dict(est.timeline)
+    assert tl["loss forward"] == pytest.approx(tl["loss"] - 30 * MB + 40 * MB)
+    sim = build_sim(p)
+    checkpoint(sim, {f"blocks.{i}" for i in range(4)})
+    comp = next(c for name, _, _, c in cm._memory(sim)[0] if name == "loss forward")
+    assert comp["autocast weight copies"] == pytest.approx(40 * MB)
+    # a gap wider than the copies (the loss's backward is the larger, as in a script's own loss): no change
+    wide, _ = _with_forward_peak(50 * MB)
+    tlw = dict(estimate(wide, plan).timeline)
+    assert tlw["loss forward"] < tlw["loss"]
+    # a profile that did not measure the forward's peak has no such event
+    assert "loss forward" not in dict(estimate(make_profile(autocast="bfloat16", measured_peak=1_000 * MB),
+                                               plan).timeline)
+
+
+def test_16bit_weights_leave_no_copies_at_the_loss_forward():
+    p, _ = _with_forward_peak(30 * MB)
+    tl = dict(estimate(p, Plan.from_dict({"checkpoint": {"blocks": "all"},
+                                          "precision": {"params": "bf16"}})).timeline)
+    assert tl["loss forward"] == pytest.approx(tl["loss"] - 30 * MB)

@@ -161,6 +161,14 @@ def test_blocks_glob():
     assert all(b.activation_bytes == 4 * 4 * 16 for b in p.repeated_blocks)  # fc saves its (4, 16) input
 
 
+def test_backward_watch_is_removed_after_profiling():
+    import torch
+
+    orig = torch.autograd.backward
+    prof(argv=["--steps", "5"], steps=1)
+    assert torch.autograd.backward is orig
+
+
 def test_torch_compiled_model_is_profiled_eagerly():
     p = prof(argv=["--steps", "5", "--compile"], steps=1)
     assert any("torch.compile" in n for n in p.notes)
@@ -182,6 +190,8 @@ def test_gpu_profile_reads_the_allocator():
     assert all(x.transient_bytes >= expected for x in p.repeated_blocks)
     assert p.step_start_bytes >= states and p.step_s > 0
     assert all(x.fwd_s > 0 and x.bwd_s > 0 for x in p.repeated_blocks)
+    # the peak before backward is called: the forward's, the loss's forward included
+    assert p.step_start_bytes < p.extra["forward_peak_bytes"] <= p.peak.allocated_bytes
 
 
 def test_memory_timeline_on_cpu_says_it_needs_a_gpu(tmp_path):

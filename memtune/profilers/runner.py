@@ -41,7 +41,7 @@ class ScriptFailed(ScriptError):
 
 @dataclass
 class _Mark:
-    label: tuple  # ("fwd", block) ("fwd_end", block) ("model", ) ("loss", ) ("bwd", block) ("bwd_end", )
+    label: tuple  # ("fwd", block) ("fwd_end", block) ("model", ) ("loss", ) ("bwd_call", ) ("bwd", block) ("bwd_end", )
     #               ("opt", ) ("opt_end", )
     clock: Any
     alloc: int = 0  # allocated at the mark
@@ -49,7 +49,8 @@ class _Mark:
     reserved_peak_before: int = 0
 
 
-_PHASE = {"model": "forward", "fwd": "forward", "fwd_end": "forward", "loss": "loss", "bwd": "backward",
+_PHASE = {"model": "forward", "fwd": "forward", "fwd_end": "forward", "loss": "loss", "bwd_call": "loss",
+          "bwd": "backward",
           "bwd_end": "optimizer", "opt": "optimizer", "opt_end": "optimizer"}
 
 
@@ -166,14 +167,39 @@ class _Profiler:
         every module, and compiling would be measured as the first steps' time. Global-norm clipping is
         recorded: update-in-backward cannot honour it, so the tuner must know."""
         undo_clip = self._watch_clipping()
+        undo_bwd = self._watch_backward()
+
+        def undo_watch() -> None:
+            undo_bwd()
+            undo_clip()
+
         stance = getattr(torch.compiler, "set_stance", None)
         if stance is None:
-            return undo_clip
+            return undo_watch
         stance("force_eager")
 
         def undo() -> None:
             stance("default")
-            undo_clip()
+            undo_watch()
+
+        return undo
+
+    def _watch_backward(self) -> Callable[[], None]:
+        """Mark the call of backward in the memory step: the peak before it is the forward's, while autocast's
+        cache still holds the 16-bit weight copies (freed when the autocast region ends, before backward in
+        the usual script), which a checkpointed block's copies outlive."""
+        orig = torch.autograd.backward
+
+        def watched(*args, **kwargs):
+            rec = self.step
+            if rec is not None and not self.in_backward and rec.mode in ("memory", "both"):
+                self.mark("bwd_call")
+            return orig(*args, **kwargs)
+
+        torch.autograd.backward = watched
+
+        def undo() -> None:
+            torch.autograd.backward = orig
 
         return undo
 
@@ -590,17 +616,28 @@ def _assemble(p: _Profiler, s: Session, prof: Profile) -> None:
         best = (0, "unknown", None)
         rpeak = 0
         loss_start_alloc = None
+        forward_peak: int | None = 0  # up to the first call of backward; None once it is known
+        first_loss = False  # inside the first micro-batch's loss: its forward ("loss"), then its backward
         for label, a, b in _intervals(memrec):
             peak = b.peak_before
             rpeak = max(rpeak, b.reserved_peak_before)
             name = _block_of(label)
+            if label[0] == "bwd_call" and forward_peak is not None:
+                prof.extra["forward_peak_bytes"] = forward_peak
+                forward_peak = None
+            elif forward_peak is not None:
+                forward_peak = max(forward_peak, peak)
             if label[0] == "fwd" and name in blocks:
                 blocks[name].transient_bytes = max(blocks[name].transient_bytes, peak - a.alloc)
             elif label[0] == "bwd" and name in blocks:
                 blocks[name].bwd_transient_bytes = max(blocks[name].bwd_transient_bytes, peak - a.alloc)
-            elif label[0] == "loss" and loss_start_alloc is None:
-                loss_start_alloc = a.alloc
-                prof.loss_transient_bytes = max(0, peak - a.alloc - prof.other_activation_bytes)
+            if label[0] == "loss" and loss_start_alloc is None:
+                loss_start_alloc, first_loss = a.alloc, True
+            elif label[0] != "bwd_call":
+                first_loss = False
+            if first_loss:
+                prof.loss_transient_bytes = max(prof.loss_transient_bytes,
+                                                peak - loss_start_alloc - prof.other_activation_bytes, 0)
             where = name if label[0] in ("fwd", "bwd") else None
             if peak > best[0]:
                 best = (peak, _PHASE.get(label[0], "unknown"), where)
