@@ -201,7 +201,7 @@ def report(
 @app.command()
 def tune(
     profile: Annotated[str, typer.Argument(help="profile.json written by `memtune profile`.")],
-    budget: Annotated[str, typer.Option("--budget", "-b", help="GPU memory budget, e.g. 16GiB, 16GB, 16000MiB.")],
+    budget: Annotated[str, typer.Option("--budget", "-b", help="GPU memory budget for PyTorch's allocations (max_memory_allocated), e.g. 16GiB, 16GB, 16000MiB; the CUDA context and allocator caching come on top.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Where to write the plan.")] = "plan.yaml",
     trials: Annotated[int, typer.Option("--trials", help="Plans to evaluate on the cost model (more on a resumed study).")] = 300,
     timeout: Annotated[str, typer.Option("--timeout", help="Stop searching after this long, e.g. 60s, 2m.")] = "60s",

@@ -771,6 +771,14 @@ def _add_verify_trial(study, cand: Candidate, ft_params: dict, ft_dists: dict, m
 # --- the entry point -----------------------------------------------------------------------------------------
 
 
+def _reserved_ratio(profile: Profile) -> float | None:
+    """Reserved / allocated bytes at the profiled peak (the caching allocator's slack), when measured."""
+    pk = profile.peak
+    if not pk.measured or pk.allocated_bytes <= 0 or pk.reserved_bytes <= pk.allocated_bytes:
+        return None
+    return pk.reserved_bytes / pk.allocated_bytes
+
+
 def tune(profile: Profile, opts: TuneOptions, console: Any = None) -> TuneResult:
     """Search plans on the cost model, optionally verify the best for real; returns the chosen plan and the front."""
     import optuna
@@ -782,6 +790,12 @@ def tune(profile: Profile, opts: TuneOptions, console: Any = None) -> TuneResult
     if gpu and opts.budget_bytes > gpu:
         warn.append(f"budget {format_bytes(opts.budget_bytes)} is above the GPU's memory "
                     f"({format_bytes(gpu)}, {profile.hardware.gpu_name or 'GPU'}): plans that need more cannot run on it")
+    elif gpu and (slack := _reserved_ratio(profile)) and opts.budget_bytes * slack > gpu:
+        # the budget counts allocations; the caching allocator reserves more than it hands out
+        warn.append(f"budget {format_bytes(opts.budget_bytes)} counts PyTorch's allocations; the profiled run "
+                    f"reserved {slack:.2f}x what it allocated at its peak, so a plan at the budget may need "
+                    f"{format_bytes(opts.budget_bytes * slack)} of the GPU's {format_bytes(gpu)} (plus the CUDA "
+                    f"context): --budget {format_bytes(gpu / slack)} or less leaves that room")
 
     # the obvious plans, found on the cost model before the study starts
     baseline = tuner.probe({})

@@ -168,6 +168,17 @@ def test_tune_fits_budget_and_beats_checkpoint_all(fake_strategies):
     assert any(c.key == res.chosen.key for c in res.pareto)
 
 
+def test_budget_near_the_cards_size_warns_of_the_allocators_slack(fake_strategies):
+    from memtune.profile import Peak
+
+    p = make_profile()  # a 4 GB GPU
+    p.peak = Peak(allocated_bytes=2 * 10**9, reserved_bytes=int(2.2e9), phase="loss", measured=True)
+    near = search.tune(p, opts(budget_bytes=int(3.8e9), trials=5))
+    assert any("reserved 1.10x" in w and "--budget 3.39 GiB" in w for w in near.warnings), near.warnings
+    room = search.tune(p, opts(budget_bytes=int(3.5e9), trials=5))  # 3.5 x 1.1 = 3.85 <= 4 GB
+    assert not any("reserved" in w for w in room.warnings)
+
+
 def test_infeasible_budget_says_smallest_peak(fake_strategies):
     p = make_profile()
     with pytest.raises(search.BudgetTooSmall, match=r"smallest peak .* predicted with \[.*checkpoint"):
