@@ -324,7 +324,7 @@ def render(results: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "How the model predicts (memtune/costmodel.py): it walks one optimizer step block by block from the "
         "profile (forward keeps each block's saved bytes as the plan chooses: keep, recompute, offload, "
-        "compress; the loss adds the logits and its working set; backward frees activations and creates "
+        "compress; the loss adds the logits and its working set, and its forward also the 16-bit weight copies autocast still caches for blocks whose saved tensors are gone; backward frees activations and creates "
         "gradients; the optimizer step adds its temporaries), takes the peak of that timeline, and calibrates "
         "what the parts leave unexplained once on the profile's measured peak. Step time = profiled forward "
         "and backward + recompute + the part of each host copy the compute cannot hide + optimizer + glue.",
