@@ -57,6 +57,7 @@ _COMPONENTS = [
     ("optimizer state", ("optimizer state", "optimizer_state")),
     ("inputs and fixed", ("inputs and fixed", "fixed")),
     ("activations", ("activations kept", "activations")),
+    ("autocast weight copies", ("autocast weight copies",)),
     ("model output", ("model output", "logits")),
     ("recompute working set", ("recompute working set", "recompute")),
     ("gathered parameters", ("gathered parameters",)),
@@ -65,7 +66,8 @@ _COMPONENTS = [
 ]
 _COLORS = {  # colour-blind-safe (Okabe-Ito) and fixed, so two reports compare at a glance
     "parameters": "#0072B2", "master weights": "#56B4E9", "buffers": "#8c8c8c", "gradients": "#E69F00",
-    "optimizer state": "#D55E00", "inputs and fixed": "#6b4c9a", "activations": "#009E73", "model output": "#999933",
+    "optimizer state": "#D55E00", "inputs and fixed": "#6b4c9a", "activations": "#009E73",
+    "autocast weight copies": "#7fc9b0", "model output": "#999933",
     "recompute working set": "#F0E442", "gathered parameters": "#66c2a5", "transients": "#CC79A7",
     "allocator overhead": "#c8c8c8",
 }
