@@ -26,6 +26,7 @@ from memtune.errors import ScriptError
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Peak, Profile
 from memtune.profilers import memory as mem
 from memtune.profilers.timing import Clock, median
+from memtune.strategies.base import patch_functions
 
 
 class ScriptFailed(ScriptError):
@@ -188,44 +189,30 @@ class _Profiler:
         """Mark the call of backward in the memory step: the peak before it is the forward's, while autocast's
         cache still holds the 16-bit weight copies (freed when the autocast region ends, before backward in
         the usual script), which a checkpointed block's copies outlive."""
-        orig = torch.autograd.backward
 
-        def watched(*args, **kwargs):
-            rec = self.step
-            if rec is not None and not self.in_backward and rec.mode in ("memory", "both"):
-                self.mark("bwd_call")
-            return orig(*args, **kwargs)
+        def wrap(orig):
+            def watched(*args, **kwargs):
+                rec = self.step
+                if rec is not None and not self.in_backward and rec.mode in ("memory", "both"):
+                    self.mark("bwd_call")
+                return orig(*args, **kwargs)
 
-        torch.autograd.backward = watched
+            return watched
 
-        def undo() -> None:
-            torch.autograd.backward = orig
-
-        return undo
+        return patch_functions([(torch.autograd, "backward")], wrap)
 
     def _watch_clipping(self) -> Callable[[], None]:
         import torch.nn.utils as nu
         import torch.nn.utils.clip_grad as cg
 
-        patched: list[tuple[Any, str, Any]] = []
-        for mod in (nu, cg):
-            for attr in ("clip_grad_norm_", "clip_grad_norm"):
-                orig = getattr(mod, attr, None)
-                if orig is None:
-                    continue
+        def wrap(orig):
+            def watched(parameters, max_norm, *args, **kwargs):
+                self.clip_grad_norm = float(max_norm)
+                return orig(parameters, max_norm, *args, **kwargs)
 
-                def watched(parameters, max_norm, *args, _orig=orig, **kwargs):
-                    self.clip_grad_norm = float(max_norm)
-                    return _orig(parameters, max_norm, *args, **kwargs)
+            return watched
 
-                patched.append((mod, attr, orig))
-                setattr(mod, attr, watched)
-
-        def undo() -> None:
-            for mod, attr, orig in reversed(patched):
-                setattr(mod, attr, orig)
-
-        return undo
+        return patch_functions([(m, a) for m in (nu, cg) for a in ("clip_grad_norm_", "clip_grad_norm")], wrap)
 
     def _stop_recording(self) -> None:
         """Keep the allocator's history of the memory step (PyTorch's memory snapshot), then stop recording."""

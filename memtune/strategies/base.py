@@ -56,6 +56,29 @@ def replace_on_instance(obj: Any, name: str, value: Any) -> Undo:
     return undo
 
 
+def patch_functions(targets: list[tuple[Any, str]], wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+                    marker: str | None = None) -> Undo:
+    """Replace each function `owner.attr` (a module's or a class's) by `wrap(current)`; the undo puts the
+    originals back, newest first. With `marker`, a function already wrapped with that marker is left alone
+    (installing twice wraps once) and each new wrapper gets it. Install before a script binds the names."""
+    done: list[tuple[Any, str, Any]] = []
+    for owner, attr in targets:
+        f = getattr(owner, attr, None)
+        if f is None or (marker and getattr(f, marker, False)):
+            continue
+        w = wrap(f)
+        if marker:
+            setattr(w, marker, True)
+        setattr(owner, attr, w)
+        done.append((owner, attr, f))
+
+    def undo() -> None:
+        for owner, attr, f in reversed(done):
+            setattr(owner, attr, f)
+
+    return undo
+
+
 def run_closure(closure: Callable[[], Any] | None) -> Any:
     """What `optimizer.step(closure)` does first: re-evaluate the loss with grad enabled (steps run under
     no_grad), or None without a closure."""

@@ -36,7 +36,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memtune.errors import EnvironmentNotSupported, PlanError
 from memtune.plan import check_bool, check_keys, shared_block_refs, validate_block_refs
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register, run_closure, wrap_forward
+from memtune.strategies.base import (
+    ApplyContext,
+    Strategy,
+    Undo,
+    patch_functions,
+    register,
+    run_closure,
+    wrap_forward,
+)
 from memtune.strategies.checkpoint import hf_checkpointing_off
 
 KEYS = {"activations": "blocks whose saved activations go to host memory (all, indices, 'a-b', paths)",
@@ -618,7 +626,6 @@ def _clip_patch(orig):
                     o.clip_end(cur, o.t.scalar_to_host(coef))
         return total
 
-    clip_grad_norm_._memtune_offload_clip = True  # type: ignore[attr-defined]
     return clip_grad_norm_
 
 
@@ -634,7 +641,6 @@ def _unscale_patch(orig):
                 o.mark_stale()
         return out
 
-    _unscale_grads_._memtune_offload_clip = True  # type: ignore[attr-defined]
     return _unscale_grads_
 
 
@@ -645,18 +651,12 @@ def install_clip_patch() -> Undo:
     import torch.nn.utils.clip_grad as cg
     from torch.amp.grad_scaler import GradScaler
 
-    undo: list[tuple[Any, str, Any]] = []
-    for mod, attr, patch in ((nu, "clip_grad_norm_", _clip_patch), (cg, "clip_grad_norm_", _clip_patch),
-                             (GradScaler, "_unscale_grads_", _unscale_patch)):
-        f = mod.__dict__.get(attr)
-        if f is None or getattr(f, "_memtune_offload_clip", False):
-            continue
-        undo.append((mod, attr, f))
-        setattr(mod, attr, patch(f))  # noqa: B010
+    clip = patch_functions([(nu, "clip_grad_norm_"), (cg, "clip_grad_norm_")], _clip_patch, "_memtune_offload_clip")
+    unscale = patch_functions([(GradScaler, "_unscale_grads_")], _unscale_patch, "_memtune_offload_clip")
 
     def restore() -> None:
-        for mod, attr, f in reversed(undo):
-            setattr(mod, attr, f)
+        unscale()
+        clip()
 
     return restore
 

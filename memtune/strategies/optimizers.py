@@ -38,7 +38,15 @@ import torch
 
 from memtune.errors import PlanError, ScriptError
 from memtune.plan import check_choice, check_keys
-from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register, run_closure
+from memtune.strategies.base import (
+    ApplyContext,
+    SearchOptions,
+    Strategy,
+    Undo,
+    patch_functions,
+    register,
+    run_closure,
+)
 
 if TYPE_CHECKING:
     from memtune.costmodel import SimStep
@@ -344,7 +352,6 @@ def _clip_guard(orig):
         return orig(ps, *args, **kwargs)
 
     clip_grad_norm_.__wrapped__ = orig  # type: ignore[attr-defined]
-    clip_grad_norm_._memtune_guard = True  # type: ignore[attr-defined]
     return clip_grad_norm_
 
 
@@ -353,20 +360,8 @@ def install_clip_guard() -> Undo:
     import torch.nn.utils as nu
     import torch.nn.utils.clip_grad as cg
 
-    undo: list[tuple[Any, str, Any]] = []
-    for mod in (nu, cg):
-        for attr in ("clip_grad_norm_", "clip_grad_norm"):
-            f = getattr(mod, attr, None)
-            if f is None or getattr(f, "_memtune_guard", False):
-                continue
-            undo.append((mod, attr, f))
-            setattr(mod, attr, _clip_guard(f))
-
-    def restore() -> None:
-        for mod, attr, f in reversed(undo):
-            setattr(mod, attr, f)
-
-    return restore
+    return patch_functions([(m, a) for m in (nu, cg) for a in ("clip_grad_norm_", "clip_grad_norm")],
+                           _clip_guard, "_memtune_guard")
 
 
 # --- swapping ----------------------------------------------------------------------------------------
