@@ -264,18 +264,30 @@ def _calibration(profile: Profile) -> tuple[float, float]:
     When the measured peak happened in the loss region, the shortfall is working memory of the loss
     (logit-sized: it grows with the batch) and is added to the loss's transient; whatever is left is a
     constant (allocator rounding, library workspaces) [data]."""
+    return _calibrate(profile)[:2]
+
+
+def _calibrate(profile: Profile) -> tuple[float, float, float | None]:
+    """`_calibration`'s two numbers, and the loss-forward gap: the calibrated (first) loss event of the
+    unchanged step less the peak the profiler measured before backward was called (`forward_peak_bytes`;
+    None for profiles without it). Calibrated at the profile's batch, that event is the uncalibrated one
+    plus loss_extra (its transient) plus residual (every event's constant)."""
     if not profile.peak.measured or profile.peak.allocated_bytes <= 0:
-        return 0.0, 0.0  # a CPU profile's peak is the sum of our own parts: nothing to calibrate against
+        return 0.0, 0.0, None  # a CPU profile's peak is the sum of our own parts: nothing to calibrate against
     measured = float(profile.peak.allocated_bytes)
+    fwd_peak = profile.extra.get("forward_peak_bytes")
+    in_loss = (profile.peak.phase, profile.peak.where) in _LOSS_REGION
     sim = build_sim(profile, calibrate=False)
+    raw = dict(simulate(sim).timeline) if in_loss or fwd_peak else {}
+    last_loss = "loss" if sim.micro_batches == 1 else f"mb{sim.micro_batches - 1}/loss"
     loss_extra = 0.0
-    if (profile.peak.phase, profile.peak.where) in _LOSS_REGION:
-        est = simulate(sim)
-        at_loss = dict(est.timeline).get("loss" if sim.micro_batches == 1 else f"mb{sim.micro_batches - 1}/loss")
-        if at_loss is not None:
-            loss_extra = max(0.0, measured - at_loss)
-            sim.loss_transient_bytes += loss_extra
-    return loss_extra, measured - simulate(sim).peak_bytes
+    if in_loss and raw.get(last_loss) is not None:
+        loss_extra = max(0.0, measured - raw[last_loss])
+        sim.loss_transient_bytes += loss_extra
+    residual = measured - simulate(sim).peak_bytes
+    first_loss = raw.get("loss" if sim.micro_batches == 1 else "mb0/loss")
+    gap = first_loss + loss_extra + residual - float(fwd_peak) if fwd_peak and first_loss is not None else None
+    return loss_extra, residual, gap
 
 
 def fit_batch(profile: Profile, other: Profile) -> Profile:
@@ -332,8 +344,7 @@ def _optimizer_transient(profile: Profile) -> float:
     return total
 
 
-def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: bool = True,
-              loss_forward: bool = True) -> SimStep:
+def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: bool = True) -> SimStep:
     """The step as the profile measured it, at `batch_size` (default: the profile's own)."""
     b0 = profile.batch_size
     if batch_size is not None and batch_size <= 0:
@@ -385,13 +396,13 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
         sim.tokens_per_step = profile.tokens_per_step
 
     if calibrate and profile.peak.measured and profile.peak.allocated_bytes > 0:
+        loss_extra, residual, gap = _calibrate(profile)
         if fit and "residual" in fit and bs:
             la, ls = fit["loss_extra"]
             ra, rs = fit["residual"]
             sim.loss_transient_bytes += max(0.0, la + ls * bs)  # both fitted through two measured peaks
             sim.calib_bytes = ra + rs * bs
         else:
-            loss_extra, residual = _calibration(profile)
             sim.loss_transient_bytes += loss_extra * (bs / b0 if b0 and bs else 1.0)  # logit-sized
             if CALIBRATION == "proportional" and residual:
                 base_sim = build_sim(profile, calibrate=False)
@@ -401,23 +412,11 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
                 sim.calib_bytes = residual / base * now if base > 0 else 0.0
             else:
                 sim.calib_bytes = residual
-        gap = _loss_forward_gap(profile) if loss_forward else None
         if gap is not None:
             sim.loss_fwd_gap_bytes = gap * (bs / b0 if b0 and bs else 1.0)  # logit-sized, like the loss's
     if not profile.peak.measured:
         sim.notes.append("CPU profile: the peak is the sum of the modelled parts, not an allocator reading")
     return sim
-
-
-def _loss_forward_gap(profile: Profile) -> float | None:
-    """Modelled loss event minus the measured peak before backward, both of the unchanged step at the
-    profile's batch (profiles from memtune >= the version that records `forward_peak_bytes`)."""
-    fwd_peak = profile.extra.get("forward_peak_bytes")
-    if not fwd_peak:
-        return None
-    sim = build_sim(profile, loss_forward=False)
-    at = dict(simulate(sim).timeline).get("loss" if sim.micro_batches == 1 else "mb0/loss")
-    return None if at is None else at - float(fwd_peak)
 
 
 # --- the timeline -----------------------------------------------------------------------------------
