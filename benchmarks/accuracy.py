@@ -262,25 +262,21 @@ def _err(pred, meas):
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    peak_errs, step_errs, per_model = [], [], {}
+    def errs(rows):  # |errors| of the rows that ran (no OOM, error or deadline skip)
+        ok = [r for r in rows if not (r.get("oom") or r.get("error") or r.get("not_run"))]
+        return ([abs(r["peak_err"]) for r in ok if r["peak_err"] is not None],
+                [abs(r["step_err"]) for r in ok if r["step_err"] is not None])
+
+    rows = []
+    per_model = {}
     for rec in results["models"]:
-        pe, se = [], []
         for row in rec["rows"]:
             row["peak_err"] = _err(row.get("pred_peak"), row.get("measured_peak"))
             row["step_err"] = _err(row.get("pred_step_s"), row.get("measured_step_s"))
-            bad = row.get("oom") or row.get("error") or row.get("not_run")
-            if row["peak_err"] is not None and not bad:
-                pe.append(abs(row["peak_err"]))
-            if row["step_err"] is not None and not bad:
-                se.append(abs(row["step_err"]))
-        per_model[rec["model"]] = _stats(pe, se)
-        peak_errs += pe
-        step_errs += se
-    nb = [r for rec in results["models"] for r in rec["rows"] if r["plan"] != "baseline"
-          and not (r.get("oom") or r.get("error") or r.get("not_run"))]
-    no_base = _stats([abs(r["peak_err"]) for r in nb if r.get("peak_err") is not None],
-                     [abs(r["step_err"]) for r in nb if r.get("step_err") is not None])
-    return {"all": _stats(peak_errs, step_errs), "models": per_model, "without_baselines": no_base}
+        per_model[rec["model"]] = _stats(*errs(rec["rows"]))
+        rows += rec["rows"]
+    return {"all": _stats(*errs(rows)), "models": per_model,
+            "without_baselines": _stats(*errs([r for r in rows if r["plan"] != "baseline"]))}
 
 
 def _stats(pe, se):
@@ -324,8 +320,9 @@ def render(results: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "How the model predicts (memtune/costmodel.py): it walks one optimizer step block by block from the "
         "profile (forward keeps each block's saved bytes as the plan chooses: keep, recompute, offload, "
-        "compress; the loss adds the logits and its working set, and its forward also the 16-bit weight copies autocast still caches for blocks whose saved tensors are gone; backward frees activations and creates "
-        "gradients; the optimizer step adds its temporaries), takes the peak of that timeline, and calibrates "
+        "compress; the loss adds the logits and its working set, and its forward also the 16-bit weight "
+        "copies autocast still caches for blocks whose saved tensors are gone; backward frees activations and "
+        "creates gradients; the optimizer step adds its temporaries), takes the peak of that timeline, and calibrates "
         "what the parts leave unexplained once on the profile's measured peak. Step time = profiled forward "
         "and backward + recompute + the part of each host copy the compute cannot hide + optimizer + glue.",
         "",
