@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -536,8 +537,6 @@ class OptimizerOffload:
 
     @torch.no_grad()
     def _step(self, opt, closure=None):
-        import time
-
         from memtune.patcher import step_on
 
         loss = run_closure(closure)
