@@ -167,21 +167,15 @@ class _Profiler:
         """torch.compile'd code runs eagerly while profiling: per-module hooks and saved-tensor hooks must see
         every module, and compiling would be measured as the first steps' time. Global-norm clipping is
         recorded: update-in-backward cannot honour it, so the tuner must know."""
-        undo_clip = self._watch_clipping()
-        undo_bwd = self._watch_backward()
-
-        def undo_watch() -> None:
-            undo_bwd()
-            undo_clip()
-
+        undos = [self._watch_clipping(), self._watch_backward()]
         stance = getattr(torch.compiler, "set_stance", None)
-        if stance is None:
-            return undo_watch
-        stance("force_eager")
+        if stance is not None:
+            stance("force_eager")
+            undos.append(lambda: stance("default"))
 
         def undo() -> None:
-            stance("default")
-            undo_watch()
+            for u in reversed(undos):
+                u()
 
         return undo
 
