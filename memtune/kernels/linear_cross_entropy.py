@@ -122,12 +122,13 @@ def _scale_by_grad(t, grad_out, use_triton):
 
 
 def _block(block_v, n_cols):
+    """The vocabulary block of a row loop (every Triton launch here starts with it)."""
+    if triton is None:
+        raise ImportError("Triton is needed for the CUDA kernel: pip install triton")
     return block_v or min(BLOCK_V, triton.next_power_of_2(n_cols))
 
 
 def _rows_triton(logits, labels, row_loss, lse, scale, ignore_index, smoothing, write_grad, block_v):
-    if triton is None:
-        raise ImportError("Triton is needed for the CUDA kernel: pip install triton")
     n, v = logits.shape
     bv = _block(block_v, v)
     _ce_rows_kernel[(n,)](logits, logits.stride(0), labels, row_loss, lse, scale, v, ignore_index,
@@ -136,8 +137,6 @@ def _rows_triton(logits, labels, row_loss, lse, scale, ignore_index, smoothing, 
 
 
 def _grad_cols_triton(logits, labels, lse, scale, col0, vocab, ignore_index, smoothing, block_v):
-    if triton is None:
-        raise ImportError("Triton is needed for the CUDA kernel: pip install triton")
     n, nc = logits.shape
     bv = _block(block_v, nc)
     _ce_grad_cols_kernel[(n,)](logits, logits.stride(0), labels, lse, scale, nc, col0, vocab, ignore_index,
