@@ -86,7 +86,7 @@ def candidate_plans(n_repeated: int, batch: int, batches: list[int]) -> list[tup
 
 def valid_plans(cands, script: str, argv: list[str]):
     from memtune.errors import MemtuneError
-    from memtune.plan import Plan
+    from memtune.strategies import plan_from_dict
 
     out, skipped = [], []
     for name, d in cands:
@@ -94,7 +94,7 @@ def valid_plans(cands, script: str, argv: list[str]):
         run = dict(d.pop("run", {}))
         run.update(script=script, argv=list(argv))
         try:
-            plan = Plan.from_dict({"run": run, **d}, source=name)
+            plan = plan_from_dict({"run": run, **d}, source=name)
         except MemtuneError as e:
             skipped.append((name, " ".join(str(e).split())))
             continue
@@ -236,10 +236,10 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
 
 def predict(results: dict[str, Any]) -> None:
     """(Re)compute each row's prediction from the stored profile with the current cost model."""
-    from memtune.costmodel import estimate
     from memtune.errors import MemtuneError
-    from memtune.plan import Plan
+    from memtune.estimate import estimate
     from memtune.profile import Profile
+    from memtune.strategies import plan_from_dict
 
     for rec in results["models"]:
         if "profile" not in rec:
@@ -247,7 +247,7 @@ def predict(results: dict[str, Any]) -> None:
         profile = Profile.from_dict(rec["profile"])
         for row in rec["rows"]:
             try:
-                est = estimate(profile, Plan.from_dict(row["plan_dict"]))
+                est = estimate(profile, plan_from_dict(row["plan_dict"]))
             except MemtuneError as e:
                 row["predict_error"] = str(e)
                 continue

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from memtune.kernels import activation_quant as aq  # noqa: E402
-from memtune.strategies.compress import _wrap_forward, make_codec  # noqa: E402
+from memtune.strategies.compress import make_codec  # noqa: E402
+from memtune.strategies.saved_tensors import SavedTensorPipeline  # noqa: E402
 
 
 def bench(fn, warmup=5, rep=30):
@@ -91,7 +92,8 @@ def gpt(layers, width, batch, seq, rows):
         undos = []
         if mode != "none":
             pack, unpack = make_codec(mode, 2**20, params)
-            undos = [_wrap_forward(b, pack, unpack) for b in model.blocks]
+            pipe = SavedTensorPipeline(lambda name: model.blocks[int(name)], [])
+            undos = [pipe.add_codec([str(i) for i in range(len(model.blocks))], (pack, unpack))]
         loss = step()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

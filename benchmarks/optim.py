@@ -82,7 +82,7 @@ def measure(name: str, build, n_tensors: int, shape, steps: int, warmup: int, dt
 
 
 def builders(lr=1e-3):
-    from memtune.strategies import optimizers as O
+    from memtune.optim import swap as O
 
     out = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True),
@@ -176,7 +176,7 @@ def main() -> None:
                                                             {"stochastic_rounding": True})]:
         if a.only and not any(s in name for s in a.only):
             continue
-        from memtune.strategies import optimizers as O
+        from memtune.optim import swap as O
 
         r = measure(name, lambda ps, kw=kw: O.make_optimizer("adamw8bit", ps, lr=1e-3, **kw), a.tensors, shape,
                     a.steps, a.warmup, dtype=torch.bfloat16)

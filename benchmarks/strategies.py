@@ -80,7 +80,7 @@ def pinned_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> tuple[float
 
 def run_config(model, cfg, device, make_opt, plan=None, clip=True, hf_gc=False, steps=4, warmup=2,
                clip_on_host=None, chunk_mib=None):
-    import memtune.strategies.offload as offload
+    import memtune.strategies.offload.optimizer_state as offload
 
     if clip_on_host is not None:
         offload.CLIP_ON_HOST = clip_on_host
@@ -95,8 +95,8 @@ def run_config(model, cfg, device, make_opt, plan=None, clip=True, hf_gc=False, 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = make_opt(model)
     undo = memtune.apply_plan(model, opt, plan) if plan else None
-    off = undo.ctx.shared.get("activation_offloader") if undo else None
-    opt_offs = undo.ctx.shared.get("optimizer_offloads", []) if undo else []
+    off = undo.ctx.activation_offloader if undo else None
+    opt_offs = undo.ctx.optimizer_offloads if undo else []
     use_amp = device.type == "cuda"
     times, losses = [], []
     try:

@@ -64,24 +64,24 @@ def reduced_space():
     effect and description, with a smaller `space()`."""
     import memtune.strategies as strategies
     from memtune.strategies.base import _REGISTRY
+    from memtune.strategies.layout import compact
 
     strategies._load()
     saved = dict(_REGISTRY)
     real_opt = saved["optimizer"]
 
-    def ck_space(trial, profile, opts):
-        n = len(profile.repeated_blocks)
-        k = trial.suggest_int("checkpoint.k", 0, n)
-        return None if k == 0 else {"blocks": "all" if k == n else [f"{n - k}-{n - 1}"], "mode": "full"}
+    def ck_space(trial, profile, layout, opts):
+        blocks = compact(layout.blocks("recompute"), len(profile.repeated_blocks))
+        return {"blocks": blocks, "mode": "full"} if blocks else None
 
-    def opt_space(trial, profile, opts):
+    def opt_space(trial, profile, layout, opts):
         choices = ["adamw"] if opts.lossless_only or opts.device != "cuda" else ["adamw", "adamw8bit"]
         if real_opt._inbackward_ok(profile) and opts.world_size <= 1:
             choices.append("inbackward")
         name = trial.suggest_categorical("optimizer.name", choices)
         return None if name == "adamw" else {"name": name}
 
-    def offload_space(trial, profile, opts):
+    def offload_space(trial, profile, layout, opts):
         if opts.device != "cuda":
             return None
         on = trial.suggest_categorical("offload.optimizer_state", [False, True])
@@ -177,9 +177,9 @@ def plan_key(plan: dict | None) -> str:
     compare equal when they are the same plan)."""
     if not plan:
         return "{}"
-    from memtune.plan import Plan
+    from memtune.strategies import plan_from_dict
 
-    return json.dumps(Plan.from_dict(dict(plan)).sections, sort_keys=True, default=str)
+    return json.dumps(plan_from_dict(dict(plan)).section_dicts(), sort_keys=True, default=str)
 
 
 def worker(name: str, w: dict, configs: list[dict], out: Path, steps: int, budgets: list[int], deadline: float) -> None:
@@ -187,9 +187,8 @@ def worker(name: str, w: dict, configs: list[dict], out: Path, steps: int, budge
     After the grid, the manual recipe at the largest batch whose checkpoint-all twin fit each budget."""
     import torch
 
-    from memtune.patcher import apply_plan, ordered_sections
-    from memtune.plan import Plan
-    from memtune.strategies import get_strategy
+    from memtune.patcher import apply_plan
+    from memtune.strategies import get_strategy, ordered_sections, plan_from_dict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, opt, batch, loss_fn, seq = build(name, w, device)
@@ -216,7 +215,7 @@ def worker(name: str, w: dict, configs: list[dict], out: Path, steps: int, budge
         undos = []
         try:
             if c.get("plan"):
-                plan = Plan.from_dict(dict(c["plan"]))
+                plan = plan_from_dict(dict(c["plan"]))
                 for sname, sec in ordered_sections(plan):  # what `memtune apply` installs before the script
                     undos.append(get_strategy(sname).install(sec, None))
                 undos.append(apply_plan(model, opt, plan))
@@ -340,24 +339,25 @@ def get_profile(name: str, w: dict, out: Path, deadline: float, args, res: dict)
 
 
 def tune_one(prof: Path, b: int, w: dict, out: Path, name: str, args, lossless: bool):
-    from memtune import search
+    from memtune.errors import MemtuneError
+    from memtune.tune import tune_files
 
     tag = "lossless" if lossless else "lossy"
     plan_out = out / f"{name}-{b // 2**20}MiB-{tag}.plan.yaml"
     knob = f"--batch-size={','.join(map(str, w['batches']))}"
     t0 = time.perf_counter()
     try:
-        r = search.tune_files(str(prof), str(b), str(plan_out), trials=args.trials, timeout=f"{args.search_s}s",
+        r = tune_files(str(prof), str(b), str(plan_out), trials=args.trials, timeout=f"{args.search_s}s",
                               verify=args.verify, verify_steps=args.verify_steps, batch_knob=knob,
                               lossless_only=lossless, force=True, seed=0)
         return r, None, time.perf_counter() - t0
-    except search.MemtuneError as e:
+    except MemtuneError as e:
         return None, e, time.perf_counter() - t0
 
 
 def run_tunes(name: str, w: dict, prof: Path, out: Path, deadline: float, args) -> tuple[list[dict], list[dict]]:
     """Tune each budget in the reduced space, lossless first, lossy where no lossless plan fits."""
-    from memtune import search
+    from memtune.errors import BudgetTooSmall
     from memtune.units import format_bytes
 
     tunes, tuned_cfgs = [], []
@@ -371,7 +371,7 @@ def run_tunes(name: str, w: dict, prof: Path, out: Path, deadline: float, args) 
             r, err, wall = tune_one(prof, b, w, out, name, args, lossless=True)
             entry["lossless_attempt"] = {"wall_s": round(wall, 1), "error": str(err) if err else None}
             entry["lossy_allowed"] = False
-            if isinstance(err, search.BudgetTooSmall) and time.time() < deadline - args.tune_reserve:
+            if isinstance(err, BudgetTooSmall) and time.time() < deadline - args.tune_reserve:
                 entry["lossy_allowed"] = True  # no lossless plan is predicted to fit: allow lossy ones
                 r, err, wall = tune_one(prof, b, w, out, name, args, lossless=False)
             entry["wall_s"] = round(wall, 1)
@@ -577,11 +577,11 @@ def main() -> None:
     table = TINY if args.tiny else WORKLOADS
     import torch
 
-    from memtune import search
+    from memtune.tune.margin import safety_margin
 
     env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-           "margin": search.safety_margin()}
+           "margin": safety_margin()}
     all_res = []
     for name in args.workloads.split(","):
         w = dict(table[name], key=name)

@@ -20,7 +20,6 @@ Every global patch is undone when `run()` returns, also on failure.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import gc
 import importlib.util
@@ -38,10 +37,11 @@ import torch
 import torch.nn as nn
 import torch.optim.optimizer as _optim_mod
 
+from memtune.blocks import BlockRef, find_blocks, is_wrapper, unwrap_model
 from memtune.errors import InputError, ScriptError
-from memtune.strategies.base import BlockRef
+from memtune.undo import Undos
 
-__all__ = ["ScriptFailure", "Session", "StopRun", "find_blocks", "unwrap_model"]
+__all__ = ["ScriptFailure", "Session", "StopRun"]
 
 
 class StopRun(BaseException):
@@ -58,110 +58,7 @@ class ScriptFailure:
         return f"{self.exc_type}: {self.message}" if self.message else self.exc_type
 
 
-# --- models and blocks ------------------------------------------------------------------------------
-
-
-def unwrap_model(module: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel / FSDP(1) / DataParallel / torch.compile wrappers."""
-    seen = set()
-    while id(module) not in seen:
-        seen.add(id(module))
-        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            module = inner
-            continue
-        if type(module).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel") \
-                and isinstance(getattr(module, "module", None), nn.Module):
-            module = module.module
-            continue
-        break
-    return module
-
-
-def _n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-_WRAPPERS = ("OptimizedModule", "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def _signature(m: nn.Module) -> tuple:
-    return tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
-
-
-def _repeated_run(model: nn.Module) -> list[str]:
-    """Paths of the repeated blocks: the longest run of consecutive same-class children (searched
-    recursively) holding most parameters, plus the other outermost instances of that class in the model
-    (a ResNet's bottlenecks sit in four stages). Containers (Sequential, ModuleList) count as a class only
-    when the run's members are identical in structure, so `stem` next to `layers` is not a run."""
-    best: tuple[int, int, list[str], type | None] = (0, 0, [], None)  # (params, length, names, class)
-    for path, mod in model.named_modules():
-        children = list(mod.named_children())
-        i = 0
-        while i < len(children):
-            cls = type(children[i][1])
-            sig = _signature(children[i][1]) if issubclass(cls, _CONTAINERS) else None
-            j = i + 1
-            while j < len(children) and type(children[j][1]) is cls and (
-                    sig is None or _signature(children[j][1]) == sig):
-                j += 1
-            if j - i >= 2:
-                run = children[i:j]
-                n = sum(_n_params(c) for _, c in run)
-                if n > 0 and (n, j - i) > best[:2]:
-                    best = (n, j - i, [f"{path}.{name}" if path else name for name, _ in run], cls)
-            i = j if j > i + 1 else i + 1
-    names, cls = best[2], best[3]
-    if cls is None or issubclass(cls, _CONTAINERS):
-        return names
-    out: list[str] = []
-    for path, mod in model.named_modules():
-        if type(mod) is cls and path and not any(path.startswith(o + ".") for o in out):
-            out.append(path)
-    return out
-
-
-def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockRef]:
-    """The model's blocks: its repeated layers (kind="repeated") and the other top-level pieces that hold
-    parameters (embeddings, final norm, head, stem: kind="other"), in registration order, which is the
-    forward order for the usual `for block in self.blocks` model (the profiler records the observed order).
-
-    `pattern` is a glob over module paths (e.g. "layers.*" or "encoder.layer.*") that replaces the automatic
-    repeated set; a match inside another match is dropped, so "blocks.*" means blocks.0, blocks.1, ...
-    """
-    model = unwrap_model(model)
-    modules = dict(model.named_modules())
-    if pattern:
-        matched = [n for n in modules if n and fnmatch.fnmatchcase(n, pattern)]
-        repeated = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
-        if not repeated:
-            sample = [n for n in modules if n and n.count(".") <= 2][:12]
-            raise InputError(
-                f"--blocks {pattern!r} matches no module of {type(model).__name__}; module paths look like "
-                f"{', '.join(sample)}"
-            )
-    else:
-        repeated = _repeated_run(model)
-    rep = set(repeated)
-    refs: list[BlockRef] = []
-
-    def walk(path: str, mod: nn.Module) -> None:
-        for name, child in mod.named_children():
-            p = f"{path}.{name}" if path else name
-            if p in rep:
-                refs.append(BlockRef(p, child, "repeated"))
-            elif any(r.startswith(p + ".") for r in rep):
-                walk(p, child)
-            elif any(True for _ in child.parameters()):
-                refs.append(BlockRef(p, child, "other"))
-
-    walk("", model)
-    if not refs and any(True for _ in model.parameters()):
-        refs.append(BlockRef("", model, "other"))  # a model with its parameters all on the root
-    for i, b in enumerate(refs):
-        b.index = i
-    return refs
+# --- models ------------------------------------------------------------------------------------------
 
 
 def _find_model(params: set[int]) -> nn.Module | None:
@@ -330,7 +227,7 @@ class Session:
     def _forward_pre(self, module: nn.Module, args: Any) -> None:
         if not self._pending_model:
             if self.wrapper is None and self.model is not None and module is not self.model \
-                    and type(module).__name__ in _WRAPPERS and unwrap_model(module) is self.model:
+                    and is_wrapper(module) and unwrap_model(module) is self.model:
                 self.wrapper = module  # wrapped (DDP, torch.compile) after its optimizer was built
             return
         ids = set().union(*(_optimizer_param_ids(o) for o in self.optimizers))
@@ -383,7 +280,7 @@ class Session:
     def run(self) -> Session:
         target, path_add = self._resolve()
         saved_argv, saved_path = sys.argv[:], sys.path[:]
-        undos: list[Callable[[], None]] = []
+        undos = Undos()
         session = self
 
         # Optimizer construction: every optimizer class's own __init__ is wrapped (the base, the subclasses
@@ -468,7 +365,7 @@ class Session:
             for cb in list(self.on_before_run):
                 u = cb(self)
                 if u is not None:
-                    undos.append(u)
+                    undos.add(u)
 
             sys.argv = [target if self.script is not None else self.module, *self.argv]
             for p in reversed(path_add):
@@ -515,8 +412,7 @@ class Session:
                 for cb in list(self.on_end):
                     cb(self)
             finally:
-                for u in reversed(undos):
-                    u()
+                undos()
         return self
 
 

@@ -122,7 +122,8 @@ def profile(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a training script unchanged for a few steps and measure what its memory and time are made of."""
-    from memtune.profilers.runner import ScriptFailed, profile_script, render_profile
+    from memtune.profilers.runner import ScriptFailed, profile_script
+    from memtune.render import render_profile
 
     args = list(args or [])
     script = None if module else (args.pop(0) if args else None)
@@ -158,14 +159,15 @@ def estimate(
     json_out: JsonOpt = False,
 ) -> None:
     """Predict the peak memory and step time of a plan (or the baseline) from a profile, with a breakdown."""
-    from memtune.costmodel import estimate_files, render_report
+    from memtune.estimate import estimate_files
+    from memtune.render import render_estimate
 
     with user_errors():
         rep = estimate_files(profile, plan, budget, batch_size, profile2)
     if json_out:
         print_json(rep.to_dict())
     else:
-        render_report(rep, console)
+        render_estimate(rep, console)
 
 
 @app.command()
@@ -218,14 +220,15 @@ def tune(
     json_out: JsonOpt = False,
 ) -> None:
     """Search plans that fit a memory budget at the highest throughput (cost model + Optuna), write plan.yaml."""
-    from memtune.search import pareto_table, tune_files
+    from memtune.render import pareto_table, progress_bars
+    from memtune.tune import tune_files
     from memtune.units import format_bytes
 
-    with user_errors():
+    with user_errors(), progress_bars(err_console, enabled=not json_out) as progress:
         res = tune_files(profile, budget, output, trials=trials, timeout=timeout, verify=verify,
                          verify_steps=verify_steps, objective=objective, lossless_only=lossless_only,
                          batch_knob=batch_knob, storage=storage, study_name=study_name, seed=seed, margin=margin,
-                         force=force, progress=not json_out, console=err_console)
+                         force=force, progress=progress)
     for w in res.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
     if json_out:
@@ -259,7 +262,8 @@ def apply_cmd(
 
     from memtune.errors import ScriptError
     from memtune.io import check_writable, write_json_atomic
-    from memtune.patcher import as_plan, run_apply
+    from memtune.patcher import run_apply
+    from memtune.strategies import load_plan
     from memtune.units import format_bytes, format_seconds
 
     args = list(args or [])
@@ -276,7 +280,7 @@ def apply_cmd(
         (err_console if json_out else console).print(t)
 
     with user_errors():
-        p = as_plan(plan)
+        p = load_plan(plan)
         if report_out:
             check_writable(report_out, force)
         redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()

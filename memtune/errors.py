@@ -28,3 +28,11 @@ class ScriptError(MemtuneError):
 
 class EnvironmentNotSupported(MemtuneError):
     """The machine lacks something a requested feature needs (a GPU, Triton, a process group)."""
+
+
+class BudgetTooSmall(MemtuneError):
+    """No plan in the space is predicted to fit the budget."""
+
+
+class VerificationFailed(MemtuneError):
+    """Every verified plan failed for real (out of memory, over budget, or crashed)."""

@@ -7,41 +7,26 @@ Two entry points:
   strategy's global patch before the script starts, apply the plan once the model and optimizer exist
   (Session.on_ready), measure peak and step time.
 
-Helpers shared by the strategies that replace `optimizer.step` (precision's master weights, optimizer-state
-offload) live here too: `raw_step`, `wrap_step`, `step_on`.
 """
 
 from __future__ import annotations
 
 import statistics
-import types
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from memtune.blocks import BlockRef, find_blocks
+from memtune.capture import Session, StopRun
 from memtune.errors import InputError, MemtuneError, PlanError
 from memtune.plan import Plan
-from memtune.strategies import ApplyContext, BlockRef, get_strategy
-from memtune.strategies.base import Undo, replace_on_instance
+from memtune.strategies import ApplyContext, get_strategy, load_plan, make_context, ordered_sections
+from memtune.undo import Undos
 
 # --- plan input ------------------------------------------------------------------------------------
-
-
-def as_plan(plan: Plan | dict | str | Path) -> Plan:
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, dict):
-        return Plan.from_dict(plan)
-    return Plan.load(plan)
-
-
-def ordered_sections(plan: Plan) -> list[tuple[str, dict[str, Any]]]:
-    items = [(n, s) for n, s in plan.sections.items()]
-    return sorted(items, key=lambda kv: (get_strategy(kv[0]).order, kv[0]))
 
 
 def preflight(plan: Plan, device: torch.device | str | None = None) -> None:
@@ -51,15 +36,6 @@ def preflight(plan: Plan, device: torch.device | str | None = None) -> None:
         check = getattr(get_strategy(name), "preflight", None)
         if check is not None:
             check(section, dev)
-
-
-# --- blocks ----------------------------------------------------------------------------------------
-
-
-def find_model_blocks(model: torch.nn.Module, pattern: str | None = None) -> list[BlockRef]:
-    from memtune.capture import find_blocks
-
-    return find_blocks(model, pattern)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -74,34 +50,21 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 class Applied:
     """The undo of one application (call it), with what was done (`notes`: (strategy, text) rows)."""
 
-    def __init__(self, undos: list[tuple[str, Undo]], ctx: ApplyContext):
+    def __init__(self, undos: Undos, ctx: ApplyContext):
         self._undos = undos
         self.ctx = ctx
         self.notes = ctx.notes
 
     def __call__(self) -> None:
-        errors = []
-        while self._undos:
-            name, undo = self._undos.pop()
-            try:
-                undo()
-            except Exception as e:  # keep undoing the rest; report the first failure after
-                errors.append(f"{name}: {e}")
-        if errors:
-            raise RuntimeError("memtune could not undo everything: " + "; ".join(errors))
+        self._undos()
 
 
 def apply_to_context(ctx: ApplyContext) -> Applied:
     """Apply every section of ctx.plan in strategy order; on failure undo what was applied, then raise."""
-    undos: list[tuple[str, Undo]] = []
-    applied = Applied(undos, ctx)
-    try:
-        for name, section in ordered_sections(ctx.plan):
-            undos.append((name, get_strategy(name).apply(ctx, section)))
-    except BaseException:
-        applied()
-        raise
-    return applied
+    with Undos() as undos:
+        for name, config in ordered_sections(ctx.plan):
+            undos.add(get_strategy(name).apply(ctx, config), name)
+    return Applied(undos, ctx)
 
 
 def apply_plan(
@@ -111,7 +74,6 @@ def apply_plan(
     *,
     blocks: str | list[BlockRef] | None = None,
     profile: Any = None,
-    shared: dict[str, Any] | None = None,
 ) -> Applied:
     """Change `model` and `optimizer` in place as `plan` says; return an undo (with `.notes`).
 
@@ -119,7 +81,7 @@ def apply_plan(
     module paths (as `--blocks`) or the BlockRefs themselves; by default the repeated layers are found the
     same way `memtune profile` finds them.
     """
-    plan = as_plan(plan)
+    plan = load_plan(plan)
     device = _model_device(model)
     preflight(plan, device)
     if optimizer is None:
@@ -128,92 +90,8 @@ def apply_plan(
         opts = [optimizer]
     else:
         opts = list(optimizer)
-    refs = blocks if isinstance(blocks, list) else find_model_blocks(model, blocks)
-    ctx = ApplyContext(model=model, optimizers=opts, blocks=refs, device=device, plan=plan, profile=profile)
-    if shared:
-        ctx.shared.update(shared)
-    return apply_to_context(ctx)
-
-
-# --- optimizer step replacement (shared by precision and offload) ---------------------------------
-
-
-def raw_step(opt: torch.optim.Optimizer) -> Callable[..., Any]:
-    """The class's update without the step hooks (so the Session's step counter sees one step, not many)."""
-    f = type(opt).step
-    if getattr(f, "hooked", False) and hasattr(f, "__wrapped__"):
-        f = f.__wrapped__
-    return f
-
-
-def wrap_step(opt: torch.optim.Optimizer, new_raw: Callable[..., Any]) -> Undo:
-    """Replace `opt.step` for this object only, keeping the step hooks (LR schedulers, step counting).
-
-    `new_raw(opt, closure=None)` does the update. It records `_opt_called` itself, all an LR scheduler's
-    own step wrapper does, so schedulers created before or after keep working without warnings.
-    """
-    def raw(self, *args, **kwargs):
-        self._opt_called = True  # what LRScheduler's own wrapper records
-        return new_raw(self, *args, **kwargs)
-
-    hooked = torch.optim.Optimizer.profile_hook_step(raw)
-    hooked._wrapped_by_lr_sched = True  # schedulers: this step records `_opt_called`, no need to wrap it
-    return replace_on_instance(opt, "step", types.MethodType(hooked, opt))
-
-
-def check_elementwise(opt: torch.optim.Optimizer, what: str) -> None:
-    """Stand-in updates (step_on) need an optimizer that updates each parameter from its own gradient and
-    state, on whatever device the stand-in lives (all of torch.optim except LBFGS)."""
-    cls = type(opt)
-    if cls.__name__ == "LBFGS" or cls.__module__.split(".")[0] == "bitsandbytes":
-        raise PlanError(f"{what} cannot drive {cls.__module__}.{cls.__name__} (it needs the whole model's gradient "
-                        "at once, or device-only kernels): remove that section or use e.g. torch.optim.AdamW")
-
-
-def step_on(
-    opt: torch.optim.Optimizer,
-    subs: dict[int, torch.Tensor],
-    overrides: dict[str, Any] | None = None,
-    only: Iterable[torch.Tensor] | None = None,
-) -> None:
-    """Run `opt`'s own update on stand-ins: `subs[id(p)]` (with `.grad` set) replaces parameter p.
-
-    The optimizer's state stays keyed by the real parameters (so `state_dict()` is unchanged); the update
-    sees the stand-ins, which is how fp32 master weights and host-resident optimizer state work with any
-    optimizer class. `only` limits the update to some parameters (a chunk); `overrides` set group options
-    for this call (e.g. fused=True on the host).
-    """
-    only_ids = None if only is None else {id(p) for p in only}
-    saved_groups, saved_state = opt.param_groups, opt.state
-    tmp_state: defaultdict = defaultdict(dict)
-    groups, pairs = [], []
-    for g in saved_groups:
-        ps = [p for p in g["params"] if id(p) in subs and (only_ids is None or id(p) in only_ids)
-              and subs[id(p)].grad is not None]
-        if not ps:
-            continue
-        ng = dict(g)
-        ng["params"] = [subs[id(p)] for p in ps]
-        if overrides:
-            ng.update(overrides)
-        groups.append((g, ng))
-        for p in ps:
-            tmp_state[subs[id(p)]] = saved_state[p]
-            pairs.append((p, subs[id(p)]))
-    if not groups:
-        return
-    opt.param_groups = [ng for _, ng in groups]
-    opt.state = tmp_state
-    try:
-        raw_step(opt)(opt)
-    finally:
-        opt.param_groups, opt.state = saved_groups, saved_state
-        for p, s in pairs:
-            saved_state[p] = tmp_state[s]
-        for g, ng in groups:  # group-level values an optimizer may update (rare)
-            for k, v in ng.items():
-                if k != "params" and not (overrides and k in overrides):
-                    g[k] = v
+    refs = blocks if isinstance(blocks, list) else find_blocks(model, blocks)
+    return apply_to_context(make_context(model, opts, refs, device, plan, profile))
 
 
 # --- `memtune apply` -------------------------------------------------------------------------------
@@ -302,9 +180,7 @@ def run_apply(
     on_notes: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> ApplyResult:
     """Run the script with the plan applied at run time (what `memtune apply` does)."""
-    from memtune.capture import Session
-
-    plan = as_plan(plan)
+    plan = load_plan(plan)
     script, module, args = resolve_run(plan, script, argv)
     want_cuda = not any(a in ("--device=cpu",) for a in args) and torch.cuda.is_available()
     preflight(plan, torch.device("cuda" if want_cuda else "cpu"))
@@ -322,14 +198,11 @@ def run_apply(
         session.on_before_run.append(before)
 
     def ready(sess) -> None:
-        from memtune.capture import StopRun
-
         model = sess.model
         dev = _model_device(model)
-        ctx = ApplyContext(model=model, optimizers=list(sess.optimizers), blocks=list(sess.blocks),
-                           device=dev, plan=plan)
-        state["ctx"] = ctx
         try:
+            ctx = make_context(model, sess.optimizers, sess.blocks, dev, plan)
+            state["ctx"] = ctx
             preflight(plan, dev)
             state["applied"] = apply_to_context(ctx)
         except MemtuneError as e:  # the plan does not fit this run: stop the script, report it as ours
@@ -356,7 +229,7 @@ def run_apply(
             result.peak_reserved_bytes = int(torch.cuda.max_memory_reserved(dev))
         applied = state.get("applied")
         if applied is not None:
-            state["ctx"].shared["run_over"] = True  # the script has ended: undo need not restore what it moved
+            state["ctx"].run_over = True  # the script has ended: undo need not restore what it moved
             try:
                 applied()
             except RuntimeError as e:  # the run's numbers still count; say what could not be undone

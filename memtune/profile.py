@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memtune.blocks import resolve_block_refs
 from memtune.errors import ProfileError
 
 SCHEMA_VERSION = 1
@@ -132,10 +133,8 @@ class Profile:
     def repeated_blocks(self) -> list[BlockProfile]:
         return [b for b in self.blocks if b.kind == "repeated"]
 
-    def resolve_blocks(self, refs: list[int | str] | str, where: str) -> list[str]:
-        """A plan section's block references -> this profile's block names (`plan.resolve_block_refs`)."""
-        from memtune.plan import resolve_block_refs
-
+    def resolve_blocks(self, refs: Any, where: str) -> list[str]:
+        """A plan section's block references -> this profile's block names (`blocks.resolve_block_refs`)."""
         return resolve_block_refs(refs, [b.name for b in self.repeated_blocks], [b.name for b in self.blocks], where)
 
     def block(self, name: str) -> BlockProfile:

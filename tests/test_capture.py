@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from memtune.capture import Session, StopRun, find_blocks
+from memtune.blocks import find_blocks
+from memtune.capture import Session, StopRun
 from memtune.errors import InputError, ScriptError
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import memtune
 from memtune.errors import PlanError
-from memtune.plan import Plan
+from memtune.strategies import plan_from_dict
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples"))
 from gpt import GPT, synthetic_batch  # noqa: E402
@@ -100,7 +100,7 @@ def test_eval_no_grad_not_checkpointed():
 ])
 def test_validation_errors(bad, msg):
     with pytest.raises(PlanError, match=msg.replace("(", r"\(").replace("`", ".")):
-        Plan.from_dict(bad)
+        plan_from_dict(bad)
 
 
 def test_out_of_range_block_refused():

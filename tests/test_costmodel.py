@@ -1,15 +1,20 @@
 """Cost model rules on hand-built profiles: each expected number is worked out by hand from the rule."""
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 
 from memtune import costmodel as cm
-from memtune.costmodel import build_sim, estimate, fit_batch, max_batch_size, simulate
+from memtune.costmodel import build as cm_build
+from memtune.costmodel import build_sim, fit_batch, simulate
+from memtune.costmodel import timeline as cm_timeline
 from memtune.errors import InputError
-from memtune.plan import Plan
+from memtune.estimate import apply_plan_effects, estimate, max_batch_size
+from memtune.plan import SectionConfig
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Peak, Profile
 from memtune.strategies import base as sbase
+from memtune.strategies import plan_from_dict
 
 MB = 1_000_000
 
@@ -113,7 +118,7 @@ def test_glue_inside_the_model_scales_with_batch():
     p.fwd_s, p.bwd_s = 0.05, 0.09  # blocks: 0.04 and 0.08; 10 ms each of glue inside the model
     outside = 0.2 - 0.14 - 0.005
     assert build_sim(p).other_s == pytest.approx(0.02 + outside)
-    assert build_sim(p, 16).other_s == pytest.approx(0.04 + outside * (1 + cm.OUTSIDE_BATCH_SHARE))
+    assert build_sim(p, 16).other_s == pytest.approx(0.04 + outside * (1 + cm_build.OUTSIDE_BATCH_SHARE))
     assert estimate(p).step_s == pytest.approx(0.2)
 
 
@@ -263,13 +268,13 @@ def test_batch_scaling_one_profile_is_proportional_with_fixed_parts_constant():
     s16 = build_sim(p, 16)
     b = s16.blocks[1]
     assert b.act_bytes == 200 * MB and b.input_bytes == 20 * MB and b.fwd_transient == 240 * MB
-    k = cm.BLOCK_TIME_FIXED_SHARE  # that share of a block's time stays, the rest doubles
+    k = cm_build.BLOCK_TIME_FIXED_SHARE  # that share of a block's time stays, the rest doubles
     assert b.fwd_s == pytest.approx(0.010 * (k + 2 * (1 - k))) and b.bwd_s == pytest.approx(0.020 * (k + 2 * (1 - k)))
     assert s16.param_bytes == p.param_bytes and s16.opt_state_bytes == p.optimizer_state_bytes
     assert s16.opt_s == p.optimizer_s
     # outside the model: half held constant (clipping, zero_grad), half with the batch (the loss)
     outside = build_sim(p).other_s
-    assert s16.other_s == pytest.approx(outside * (1 - cm.OUTSIDE_BATCH_SHARE) + outside * cm.OUTSIDE_BATCH_SHARE * 2)
+    assert s16.other_s == pytest.approx(outside * (1 - cm_build.OUTSIDE_BATCH_SHARE) + outside * cm_build.OUTSIDE_BATCH_SHARE * 2)
     assert estimate(p, batch_size=16).throughput > estimate(p).throughput
 
 
@@ -354,7 +359,7 @@ def test_calibration_in_the_loss_region_grows_with_the_batch():
 
 
 def test_proportional_calibration(monkeypatch):
-    monkeypatch.setattr(cm, "CALIBRATION", "proportional")
+    monkeypatch.setattr(cm_build, "CALIBRATION", "proportional")
     p = make_profile(measured_peak=1_100 * MB)
     raw = simulate(build_sim(p, calibrate=False)).peak_bytes
     assert estimate(p).peak_bytes == pytest.approx(1_100 * MB)
@@ -373,22 +378,30 @@ def test_cpu_profile_gets_no_calibration():
 # --- plans through registered strategies ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _OrderConfig(SectionConfig):
+    blocks: tuple = ()
+    changes_numbers: bool = False
+
+    @property
+    def lossy(self):
+        return self.changes_numbers
+
+
 class _Order(sbase.Strategy):
     """Records the order effects run in; checkpoints the blocks its section names."""
 
     seen: list = []
 
     def validate(self, section):
-        return dict(section or {})
+        section = dict(section or {})
+        return _OrderConfig(tuple(section.get("blocks", ())), bool(section.get("lossy")))
 
-    def effect(self, profile, section, sim):
+    def effect(self, profile, config, sim):
         _Order.seen.append(self.name)
-        checkpoint(sim, set(section.get("blocks", [])))
-        if section.get("lossy"):
+        checkpoint(sim, set(config.blocks))
+        if config.lossy:
             sim.notes.append("changes the numbers")
-
-    def lossy(self, section):
-        return bool(section.get("lossy"))
 
 
 @pytest.fixture
@@ -403,7 +416,7 @@ def fake_strategies(monkeypatch):
 
 def test_estimate_applies_sections_in_strategy_order(fake_strategies):
     p = make_profile()
-    plan = Plan.from_dict({"aa_last": {"blocks": ["blocks.0"], "lossy": True}, "zz_first": {}})
+    plan = plan_from_dict({"aa_last": {"blocks": ["blocks.0"], "lossy": True}, "zz_first": {}})
     est = estimate(p, plan)
     assert _Order.seen == ["zz_first", "aa_last"]
     assert est.lossy == ["aa_last"]
@@ -412,7 +425,7 @@ def test_estimate_applies_sections_in_strategy_order(fake_strategies):
 
 def test_plan_knob_sets_batch_size(fake_strategies):
     p = make_profile(batch=8)
-    plan = Plan.from_dict({"run": {"knobs": {"--batch-size": 16}}, "zz_first": {}})
+    plan = plan_from_dict({"run": {"knobs": {"--batch-size": 16}}, "zz_first": {}})
     assert estimate(p, plan).peak_bytes == estimate(p, batch_size=16).peak_bytes
     assert estimate(p, plan, batch_size=8).peak_bytes == estimate(p).peak_bytes
 
@@ -438,10 +451,10 @@ def test_profile_round_trip_gives_same_estimate(tmp_path):
 def test_real_checkpoint_strategy_keeps_only_the_input():
     p = make_profile()
     base = dict(estimate(p).timeline)
-    tl = dict(estimate(p, Plan.from_dict({"checkpoint": {"blocks": [1]}})).timeline)
+    tl = dict(estimate(p, plan_from_dict({"checkpoint": {"blocks": [1]}})).timeline)
     assert tl["loss"] == base["loss"] - (100 - 10) * MB
     assert tl["bwd:blocks.1"] == base["bwd:blocks.1"] - 90 * MB + 100 * MB
-    est = estimate(p, Plan.from_dict({"checkpoint": {"blocks": "all"}}))
+    est = estimate(p, plan_from_dict({"checkpoint": {"blocks": "all"}}))
     assert est.time_breakdown["recompute"] == pytest.approx(4 * 0.010)
     assert est.breakdown["activations kept"] <= 4 * 10 * MB
 
@@ -449,7 +462,7 @@ def test_real_checkpoint_strategy_keeps_only_the_input():
 def test_real_offload_strategy_moves_activations_to_the_host():
     p = make_profile(h2d=1.0, d2h=1.0)
     base = estimate(p)
-    est = estimate(p, Plan.from_dict({"offload": {"activations": [0, 1]}}))
+    est = estimate(p, plan_from_dict({"offload": {"activations": [0, 1]}}))
     assert dict(est.timeline)["loss"] == dict(base.timeline)["loss"] - 200 * MB
     assert est.host_bytes == 200 * MB
     assert est.time_breakdown["exposed transfer"] > 0  # 1 GB/s cannot hide 100 MB behind 10-20 ms blocks
@@ -487,9 +500,9 @@ def test_bf16_params_use_the_profiled_probe_and_scale_it_with_the_batch():
     p = make_profile(autocast="bfloat16")
     for b in p.repeated_blocks[:3]:
         b.activation_bytes_bf16_params = 60 * MB
-    plan = Plan.from_dict({"precision": {"params": "bf16"}})
+    plan = plan_from_dict({"precision": {"params": "bf16"}})
     for batch, probed, other in ((8, 60, 90), (16, 120, 180)):
-        sim = cm.apply_plan_effects(p, plan, build_sim(p, batch))
+        sim = apply_plan_effects(p, plan, build_sim(p, batch))
         acts = {b.name: b.act_bytes for b in sim.blocks}
         assert [acts[f"blocks.{i}"] for i in range(3)] == [pytest.approx(probed * MB)] * 3
         assert acts["blocks.3"] == pytest.approx(other * MB)  # no probe: only the copies dropped
@@ -523,14 +536,14 @@ def test_loss_forward_event_reproduces_the_measured_forward_peak():
 
 def test_checkpointed_blocks_weight_copies_stay_until_the_loss_forward_ends():
     # 4 blocks of 20 MB fp32 weights: 10 MB of bf16 copies each, held by autocast's cache
-    plan = Plan.from_dict({"checkpoint": {"blocks": "all"}})
+    plan = plan_from_dict({"checkpoint": {"blocks": "all"}})
     p, _ = _with_forward_peak(30 * MB)
     est = estimate(p, plan)
     tl = dict(est.timeline)
     assert tl["loss forward"] == pytest.approx(tl["loss"] - 30 * MB + 40 * MB)
     sim = build_sim(p)
     checkpoint(sim, {f"blocks.{i}" for i in range(4)})
-    comp = next(c for name, _, _, c in cm._memory(sim)[0] if name == "loss forward")
+    comp = next(c for name, _, _, c in cm_timeline._memory(sim)[0] if name == "loss forward")
     assert comp["autocast weight copies"] == pytest.approx(40 * MB)
     # a gap wider than the copies (the loss's backward is the larger, as in a script's own loss): no change
     wide, _ = _with_forward_peak(50 * MB)
@@ -543,6 +556,6 @@ def test_checkpointed_blocks_weight_copies_stay_until_the_loss_forward_ends():
 
 def test_16bit_weights_leave_no_copies_at_the_loss_forward():
     p, _ = _with_forward_peak(30 * MB)
-    tl = dict(estimate(p, Plan.from_dict({"checkpoint": {"blocks": "all"},
+    tl = dict(estimate(p, plan_from_dict({"checkpoint": {"blocks": "all"},
                                           "precision": {"params": "bf16"}})).timeline)
     assert tl["loss forward"] == pytest.approx(tl["loss"] - 30 * MB)

@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 from test_costmodel import MB, checkpoint, make_profile
 from typer.testing import CliRunner
 
 from memtune.cli import app
+from memtune.plan import SectionConfig
 from memtune.strategies import base as sbase
 
 runner = CliRunner()
@@ -21,21 +23,27 @@ def profile_file(tmp_path):
     return path
 
 
+@dataclass(frozen=True)
+class _CkptConfig(SectionConfig):
+    changes_numbers: bool = False
+
+    @property
+    def lossy(self):
+        return self.changes_numbers
+
+    def describe(self):
+        return "recompute every block"
+
+
 class _Ckpt(sbase.Strategy):
     name = "zz_ckpt_test"
     order = 50
 
     def validate(self, section):
-        return dict(section)
+        return _CkptConfig(bool(dict(section or {}).get("lossy")))
 
-    def effect(self, profile, section, sim):
+    def effect(self, profile, config, sim):
         checkpoint(sim, {b.name for b in sim.blocks if b.kind == "repeated"})
-
-    def lossy(self, section):
-        return bool(section.get("lossy"))
-
-    def describe(self, section):
-        return "recompute every block"
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from memtune.costmodel import SimStep
 from memtune.errors import PlanError
-from memtune.plan import Plan
 from memtune.profile import BlockProfile, Profile
-from memtune.strategies import ApplyContext, get_strategy
+from memtune.strategies import get_strategy, make_context, plan_from_dict
 from memtune.strategies.loss import LazyLogits
 
 
@@ -26,8 +25,8 @@ def gpt(examples_dir):
 
 
 def _apply(model, section=None):
-    plan = Plan.from_dict({"loss": section or {"fused": True}})
-    ctx = ApplyContext(model=model, optimizers=[], blocks=[], device=torch.device("cpu"), plan=plan)
+    plan = plan_from_dict({"loss": section or {"fused": True}})
+    ctx = make_context(model, [], [], torch.device("cpu"), plan)
     return ctx, get_strategy("loss").apply(ctx, plan.get("loss"))
 
 
@@ -49,7 +48,7 @@ def test_gpt_same_loss_and_grads(gpt, ce, section):
     ctx, undo = _apply(gpt, section)
     l1, g1, logits1 = _step(gpt, x, y, **ce)
     assert type(logits0) is torch.Tensor and isinstance(logits1, LazyLogits)
-    assert ctx.shared["loss_stats"]["fused"] == 1 and "materialized" not in ctx.shared["loss_stats"]
+    assert ctx.loss_stats["fused"] == 1 and "materialized" not in ctx.loss_stats
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6)
@@ -67,7 +66,7 @@ def test_other_uses_materialize_the_same_values(gpt):
     assert isinstance(logits[:, :-1, :].float().contiguous().view(-1, 101), LazyLogits)
     torch.testing.assert_close(logits.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(logits + 0, ref)
-    assert ctx.shared["loss_stats"]["materialized"] == 1  # computed once, then reused
+    assert ctx.loss_stats["materialized"] == 1  # computed once, then reused
     gpt.eval()
     assert type(gpt(x)) is torch.Tensor  # evaluation gets plain logits
     undo()
@@ -85,8 +84,8 @@ def test_head_with_bias_or_missing_is_left_alone():
 
 def test_validate_and_effect():
     s = get_strategy("loss")
-    assert s.validate({"fused": True, "chunk_tokens": 256}) == {"fused": True, "chunk_tokens": 256}
-    assert not s.lossy({"fused": True})
+    assert s.validate({"fused": True, "chunk_tokens": 256}).to_dict() == {"fused": True, "chunk_tokens": 256}
+    assert not s.validate({"fused": True}).lossy
     with pytest.raises(PlanError, match="unknown key"):
         s.validate({"fuse": True})
     with pytest.raises(PlanError, match="positive integer"):
@@ -96,13 +95,13 @@ def test_validate_and_effect():
         name="head", cls="Linear", kind="other", n_params=32000 * 2048, param_bytes={"bfloat16": 32000 * 2048 * 2},
         input_bytes=8192 * 2048 * 2)])
     sim = SimStep(other_act_bytes=8192 * 32000 * 4 + 10.0, loss_transient_bytes=3e9)
-    s.effect(prof, {"fused": True}, sim)
+    s.effect(prof, s.validate({"fused": True}), sim)
     assert sim.other_act_bytes == pytest.approx(10 + (8192 + 32000) * 2048 * 2)
     assert sim.loss_transient_bytes <= 200 * 2**20
     low = SimStep(other_act_bytes=8192 * 32000 * 4 + 10.0, loss_transient_bytes=3e9)
     s.effect(prof, s.validate({"fused": True, "low_memory": True}), low)
     assert low.loss_transient_bytes == 56 * 2**20
-    assert s.validate({"low_memory": False}) == {"fused": True}
+    assert s.validate({"low_memory": False}).to_dict() == {"fused": True}
     with pytest.raises(PlanError, match="true or false"):
         s.validate({"low_memory": "yes"})
 
@@ -126,7 +125,7 @@ def test_hf_causal_lm_same_loss_and_grads():
     l0, g0 = step()
     ctx, undo = _apply(model)
     l1, g1 = step()
-    assert ctx.shared["loss_stats"]["fused"] == 1 and "lm_head" in ctx.notes[0][1]
+    assert ctx.loss_stats["fused"] == 1 and "lm_head" in ctx.notes[0][1]
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import memtune
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import Plan
+from memtune.strategies import plan_from_dict
 from memtune.strategies.offload import simulate_host
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -98,14 +98,14 @@ def test_offload_grad_accumulation_and_scaler():
 def test_clip_applied_on_host_without_recopy(monkeypatch):
     # the patched clip_grad_norm_ hands its coefficient to the host copy: no gradient goes down twice, and
     # the update is the unpatched one bit for bit (same multiply, same operands)
-    from memtune.strategies import offload
+    from memtune.strategies.offload import optimizer_state
 
-    monkeypatch.setattr(offload, "CLIP_ON_HOST", True)
+    monkeypatch.setattr(optimizer_state, "CLIP_ON_HOST", True)
     base = train(steps=4)
     with simulate_host():
         got = train({"offload": {"optimizer_state": True}}, steps=4)
     assert_same(base, got)
-    (off,) = got[4].ctx.shared["optimizer_offloads"]
+    (off,) = got[4].ctx.optimizer_offloads
     n = sum(1 for p in got[2].parameters())
     assert off.stats["host_scaled"] == 4 * n and off.stats["recopied"] == 0
 
@@ -116,7 +116,7 @@ def test_clip_recopy_default():
     with simulate_host():
         got = train({"offload": {"optimizer_state": True}})
     assert_same(base, got)
-    (off,) = got[4].ctx.shared["optimizer_offloads"]
+    (off,) = got[4].ctx.optimizer_offloads
     assert off.stats["host_scaled"] == 0 and off.stats["recopied"] > 0
 
 
@@ -131,14 +131,14 @@ def test_grad_scaler_without_clip():
 @pytest.mark.parametrize("on_host", [True, False])
 def test_clip_bf16_params_host_masters(monkeypatch, on_host):
     # bf16 gradients: the host multiplies in bf16 (as the device clip did), then upcasts for the fp32 master
-    from memtune.strategies import offload
+    from memtune.strategies.offload import optimizer_state
 
-    monkeypatch.setattr(offload, "CLIP_ON_HOST", on_host)
+    monkeypatch.setattr(optimizer_state, "CLIP_ON_HOST", on_host)
     base = train({"precision": {"params": "bf16"}}, steps=3)
     with simulate_host():
         got = train({"precision": {"params": "bf16"}, "offload": {"optimizer_state": True}}, steps=3)
     assert_same(base, got)
-    assert (got[4].ctx.shared["optimizer_offloads"][0].stats["host_scaled"] > 0) == on_host
+    assert (got[4].ctx.optimizer_offloads[0].stats["host_scaled"] > 0) == on_host
 
 
 def test_clip_patch_undone():
@@ -195,8 +195,13 @@ def test_retain_graph_second_backward():
     assert all(torch.equal(a, p.grad) for a, p in zip(ref, m.parameters(), strict=True))
 
 
-def test_compress_codec_composes():
-    # compress registers (pack, unpack) per block in ctx.shared; offload must call them around the copy
+@pytest.mark.parametrize("codec_first", [True, False])
+def test_a_codec_stage_composes_with_offload_in_either_order(codec_first):
+    """The saved-tensor pipeline owns the block's hooks: a codec added before or after offload's transport
+    runs first on pack and last on unpack, and the gradients are exact."""
+    from memtune.blocks import find_blocks
+    from memtune.strategies import get_strategy, make_context, plan_from_dict
+
     packed = []
 
     def pack(t):
@@ -212,12 +217,22 @@ def test_compress_codec_composes():
     m(x).sum().backward()
     ref = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
+    plan = plan_from_dict({"offload": {"activations": [0]}})
     with simulate_host():
-        memtune.apply_plan(m, None, {"offload": {"activations": [0]}},
-                           shared={"saved_tensor_codecs": {"blocks.0": (pack, unpack)}})
+        ctx = make_context(m, [], find_blocks(m), torch.device("cpu"), plan)
+        if codec_first:
+            undo_codec = ctx.saved_tensors.add_codec(["blocks.0"], (pack, unpack))
+        undo_off = get_strategy("offload").apply(ctx, plan.get("offload"))
+        if not codec_first:
+            undo_codec = ctx.saved_tensors.add_codec(["blocks.0"], (pack, unpack))
+        assert ctx.saved_tensors.stages("blocks.0") == ["codec", "transport"]
         m(x).sum().backward()
-    assert packed
+        undo_off()
+        assert ctx.saved_tensors.stages("blocks.0") == ["codec"]
+        undo_codec()
+    assert packed and ctx.activation_offloader.bytes_offloaded > 0
     assert all(torch.equal(a, p.grad) for a, p in zip(ref, m.parameters(), strict=True))
+    assert "forward" not in m.blocks[0].__dict__ and "forward" not in m.blocks[1].__dict__
 
 
 def test_refused_without_gpu():
@@ -233,20 +248,20 @@ def test_refused_without_gpu():
     ({"offload": {"activations": "all", "checkpoint": [1]}}, "unknown key 'checkpoint'; allowed: activations, optimizer_state"),
     ({"offload": {"optimizer_state": "yes"}}, "'yes' is not allowed; choose one of: true, false"),
     ({"offload": {}}, "nothing to offload"),
-    ({"offload": {"activations": [1]}, "checkpoint": {"blocks": [1]}}, "both recomputed"),
-    ({"offload": {"activations": "all"}, "checkpoint": {"blocks": [0]}}, "both recomputed"),
-    ({"offload": {"activations": ["0-3"]}, "checkpoint": {"blocks": ["2-5"]}}, r"\[2, 3\] are both recomputed"),
+    ({"offload": {"activations": [1]}, "checkpoint": {"blocks": [1]}}, "two modes: offload .* recompute"),
+    ({"offload": {"activations": "all"}, "checkpoint": {"blocks": [0]}}, "two modes: offload .* recompute"),
+    ({"offload": {"activations": ["0-3"]}, "checkpoint": {"blocks": ["2-5"]}}, r"\[2, 3\] are given two modes"),
     ({"offload": {"optimizer_state": True}, "optimizer": {"name": "adamw8bit"}}, "keeps its state in device kernels"),
 ])
 def test_validation_errors(bad, msg):
     with pytest.raises(PlanError, match=msg):
-        Plan.from_dict(bad)
+        plan_from_dict(bad)
 
 
 def test_checkpointed_by_path_and_index_refused_at_apply():
     # same block named two ways slips past the static check; apply catches it
     m = GPT(2, 32, 4, 16, 64)
-    with simulate_host(), pytest.raises(PlanError, match="either recomputed or offloaded"):
+    with simulate_host(), pytest.raises(PlanError, match="given two modes"):
         memtune.apply_plan(m, None, {"offload": {"activations": ["blocks.1"]}, "checkpoint": {"blocks": [1]}})
 
 

@@ -9,10 +9,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from memtune.costmodel import SimStep
 from memtune.errors import PlanError, ScriptError
 from memtune.kernels import quantized_adamw as Q
+from memtune.optim import swap as O
+from memtune.optim.inbackward import install_clip_guard
+from memtune.optim.quantized import QuantizedAdamW4bit
 from memtune.plan import Plan
 from memtune.profile import BlockProfile, OptimizerProfile, Profile
-from memtune.strategies import ApplyContext, SearchOptions, get_strategy
-from memtune.strategies import optimizers as O
+from memtune.strategies import SearchOptions, get_strategy, make_context, plan_from_dict
 
 
 def _data():
@@ -98,7 +100,7 @@ def test_inbackward_refuses_accumulation_and_clipping():
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     undo = O.swap_optimizer(opt, "inbackward")
-    guard = O.install_clip_guard()
+    guard = install_clip_guard()
     try:
         x, y = _data()
         torch.nn.functional.mse_loss(model(x), y).backward()
@@ -222,16 +224,17 @@ def test_refuses_non_adam_and_bad_flags():
 def test_validate_and_lossy():
     s = get_strategy("optimizer")
     assert s.order == 10
-    assert s.validate({"name": "adamw", "state_bits": 8}) == {"name": "adamw8bit"}
-    assert s.validate("adamw4bit") == {"name": "adamw4bit"}
-    assert s.validate({"name": "galore", "rank": 64})["rank"] == 64
+    assert s.validate({"name": "adamw", "state_bits": 8}).to_dict() == {"name": "adamw8bit"}
+    assert s.validate("adamw4bit").to_dict() == {"name": "adamw4bit"}
+    assert s.validate({"name": "galore", "rank": 64}).rank == 64
     for bad, msg in [({"name": "lion"}, "not allowed"), ({"name": "adamw", "bits": 8}, "unknown key"),
                      ({"name": "adamw8bit", "rank": 4}, "galore only"), ({"name": "galore", "rank": 0}, "positive"),
                      ({"name": "adafactor", "stochastic_rounding": True}, "adamw8bit")]:
         with pytest.raises(PlanError, match=msg):
             s.validate(bad)
-    assert s.lossy({"name": "adamw8bit"}) and not s.lossy({"name": "inbackward"}) and not s.lossy({"name": "adamw"})
-    plan = Plan.from_dict({"optimizer": {"name": "adamw8bit"}})
+    assert s.validate({"name": "adamw8bit"}).lossy and not s.validate({"name": "inbackward"}).lossy
+    assert not s.validate({"name": "adamw"}).lossy
+    plan = plan_from_dict({"optimizer": {"name": "adamw8bit"}})
     assert plan.lossy == ["optimizer"]
 
 
@@ -251,15 +254,15 @@ def test_effect_state_bytes_and_time():
     prof, n = _profile()
     for name, bpp in [("adamw8bit", Q.state_bytes_per_param(8)), ("adamw4bit", Q.state_bytes_per_param(4))]:
         sim = SimStep(opt_state_bytes=8 * n + 100, opt_s=0.01)
-        s.effect(prof, {"name": name}, sim)
+        s.effect(prof, s.validate({"name": name}), sim)
         assert sim.opt_state_bytes == pytest.approx(n * bpp + 100)
         assert sim.opt_s < 0.01 and "optimizer" in sim.lossy
     sim = SimStep(opt_state_bytes=8 * n, opt_s=0.01)
-    s.effect(prof, {"name": "inbackward"}, sim)
+    s.effect(prof, s.validate({"name": "inbackward"}), sim)
     assert sim.grads_freed_in_backward and sim.opt_s == 0 and sim.extra_s > 0 and not sim.lossy
     for name in ("adafactor", "galore"):
         sim = SimStep(opt_state_bytes=8 * n, opt_s=0.01)
-        s.effect(prof, {"name": name, **({"rank": 128} if name == "galore" else {})}, sim)
+        s.effect(prof, s.validate({"name": name, **({"rank": 128} if name == "galore" else {})}), sim)
         assert 0 < sim.opt_state_bytes < 2 * n
 
 
@@ -271,14 +274,14 @@ def test_space():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(40):
         t = study.ask()
-        sec = s.space(t, prof, SearchOptions())
-        assert s.validate(sec) == sec
+        sec = s.space(t, prof, None, SearchOptions())
+        assert s.validate(sec).to_dict() == sec
         seen.add(sec["name"])
         study.tell(t, 0.0)
     assert seen == set(O.CHOICES)
     prof2, _ = _profile(micro_batches_per_step=4)
     t = optuna.create_study().ask()
-    assert s.space(t, prof2, SearchOptions(lossless_only=True)) == {"name": "adamw"}
+    assert s.space(t, prof2, None, SearchOptions(lossless_only=True)) == {"name": "adamw"}
 
 
 def test_apply_and_undo():
@@ -286,24 +289,24 @@ def test_apply_and_undo():
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctx = ApplyContext(model=model, optimizers=[opt, sgd], blocks=[], device=torch.device("cpu"), plan=Plan())
-    undo = s.apply(ctx, {"name": "adamw4bit"})
-    assert isinstance(opt, O.QuantizedAdamW4bit) and isinstance(opt, torch.optim.AdamW)
+    ctx = make_context(model, [opt, sgd], [], torch.device("cpu"), Plan())
+    undo = s.apply(ctx, s.validate({"name": "adamw4bit"}))
+    assert isinstance(opt, QuantizedAdamW4bit) and isinstance(opt, torch.optim.AdamW)
     assert any("left alone" in t for _, t in ctx.notes)
     undo()
     assert type(opt) is torch.optim.AdamW
     prof, _ = _profile(micro_batches_per_step=2)
     ctx.profile = prof
     with pytest.raises(ScriptError, match="accumulates"):
-        s.apply(ctx, {"name": "inbackward"})
-    ctx2 = ApplyContext(model=model, optimizers=[sgd], blocks=[], device=torch.device("cpu"), plan=Plan())
+        s.apply(ctx, s.validate({"name": "inbackward"}))
+    ctx2 = make_context(model, [sgd], [], torch.device("cpu"), Plan())
     with pytest.raises(ScriptError, match="SGD"):
-        s.apply(ctx2, {"name": "adamw8bit"})
+        s.apply(ctx2, s.validate({"name": "adamw8bit"}))
 
 
 def test_conflicts_with_sharding():
     try:
-        plan = Plan.from_dict({"optimizer": {"name": "inbackward"}, "sharding": {"stage": 2}})
+        plan = plan_from_dict({"optimizer": {"name": "inbackward"}, "sharding": {"stage": 2}})
     except PlanError as e:
         assert "inbackward" in str(e)
     else:

@@ -8,8 +8,9 @@ import torch
 
 import memtune
 from memtune.errors import InputError, PlanError
-from memtune.patcher import apply_knobs, raw_step, resolve_run, step_on, wrap_step
-from memtune.plan import Plan
+from memtune.optim.stepping import raw_step, step_on, wrap_step
+from memtune.patcher import apply_knobs, resolve_run
+from memtune.strategies import load_plan, plan_from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from gpt import GPT  # noqa: E402
@@ -18,7 +19,7 @@ from gpt import GPT  # noqa: E402
 def test_apply_plan_accepts_dict_yaml_and_plan(tmp_path):
     p = tmp_path / "plan.yaml"
     p.write_text("checkpoint: {blocks: [0]}\n")
-    for plan in ({"checkpoint": {"blocks": [0]}}, str(p), Plan.load(p)):
+    for plan in ({"checkpoint": {"blocks": [0]}}, str(p), load_plan(p)):
         m = GPT(2, 32, 4, 16, 64)
         undo = memtune.apply_plan(m, torch.optim.SGD(m.parameters(), lr=0.1), plan)
         assert "forward" in m.blocks[0].__dict__ and "forward" not in m.blocks[1].__dict__
@@ -112,16 +113,16 @@ def test_knob_must_be_a_flag():
 
 
 def test_resolve_run_order():
-    plan = Plan.from_dict({"run": {"script": "a.py", "argv": ["--x", "1"], "knobs": {"--x": 2}}})
+    plan = plan_from_dict({"run": {"script": "a.py", "argv": ["--x", "1"], "knobs": {"--x": 2}}})
     assert resolve_run(plan, None, None) == ("a.py", None, ["--x", "2"])
     assert resolve_run(plan, "b.py", ["--y"]) == ("b.py", None, ["--y", "--x", "2"])
     with pytest.raises(InputError, match="names no script"):
-        resolve_run(Plan.from_dict({}), None, None)
+        resolve_run(plan_from_dict({}), None, None)
 
 
 def test_unknown_section_lists_strategies():
     with pytest.raises(PlanError, match="unknown section 'chekpoint'.*checkpoint"):
-        Plan.from_dict({"chekpoint": {"blocks": "all"}})
+        plan_from_dict({"chekpoint": {"blocks": "all"}})
 
 
 def _profile_and_sim(n=4):
@@ -143,9 +144,9 @@ def test_effects_set_the_simulator_fields():
     from memtune.strategies import get_strategy
 
     prof, sim = _profile_and_sim()
-    get_strategy("precision").effect(prof, {"autocast": "none", "params": "bf16", "master_weights": True}, sim)
-    get_strategy("checkpoint").effect(prof, {"blocks": [3], "mode": "full"}, sim)
-    get_strategy("offload").effect(prof, {"activations": ["0-1"], "optimizer_state": True}, sim)
+    get_strategy("precision").effect(prof, get_strategy("precision").validate({"autocast": "none", "params": "bf16", "master_weights": True}), sim)
+    get_strategy("checkpoint").effect(prof, get_strategy("checkpoint").validate({"blocks": [3], "mode": "full"}), sim)
+    get_strategy("offload").effect(prof, get_strategy("offload").validate({"activations": ["0-1"], "optimizer_state": True}), sim)
     by = {b.name: b for b in sim.blocks}
     assert (by["blocks.3"].mode, by["blocks.3"].kept_bytes, by["blocks.3"].recompute_s) == ("recompute", 100, 1.0)
     assert (by["blocks.0"].mode, by["blocks.0"].kept_bytes, by["blocks.0"].d2h_bytes) == ("offload", 0, 1000)
@@ -158,21 +159,25 @@ def test_effects_set_the_simulator_fields():
 def test_search_spaces_make_valid_plans():
     optuna = pytest.importorskip("optuna")
     from memtune.strategies import SearchOptions, get_strategy
+    from memtune.tune.space import propose_plan
 
     prof, _ = _profile_and_sim(6)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(30):
         trial = study.ask()
-        plan = {}
-        for name in ("precision", "checkpoint", "offload"):
-            sec = get_strategy(name).space(trial, prof, SearchOptions(device="cuda"))
-            if sec is not None:
-                plan[name] = sec
-        Plan.from_dict(plan)  # validates, and refuses recompute+offload of one block
+        try:
+            plan, _ = propose_plan(trial, prof, SearchOptions(device="cuda"), {}, None, [])  # validated
+        except PlanError as e:  # rules between other sections (e.g. inbackward vs master weights) may refuse
+            assert "given two modes" not in str(e), e  # never the per-block layout: one layout per trial
+            study.tell(trial, 0.0)
+            continue
+        for name in ("checkpoint", "offload", "compress"):
+            if name in plan.sections:  # each block strategy took its blocks from the trial's one layout
+                assert get_strategy(name).block_modes(plan.get(name))
         study.tell(trial, 0.0)
     cpu = study.ask()
-    assert get_strategy("offload").space(cpu, prof, SearchOptions(device="cpu")) is None
-    assert get_strategy("precision").space(cpu, prof, SearchOptions(lossless_only=True)) is None
+    assert get_strategy("offload").space(cpu, prof, None, SearchOptions(device="cpu")) is None
+    assert get_strategy("precision").space(cpu, prof, None, SearchOptions(lossless_only=True)) is None
 
 
 def test_lbfgs_refused_for_stand_in_updates():

@@ -2,8 +2,9 @@
 
 import pytest
 
+from memtune.blocks import resolve_block_refs, shared_block_refs
 from memtune.errors import PlanError
-from memtune.plan import Plan, resolve_block_refs, shared_block_refs
+from memtune.strategies import load_plan, plan_from_dict
 
 REPEATED = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
 ALL = ["tok", *REPEATED, "head"]
@@ -11,18 +12,18 @@ ALL = ["tok", *REPEATED, "head"]
 
 def test_unknown_section_names_it_and_lists_allowed():
     with pytest.raises(PlanError, match=r"unknown section 'chekpoint'; allowed: .*checkpoint"):
-        Plan.from_dict({"chekpoint": {"blocks": "all"}})
+        plan_from_dict({"chekpoint": {"blocks": "all"}})
 
 
 def test_wrong_version_refused():
     with pytest.raises(PlanError, match="version 2"):
-        Plan.from_dict({"memtune_plan": 2})
+        plan_from_dict({"memtune_plan": 2})
 
 
 def test_yaml_round_trip(tmp_path):
-    plan = Plan.from_dict({"run": {"script": "train.py", "argv": ["--x", "1"]}, "checkpoint": {"blocks": [0, "2-3"]}})
+    plan = plan_from_dict({"run": {"script": "train.py", "argv": ["--x", "1"]}, "checkpoint": {"blocks": [0, "2-3"]}})
     path = plan.save(tmp_path / "plan.yaml")
-    again = Plan.load(path)
+    again = load_plan(path)
     assert again.sections == plan.sections and again.run == plan.run
 
 
@@ -30,7 +31,7 @@ def test_malformed_yaml_is_one_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("checkpoint: {blocks: [0, 1\n")
     with pytest.raises(PlanError, match="not valid YAML") as e:
-        Plan.load(p)
+        load_plan(p)
     assert "\n" not in str(e.value)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import memtune
 from memtune.errors import PlanError
-from memtune.plan import Plan
+from memtune.strategies import plan_from_dict
 from memtune.strategies.offload import simulate_host
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -120,8 +120,8 @@ def test_no_master_weights_casts_state():
 
 
 def test_lossy_label():
-    assert Plan.from_dict({"precision": {"params": "bf16"}}).lossy == ["precision"]
-    assert Plan.from_dict({"precision": {}}).lossy == []
+    assert plan_from_dict({"precision": {"params": "bf16"}}).lossy == ["precision"]
+    assert plan_from_dict({"precision": {}}).lossy == []
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -133,4 +133,4 @@ def test_lossy_label():
 ])
 def test_validation_errors(bad, msg):
     with pytest.raises(PlanError, match=msg):
-        Plan.from_dict(bad)
+        plan_from_dict(bad)

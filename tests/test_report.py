@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memtune.cli import app
+from memtune.plan import SectionConfig
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Peak, Profile
 from memtune.report import CSV_COLUMNS, pareto_mask, snapshot_timeline
 from memtune.strategies.base import _REGISTRY, Strategy
@@ -52,6 +54,11 @@ def make_profile(n_layers: int = 4, gpu: bool = True) -> Profile:
     )
 
 
+@dataclass(frozen=True)
+class _CkptConfig(SectionConfig):
+    blocks: tuple = ()
+
+
 class _Ckpt(Strategy):
     """A test-only checkpoint section: `{blocks: [i, ...]}` recomputes those repeated blocks."""
 
@@ -59,11 +66,11 @@ class _Ckpt(Strategy):
     order = 50
 
     def validate(self, section):
-        return {"blocks": list(section["blocks"])}
+        return _CkptConfig(tuple(section["blocks"]))
 
-    def effect(self, profile, section, sim):
+    def effect(self, profile, config, sim):
         rep = [b for b in sim.blocks if b.kind == "repeated"]
-        for i in section["blocks"]:
+        for i in config.blocks:
             b = rep[i]
             b.mode, b.kept_bytes = "recompute", b.input_bytes
             b.bwd_extra_bytes, b.recompute_s = b.act_bytes, b.fwd_s

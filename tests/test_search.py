@@ -1,14 +1,24 @@
-"""memtune.search on hand-built profiles with small fake strategies (fast), and on a real profile."""
+"""memtune.tune on hand-built profiles with small fake strategies (fast), and on a real profile."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
+import memtune
 import memtune.strategies as strategies
-from memtune import search
-from memtune.plan import check_keys, validate_block_refs
+import memtune.tune as tuning
+from memtune.blocks import refs_to_yaml, validate_block_refs
+from memtune.errors import BudgetTooSmall, InputError
+from memtune.estimate import estimate
+from memtune.plan import SectionConfig, check_keys
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Profile
+from memtune.strategies import plan_from_dict
 from memtune.strategies.base import SearchOptions, Strategy
+from memtune.strategies.layout import available_modes, propose
+from memtune.tune import margin, records, space
+from memtune.tune.evaluate import Tuner
 
 MB = 1_000_000
 
@@ -35,22 +45,45 @@ def make_profile(n=8, act=100 * MB, device="cuda", batch=8):
     )
 
 
+@dataclass(frozen=True)
+class FakeCheckpointConfig(SectionConfig):
+    blocks: tuple | str = ()
+
+    def to_dict(self):
+        return {"blocks": refs_to_yaml(self.blocks)}
+
+
 class FakeCheckpoint(Strategy):
     name, order = "checkpoint", 50
 
     def validate(self, section):
         check_keys(section, ["blocks"], "checkpoint")
-        return {"blocks": validate_block_refs(section["blocks"], "checkpoint.blocks")}
+        return FakeCheckpointConfig(validate_block_refs(section["blocks"], "checkpoint.blocks"))
 
-    def space(self, trial, profile, opts):
-        blocks = search.blocks_in_mode(trial, profile, opts, "recompute")
+    def block_modes(self, config):
+        return {"recompute": config.blocks}
+
+    def space(self, trial, profile, layout, opts):
+        blocks = layout.blocks("recompute")
         return {"blocks": blocks} if blocks else None
 
-    def effect(self, profile, section, sim):
-        names = profile.resolve_blocks(section["blocks"], "checkpoint")
+    def effect(self, profile, config, sim):
+        names = profile.resolve_blocks(config.blocks, "checkpoint")
         for b in sim.blocks:
             if b.name in names:
                 b.mode, b.kept_bytes, b.bwd_extra_bytes, b.recompute_s = "recompute", b.input_bytes, b.act_bytes, b.fwd_s
+
+
+@dataclass(frozen=True)
+class FakeCompressConfig(SectionConfig):
+    blocks: tuple | str = ()
+
+    @property
+    def lossy(self):
+        return True
+
+    def to_dict(self):
+        return {"blocks": refs_to_yaml(self.blocks)}
 
 
 class FakeCompress(Strategy):
@@ -59,21 +92,30 @@ class FakeCompress(Strategy):
     name, order = "compress", 60
 
     def validate(self, section):
-        return {"activations": {k: v for k, v in section["activations"].items()}}
+        return FakeCompressConfig(validate_block_refs(section["blocks"], "compress.blocks"))
 
-    def lossy(self, section):
-        return True
+    def block_modes(self, config):
+        return {"compress": config.blocks}
 
-    def space(self, trial, profile, opts):
-        blocks = search.blocks_in_mode(trial, profile, opts, "compress")
-        return {"activations": {b: "int8" for b in blocks}} if blocks else None
+    def space(self, trial, profile, layout, opts):
+        blocks = layout.blocks("compress")
+        return {"blocks": blocks} if blocks else None
 
-    def effect(self, profile, section, sim):
-        rep = [b.name for b in profile.repeated_blocks]
-        names = {rep[k] if isinstance(k, int) else k for k in section["activations"]}
+    def effect(self, profile, config, sim):
+        names = profile.resolve_blocks(config.blocks, "compress")
         for b in sim.blocks:
             if b.name in names:
                 b.mode, b.kept_bytes, b.extra_fwd_s = "compress", b.act_bytes / 4, 0.001
+
+
+@dataclass(frozen=True)
+class FakeOptimizerConfig(SectionConfig):
+    name: str = "adamw"
+    state_bits: int | None = None
+
+    @property
+    def lossy(self):
+        return self.state_bits == 8
 
 
 class FakeOptimizer(Strategy):
@@ -82,18 +124,15 @@ class FakeOptimizer(Strategy):
     name, order = "optimizer", 10
 
     def validate(self, section):
-        return dict(section)
+        return FakeOptimizerConfig(**section)
 
-    def lossy(self, section):
-        return section.get("state_bits") == 8
-
-    def space(self, trial, profile, opts):
+    def space(self, trial, profile, layout, opts):
         choices = [32] if opts.lossless_only else [32, 8]
         bits = trial.suggest_categorical("optimizer.state_bits", choices)
         return {"name": "adamw", "state_bits": 8} if bits == 8 else None
 
-    def effect(self, profile, section, sim):
-        if section.get("state_bits") == 8:
+    def effect(self, profile, config, sim):
+        if config.state_bits == 8:
             sim.opt_state_bytes /= 4
 
 
@@ -114,52 +153,61 @@ def opts(**kw):
     kw.setdefault("trials", 40)
     kw.setdefault("timeout_s", None)
     kw.setdefault("margin", 0.03)
-    return search.TuneOptions(**kw)
+    return tuning.TuneOptions(**kw)
 
 
 # --- the shared per-block helper ---------------------------------------------------------------------
 
 
-def test_block_modes_layout_and_idempotent(fake_strategies):
+def test_layout_proposal_and_idempotent(fake_strategies):
     p = make_profile(n=8)
-    t = search._ProbeTrial({"blocks.compress": 3, "blocks.recompute": 7, "blocks.other.head": "recompute"})
+    t = space.ProbeTrial({"blocks.compress": 3, "blocks.recompute": 7, "blocks.other.head": "recompute"})
     o = SearchOptions(device="cuda")
-    modes = search.block_modes(t, p, o)
-    # compress first (offload is not registered), recompute clipped to what is left; the head is an exception
-    assert [modes[i] for i in range(8)] == ["compress"] * 3 + ["recompute"] * 5
-    assert modes["head"] == "recompute"
-    assert search.block_modes(t, p, o) == modes  # a second call in one trial gives the same answer
-    assert search.blocks_in_mode(t, p, o, "compress") == [0, 1, 2]
+    prop = propose(t, p, o)
+    # compress takes the first blocks (offload is not registered), recompute the last ones, clipped to what is
+    # left; the head is an exception
+    assert prop.refs["compress"] == [0, 1, 2] and prop.refs["recompute"] == [3, 4, 5, 6, 7, "head"]
+    assert propose(t, p, o).refs == prop.refs  # a second call in one trial gives the same answer
+    assert prop.blocks("compress") == [0, 1, 2]
     # lossless: compress is not offered at all
     lo = SearchOptions(device="cuda", lossless_only=True)
-    assert "compress" not in search.available_block_modes(p, lo)
+    assert "compress" not in available_modes(p, lo)
 
 
-def test_block_modes_no_offload_without_cuda(monkeypatch, fake_strategies):
+def test_recompute_and_compress_in_one_trial_is_valid(fake_strategies):
+    """One layout for all block strategies: compression is searched together with recompute."""
+    p = make_profile(n=8)
+    tuner = Tuner(p, opts())
+    e = tuner.probe({"blocks.compress": 3, "blocks.recompute": 4})
+    assert e.valid, e.error
+    assert set(e.plan.sections) >= {"checkpoint", "compress"}
+    assert p.resolve_blocks(e.plan.get("compress").blocks, "c") == ["blocks.0", "blocks.1", "blocks.2"]
+    assert p.resolve_blocks(e.plan.get("checkpoint").blocks, "c") == [f"blocks.{i}" for i in range(4, 8)]
+
+
+def test_no_offload_mode_without_cuda(monkeypatch, fake_strategies):
     class FakeOffload(FakeCheckpoint):
         name = "offload"
 
     fake_strategies["offload"] = FakeOffload()
     p = make_profile()
-    assert "offload" in search.available_block_modes(p, SearchOptions(device="cuda"))
-    assert "offload" not in search.available_block_modes(p, SearchOptions(device="cpu"))
+    assert "offload" in available_modes(p, SearchOptions(device="cuda"))
+    assert "offload" not in available_modes(p, SearchOptions(device="cpu"))
 
 
 # --- the search ----------------------------------------------------------------------------------------
 
 
 def test_tune_fits_budget_and_beats_checkpoint_all(fake_strategies):
-    from memtune.costmodel import estimate
-
     p = make_profile()
     base = estimate(p)
     budget = int(base.peak_bytes * 0.8)
-    res = search.tune(p, opts(budget_bytes=budget))
+    res = tuning.tune(p, opts(budget_bytes=budget))
     est = estimate(p, res.plan)
     assert est.peak_bytes <= budget * 0.97
     assert res.chosen.peak_bytes == pytest.approx(est.peak_bytes)
     # it recomputes only as many blocks as needed, so it is faster than checkpointing everything
-    all_ck = estimate(p, search._Tuner(p, opts()).plan_for({"blocks.recompute": 8}))
+    all_ck = estimate(p, Tuner(p, opts()).plan_for({"blocks.recompute": 8}))
     assert est.step_s < all_ck.step_s
     assert res.plan.provenance["profile_digest"] == p.digest()
     assert res.plan.provenance["budget_bytes"] == budget
@@ -173,29 +221,27 @@ def test_budget_near_the_cards_size_warns_of_the_allocators_slack(fake_strategie
 
     p = make_profile()  # a 4 GB GPU
     p.peak = Peak(allocated_bytes=2 * 10**9, reserved_bytes=int(2.2e9), phase="loss", measured=True)
-    near = search.tune(p, opts(budget_bytes=int(3.8e9), trials=5))
+    near = tuning.tune(p, opts(budget_bytes=int(3.8e9), trials=5))
     assert any("reserved 1.10x" in w and "--budget 3.39 GiB" in w for w in near.warnings), near.warnings
-    room = search.tune(p, opts(budget_bytes=int(3.5e9), trials=5))  # 3.5 x 1.1 = 3.85 <= 4 GB
+    room = tuning.tune(p, opts(budget_bytes=int(3.5e9), trials=5))  # 3.5 x 1.1 = 3.85 <= 4 GB
     assert not any("reserved" in w for w in room.warnings)
 
 
 def test_infeasible_budget_says_smallest_peak(fake_strategies):
     p = make_profile()
-    with pytest.raises(search.BudgetTooSmall, match=r"smallest peak .* predicted with \[.*checkpoint"):
-        search.tune(p, opts(budget_bytes=10 * MB, trials=15))
+    with pytest.raises(BudgetTooSmall, match=r"smallest peak .* predicted with \[.*checkpoint"):
+        tuning.tune(p, opts(budget_bytes=10 * MB, trials=15))
 
 
 def test_lossless_only_never_lossy(fake_strategies):
-    from memtune.costmodel import estimate
-
     p = make_profile()
     budget = int(estimate(p).peak_bytes * 0.6)
-    res = search.tune(p, opts(budget_bytes=budget, lossless_only=True))
+    res = tuning.tune(p, opts(budget_bytes=budget, lossless_only=True))
     assert res.plan.lossy == [] and res.chosen.lossy == []
     assert all(not c.lossy for c in res.pareto)
     assert "compress" not in res.plan.sections
     # without the flag a lossy plan is allowed (and labelled)
-    res2 = search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.45)))
+    res2 = tuning.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.45)))
     assert res2.chosen.lossy and "[LOSSY]" in res2.chosen.describe
 
 
@@ -205,7 +251,7 @@ def test_same_seed_same_study_and_resume(tmp_path, fake_strategies):
 
     def run(name, seed, trials=15):
         o = opts(budget_bytes=budget, trials=trials, seed=seed, storage=f"sqlite:///{tmp_path / 's.db'}", study_name=name)
-        res = search.tune(p, o)
+        res = tuning.tune(p, o)
         import optuna
 
         study = optuna.load_study(study_name=name, storage=o.storage)
@@ -220,11 +266,9 @@ def test_same_seed_same_study_and_resume(tmp_path, fake_strategies):
 
 
 def test_batch_knob(fake_strategies):
-    from memtune.costmodel import estimate
-
     p = make_profile(batch=8)
     budget = int(estimate(p).peak_bytes * 1.2)
-    res = search.tune(p, opts(budget_bytes=budget, batch_flag="--batch-size", batch_values=[4, 8, 16, 32]))
+    res = tuning.tune(p, opts(budget_bytes=budget, batch_flag="--batch-size", batch_values=[4, 8, 16, 32]))
     bs = res.plan.run["knobs"]["--batch-size"]
     assert bs in (4, 8, 16, 32) and res.chosen.unit == "samples/s"
     assert estimate(p, res.plan).peak_bytes <= budget
@@ -232,11 +276,11 @@ def test_batch_knob(fake_strategies):
 
 
 def test_parse_batch_knob_and_margin():
-    assert search.parse_batch_knob("--batch-size=16,8") == ("--batch-size", [8, 16])
-    with pytest.raises(search.InputError, match="--batch-knob"):
-        search.parse_batch_knob("batch=8")
-    assert search.parse_margin("5%") == pytest.approx(0.05)
-    assert search.parse_margin(None) is None
+    assert space.parse_batch_knob("--batch-size=16,8") == ("--batch-size", [8, 16])
+    with pytest.raises(InputError, match="--batch-knob"):
+        space.parse_batch_knob("batch=8")
+    assert margin.parse_margin("5%") == pytest.approx(0.05)
+    assert margin.parse_margin(None) is None
 
 
 def test_safety_margin_reads_accuracy_doc(tmp_path):
@@ -248,36 +292,36 @@ def test_safety_margin_reads_accuracy_doc(tmp_path):
                    "| baseline | 35.44 | 35.44 | +0.0% |\n| bf16 params (lossy) | 32.10 | 37.49 | +16.8% |\n"
                    "| ckpt last half + offload quarter | 22.56 | 21.68 | -3.9% |\n"
                    "| update in backward | failed: RuntimeError | 9.31 | |\n")
-    frac, source = search.safety_margin(doc)
+    frac, source = margin.safety_margin(doc)
     assert frac == pytest.approx(0.04) and "3.9% over 3 plans" in source
     for meas, pred in ((22.56, 21.68), (10.0, 9.9999)):  # every measured plan fits a budget B if P <= B(1-m)
         assert meas <= pred / (1 - frac)
     doc.write_text("| plan | measured | predicted |\n| a | 10.00 | 10.00 |\n| b | 10.00 | 11.00 |\n")
-    assert search.safety_margin(doc)[0] == pytest.approx(0.01)  # no under-prediction: 1%
+    assert margin.safety_margin(doc)[0] == pytest.approx(0.01)  # no under-prediction: 1%
     doc.write_text("| plan | measured | predicted |\n| a | 10.00 | 5.00 |\n")
-    assert search.safety_margin(doc)[0] == search.MAX_MARGIN  # clamped
+    assert margin.safety_margin(doc)[0] == margin.MAX_MARGIN  # clamped
     doc.write_text("| gpt | ... |\n\nMedian absolute peak error: 4.5% over 25 plans (worst 9.1%)\n")
-    assert search.safety_margin(doc) == (pytest.approx(0.045), "median peak error in accuracy.md")
+    assert margin.safety_margin(doc) == (pytest.approx(0.045), "median peak error in accuracy.md")
     doc.write_text("Median absolute peak error: 0.6% over 25 measured plans (worst 16.8%)\n")
-    assert search.safety_margin(doc)[0] == 0.03  # no tables: the median line, at least the default
-    assert search.safety_margin(tmp_path / "missing.md") == (0.03, "default")
+    assert margin.safety_margin(doc)[0] == 0.03  # no tables: the median line, at least the default
+    assert margin.safety_margin(tmp_path / "missing.md") == (0.03, "default")
 
 
 def test_safety_margin_of_the_repo_doc_covers_its_measurements():
     from pathlib import Path
 
-    doc = Path(search.__file__).resolve().parents[1] / "docs" / "accuracy.md"
-    pairs = search.measured_peak_pairs(doc.read_text())
+    doc = Path(memtune.__file__).resolve().parents[1] / "docs" / "accuracy.md"
+    pairs = margin.measured_peak_pairs(doc.read_text())
     assert len(pairs) >= 10
-    frac, _ = search.safety_margin(doc)
-    assert all(meas <= pred / (1 - frac) for _, meas, pred in pairs) or frac == search.MAX_MARGIN
+    frac, _ = margin.safety_margin(doc)
+    assert all(meas <= pred / (1 - frac) for _, meas, pred in pairs) or frac == margin.MAX_MARGIN
     # the margin tune uses at run time is the doc's, kept as a constant (an installed memtune has no docs/)
-    assert search.safety_margin()[0] == frac == search.PEAK_MARGIN
+    assert margin.safety_margin()[0] == frac == margin.PEAK_MARGIN
 
 
 def test_pareto_front():
-    c = lambda n, peak, thr: search.Candidate(n, {}, str(n), "", peak, 1.0, thr, "steps/s", thr, True)
-    front = search.pareto_front([c(0, 10, 1.0), c(1, 5, 0.5), c(2, 7, 0.4), c(3, 12, 0.9), c(4, 6, 0.8)])
+    c = lambda n, peak, thr: records.Candidate(n, {}, str(n), "", peak, 1.0, thr, "steps/s", thr, True)
+    front = records.pareto_front([c(0, 10, 1.0), c(1, 5, 0.5), c(2, 7, 0.4), c(3, 12, 0.9), c(4, 6, 0.8)])
     assert [x.number for x in front] == [1, 4, 0]
 
 
@@ -300,23 +344,19 @@ def gpt_profile(tmp_path_factory):
 
 def _budget_between_floor_and_baseline(profile) -> int:
     """A budget the baseline misses but lossless checkpointing meets with the safety margin to spare."""
-    from memtune.costmodel import estimate
-    from memtune.plan import Plan
 
     base = estimate(profile).peak_bytes
-    floor = estimate(profile, Plan.from_dict({"checkpoint": {"blocks": "all"}})).peak_bytes / 0.97
+    floor = estimate(profile, plan_from_dict({"checkpoint": {"blocks": "all"}})).peak_bytes / 0.97
     assert floor < base
     return int((floor + base) / 2)
 
 
 def test_real_profile_plan_fits_budget(gpt_profile):
-    from memtune.costmodel import estimate
-    from memtune.plan import Plan
 
     budget = _budget_between_floor_and_baseline(gpt_profile)
     for lossless in (True, False):
-        res = search.tune(gpt_profile, opts(budget_bytes=budget, trials=40, lossless_only=lossless))
-        plan = Plan.from_dict(res.plan.to_dict())  # what `memtune apply` would load
+        res = tuning.tune(gpt_profile, opts(budget_bytes=budget, trials=40, lossless_only=lossless))
+        plan = plan_from_dict(res.plan.to_dict())  # what `memtune apply` would load
         est = estimate(gpt_profile, plan)
         assert est.peak_bytes <= budget * 0.97 + 1
         assert res.plan.sections, "the baseline does not fit, so the plan must change something"
@@ -326,8 +366,8 @@ def test_real_profile_plan_fits_budget(gpt_profile):
 
 
 def test_real_profile_infeasible_budget(gpt_profile):
-    with pytest.raises(search.BudgetTooSmall) as e:
-        search.tune(gpt_profile, opts(budget_bytes=100_000, trials=20))
+    with pytest.raises(BudgetTooSmall) as e:
+        tuning.tune(gpt_profile, opts(budget_bytes=100_000, trials=20))
     msg = str(e.value)
     assert "smallest peak" in msg and "predicted with [" in msg and "at least" in msg
 
@@ -338,7 +378,7 @@ def test_real_profile_lossless_only_never_lossy_in_any_trial(gpt_profile, tmp_pa
 
     storage = f"sqlite:///{tmp_path / 'l.db'}"
     budget = _budget_between_floor_and_baseline(gpt_profile)
-    search.tune(gpt_profile, opts(budget_bytes=budget, trials=40, lossless_only=True, storage=storage, study_name="l"))
+    tuning.tune(gpt_profile, opts(budget_bytes=budget, trials=40, lossless_only=True, storage=storage, study_name="l"))
     trials = optuna.load_study(study_name="l", storage=storage).trials
     assert len(trials) == 40
     assert all(t.user_attrs.get("lossy", []) == [] for t in trials)
@@ -348,16 +388,34 @@ def test_real_profile_lossless_only_never_lossy_in_any_trial(gpt_profile, tmp_pa
 def test_real_profile_same_seed_and_resume(gpt_profile, tmp_path):
     import optuna
 
-    from memtune.costmodel import estimate
-
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     budget = int(estimate(gpt_profile).peak_bytes * 0.9)
 
     def run(name, trials):
-        search.tune(gpt_profile, opts(budget_bytes=budget, trials=trials, seed=11, storage=storage, study_name=name))
+        tuning.tune(gpt_profile, opts(budget_bytes=budget, trials=trials, seed=11, storage=storage, study_name=name))
         return [(t.params, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials]
 
     a, b = run("a", 20), run("b", 20)
     assert a == b
     a2 = run("a", 15)
     assert len(a2) == 35 and a2[:20] == a
+
+
+def test_real_strategies_search_recompute_with_compression(gpt_profile):
+    """With the registered strategies: a trial that recomputes some blocks and compresses others is proposed,
+    valid, and each block gets its mode (the old per-strategy spaces discarded every such trial)."""
+    from memtune.strategies.layout import profile_layout
+
+    tuner = Tuner(gpt_profile, opts(budget_bytes=10**12))
+    e = tuner.probe({"blocks.compress": 1, "blocks.recompute": 1, "compress.dtype": "int8"})
+    assert e.valid, e.error
+    layout = profile_layout(e.plan, gpt_profile)
+    assert layout.modes == {"blocks.0": "compress", "blocks.1": "recompute"}
+    assert "compress" in e.lossy
+    est = estimate(gpt_profile, e.plan)
+    base = estimate(gpt_profile)
+    assert est.peak_bytes < base.peak_bytes
+    # and the study reaches such plans on its own
+    res = tuning.tune(gpt_profile, opts(budget_bytes=int(base.peak_bytes * 0.98), trials=60))
+    import optuna  # noqa: F401  (the study ran in memory; the evaluated plans are in the tuner's records)
+    assert res.n_trials >= 60

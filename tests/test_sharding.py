@@ -13,9 +13,8 @@ import torch.nn as nn
 
 from memtune.costmodel import BlockSim, SimStep
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import Plan
 from memtune.profile import Hardware, Profile
-from memtune.strategies import ApplyContext, SearchOptions, get_strategy
+from memtune.strategies import SearchOptions, get_strategy, make_context, plan_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 S = get_strategy("sharding")
@@ -24,10 +23,10 @@ S = get_strategy("sharding")
 # --- plan ----------------------------------------------------------------------------------------
 
 def test_validate_normalizes_and_names_bad_keys():
-    assert S.validate({"stage": 2}) == {"stage": 2}
-    assert S.validate(3) == {"stage": 3}
-    assert S.validate({"stage": 3, "offload": True}) == {"stage": 3, "offload": True}
-    assert Plan.from_dict({"sharding": {"stage": 1}}).get("sharding") == {"stage": 1}
+    assert S.validate({"stage": 2}).to_dict() == {"stage": 2}
+    assert S.validate(3).to_dict() == {"stage": 3}
+    assert S.validate({"stage": 3, "offload": True}).to_dict() == {"stage": 3, "offload": True}
+    assert plan_from_dict({"sharding": {"stage": 1}}).get("sharding").to_dict() == {"stage": 1}
     with pytest.raises(PlanError, match="unknown key 'stages'"):
         S.validate({"stages": 2})
     with pytest.raises(PlanError, match="`stage` is required"):
@@ -36,7 +35,7 @@ def test_validate_normalizes_and_names_bad_keys():
         S.validate({"stage": 4})
     with pytest.raises(PlanError, match="needs stage 2 or 3"):
         S.validate({"stage": 1, "offload": True})
-    assert "ZeRO-3" in S.describe({"stage": 3})
+    assert "ZeRO-3" in S.validate({"stage": 3}).describe()
 
 
 # --- refusal without a process group ------------------------------------------------------------
@@ -47,13 +46,12 @@ def test_stage_without_process_group_is_refused(monkeypatch):
     model = nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for stage in (1, 2, 3):
-        ctx = ApplyContext(model=model, optimizers=[opt], blocks=[], device=torch.device("cpu"),
-                           plan=Plan(sections={"sharding": {"stage": stage}}))
+        ctx = make_context(model, [opt], [], torch.device("cpu"), plan_from_dict({"sharding": {"stage": stage}}))
         with pytest.raises(EnvironmentNotSupported, match="more than one rank.*torchrun --nproc-per-node"):
-            S.apply(ctx, {"stage": stage})
+            S.apply(ctx, S.validate({"stage": stage}))
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(EnvironmentNotSupported, match="WORLD_SIZE=1"):
-        S.install({"stage": 2}, None)  # before the script even starts
+        S.install(S.validate({"stage": 2}), None)  # before the script even starts
     assert isinstance(opt, torch.optim.SGD) and type(opt) is torch.optim.SGD  # untouched
 
 
@@ -66,11 +64,11 @@ def test_install_replaces_the_scripts_ddp_wrapping(monkeypatch):
 
     real = par.DistributedDataParallel
     monkeypatch.setenv("WORLD_SIZE", "2")
-    undo = S.install({"stage": 1}, None)  # stage 1 keeps the real DDP, only records what it wraps
+    undo = S.install(S.validate({"stage": 1}), None)  # stage 1 keeps the real DDP, only records what it wraps
     assert issubclass(par.DistributedDataParallel, real) and par.DistributedDataParallel is not real
     undo()
     assert par.DistributedDataParallel is real
-    undo = S.install({"stage": 3}, None)
+    undo = S.install(S.validate({"stage": 3}), None)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP  # as the script imports it
 
@@ -96,18 +94,18 @@ def test_policies_follow_the_plans_offload_and_precision_sections():
     from memtune.strategies.sharding import _policies
 
     model = nn.Linear(4, 4)
-    plan = Plan(sections={"sharding": {"stage": 3}, "precision": {"params": "bf16"},
+    plan = plan_from_dict({"sharding": {"stage": 3}, "precision": {"params": "bf16"},
                           "offload": {"optimizer_state": True}})
-    ctx = ApplyContext(model=model, optimizers=[], blocks=[], device=torch.device("cuda"), plan=plan)
-    kwargs, said = _policies(ctx, {"stage": 3}, 3)
+    ctx = make_context(model, [], [], torch.device("cuda"), plan)
+    kwargs, said = _policies(ctx, plan.get("sharding"), 3)
     assert isinstance(kwargs["offload_policy"], CPUOffloadPolicy)
     assert isinstance(kwargs["mp_policy"], MixedPrecisionPolicy)
     assert kwargs["mp_policy"].param_dtype == torch.bfloat16 and kwargs["mp_policy"].reduce_dtype == torch.float32
-    assert ctx.shared["sharding_cpu_offload"] and len(said) == 2
+    assert len(said) == 2
     model.to(torch.bfloat16)  # the precision section already cast the parameters: no second cast
-    ctx = ApplyContext(model=model, optimizers=[], blocks=[], device=torch.device("cpu"),
-                       plan=Plan(sections={"sharding": {"stage": 2, "offload": True}, "precision": {"params": "bf16"}}))
-    kwargs, said = _policies(ctx, {"stage": 2, "offload": True}, 2)
+    plan = plan_from_dict({"sharding": {"stage": 2, "offload": True}, "precision": {"params": "bf16"}})
+    ctx = make_context(model, [], [], torch.device("cpu"), plan)
+    kwargs, said = _policies(ctx, plan.get("sharding"), 2)
     assert kwargs == {} and any("already on the host" in s for s in said)
 
 
@@ -129,17 +127,17 @@ def _profile(ws, gbps=100.0):
 def test_effect_per_rank_model_states_follow_zero(ws):
     total, p, other = 4400.0, 1000.0, 400.0
     s1 = _sim()
-    S.effect(_profile(ws), {"stage": 1}, s1)
+    S.effect(_profile(ws), S.validate({"stage": 1}), s1)
     assert (s1.param_bytes, s1.grad_bytes) == (total, total)
     assert s1.opt_state_bytes == pytest.approx(2000 / ws) and s1.opt_s == pytest.approx(0.01 / ws)
     assert s1.comm_s == pytest.approx(total * (ws - 1) / ws / 100e9)  # post-step all-gather, not hidden
     s2 = _sim()
-    S.effect(_profile(ws), {"stage": 2}, s2)
+    S.effect(_profile(ws), S.validate({"stage": 2}), s2)
     assert s2.param_bytes == pytest.approx(total / ws + total)  # shards + gathered fwd->bwd
     assert s2.grad_bytes == pytest.approx(total / ws) and s2.opt_state_bytes == pytest.approx(2000 / ws)
     assert all(b.gather_bytes == 0 for b in s2.blocks)
     s3 = _sim()
-    S.effect(_profile(ws), {"stage": 3}, s3)
+    S.effect(_profile(ws), S.validate({"stage": 3}), s3)
     assert s3.param_bytes == pytest.approx(total / ws + other)  # shards + the root group kept gathered
     assert [b.gather_bytes for b in s3.blocks] == [0, 2 * p, 2 * p, 2 * p, p]  # own + the next prefetched
     assert s3.blocks[1].bwd_transient == p and s3.blocks[1].grad_bytes == pytest.approx(p / ws)
@@ -148,8 +146,8 @@ def test_effect_per_rank_model_states_follow_zero(ws):
 
 def test_effect_communication_hides_behind_compute_until_the_link_is_slow():
     fast, slow = _sim(), _sim()
-    S.effect(_profile(2, gbps=100.0), {"stage": 3}, fast)
-    S.effect(_profile(2, gbps=1e-3), {"stage": 3}, slow)
+    S.effect(_profile(2, gbps=100.0), S.validate({"stage": 3}), fast)
+    S.effect(_profile(2, gbps=1e-3), S.validate({"stage": 3}), slow)
     # exposed on a fast link: the root's gather and reduce-scatter and the last block's backward gather
     # (nothing runs before them); bytes moved = (n - 1) / n of each
     assert fast.comm_s == pytest.approx((200 + 200 + 500) / 100e9)
@@ -161,13 +159,13 @@ def test_effect_communication_hides_behind_compute_until_the_link_is_slow():
 
 def test_effect_world_size_one_and_unmeasured_bandwidth_say_so():
     sim = _sim()
-    S.effect(Profile(), {"stage": 3}, sim)
+    S.effect(Profile(), S.validate({"stage": 3}), sim)
     assert sim.param_bytes == 4400 and any("world size 1" in n for n in sim.notes)
     sim = _sim()
-    S.effect(Profile(world_size=2, hardware=Hardware(world_size=2)), {"stage": 2}, sim)
+    S.effect(Profile(world_size=2, hardware=Hardware(world_size=2)), S.validate({"stage": 2}), sim)
     assert any("not measured" in n for n in sim.notes) and sim.comm_s > 0
     sim = _sim()
-    S.effect(_profile(2), {"stage": 3, "offload": True}, sim)
+    S.effect(_profile(2), S.validate({"stage": 3, "offload": True}), sim)
     assert sim.opt_state_bytes == 0 and sim.opt_state_host_bytes == pytest.approx(1000)
     assert sim.param_bytes == pytest.approx(400) and sim.opt_h2d_bytes == pytest.approx(2200)
 
@@ -190,7 +188,7 @@ def test_estimate_per_rank_peak_falls_with_each_stage():
     for stage in (None, 1, 2, 3):
         sim = build_sim(prof)
         if stage:
-            S.effect(prof, {"stage": stage}, sim)
+            S.effect(prof, S.validate({"stage": stage}), sim)
         est = simulate(sim)
         peaks.append(est.peak_bytes)
         comm.append(est.time_breakdown.get("communication", 0.0))
@@ -200,11 +198,11 @@ def test_estimate_per_rank_peak_falls_with_each_stage():
 
 def test_space_offers_stages_only_with_several_ranks():
     optuna = pytest.importorskip("optuna")
-    assert S.space(optuna.trial.FixedTrial({"sharding.stage": 3}), Profile(), SearchOptions()) is None
+    assert S.space(optuna.trial.FixedTrial({"sharding.stage": 3}), Profile(), None, SearchOptions()) is None
     two = Profile(world_size=2)
-    assert S.space(optuna.trial.FixedTrial({"sharding.stage": 0}), two, SearchOptions()) is None
-    assert S.space(optuna.trial.FixedTrial({"sharding.stage": 1}), two, SearchOptions(device="cpu")) == {"stage": 1}
-    got = S.space(optuna.trial.FixedTrial({"sharding.stage": 3, "sharding.offload": True}), Profile(),
+    assert S.space(optuna.trial.FixedTrial({"sharding.stage": 0}), two, None, SearchOptions()) is None
+    assert S.space(optuna.trial.FixedTrial({"sharding.stage": 1}), two, None, SearchOptions(device="cpu")) == {"stage": 1}
+    got = S.space(optuna.trial.FixedTrial({"sharding.stage": 3, "sharding.offload": True}), Profile(), None,
                   SearchOptions(world_size=4))
     assert got == {"stage": 3, "offload": True}
 

@@ -11,10 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from memtune import search
+import memtune.tune as tuning
 from memtune.cli import app
-from memtune.costmodel import estimate
-from memtune.plan import Plan
+from memtune.errors import VerificationFailed
+from memtune.estimate import estimate
+from memtune.strategies import plan_from_dict
+from memtune.tune import space, verify
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_search import install_fakes, make_profile, opts  # noqa: E402
@@ -101,9 +103,9 @@ def test_verify_picks_on_measurements_and_survives_oom(monkeypatch, tmp_path, fa
         report.write_text(json.dumps({"step_s": step, "peak_allocated_bytes": 500 * 10**6, "failure": None}))
         return subprocess.CompletedProcess(cmd, 0, "ok", "")
 
-    monkeypatch.setattr(search.subprocess, "run", fake_run)
+    monkeypatch.setattr(verify.subprocess, "run", fake_run)
     storage = f"sqlite:///{tmp_path / 'v.db'}"
-    res = search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=3, storage=storage,
+    res = tuning.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=3, storage=storage,
                               study_name="v"))
     assert len(calls) == 3
     assert [c.measured["status"] for c in res.verified] == ["oom", "ok", "ok"]
@@ -126,9 +128,9 @@ def test_verify_all_fail_is_an_error(monkeypatch, fake_strategies):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "CUDA out of memory")
 
-    monkeypatch.setattr(search.subprocess, "run", oom)
-    with pytest.raises(search.VerificationFailed, match=r"none of the \d verified plans.*--margin"):
-        search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=10, verify=2))
+    monkeypatch.setattr(verify.subprocess, "run", oom)
+    with pytest.raises(VerificationFailed, match=r"none of the \d verified plans.*--margin"):
+        tuning.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=10, verify=2))
     assert 2 <= len(calls) <= 4  # the first k, then at most k more with a smaller predicted peak
 
 
@@ -145,8 +147,8 @@ def test_verify_avoids_a_section_every_crashed_plan_had(monkeypatch, fake_strate
         Path(cmd[cmd.index("--report") + 1]).write_text(json.dumps({"step_s": 0.3, "peak_allocated_bytes": 1}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(search.subprocess, "run", fake_run)
-    res = search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=1))
+    monkeypatch.setattr(verify.subprocess, "run", fake_run)
+    res = tuning.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=1))
     assert len(ran) == 2 and "optimizer" in ran[0] and "optimizer" not in ran[1]
     assert "optimizer" not in res.plan.sections and res.plan.provenance["measured"]["status"] == "ok"
 
@@ -163,12 +165,12 @@ def test_verify_picks_plans_of_different_kinds(monkeypatch, fake_strategies):
 
     def fake_run(cmd, **kw):
         plan = yaml.safe_load(Path(cmd[cmd.index("apply") + 1]).read_text())
-        ran.append(search._signature(Plan.from_dict(plan)))
+        ran.append(space.plan_family(plan_from_dict(plan)))
         Path(cmd[cmd.index("--report") + 1]).write_text(json.dumps({"step_s": 0.3, "peak_allocated_bytes": 1}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(search.subprocess, "run", fake_run)
-    search.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=3))
+    monkeypatch.setattr(verify.subprocess, "run", fake_run)
+    tuning.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=3))
     assert len(ran) == 3 and len(set(ran)) == 3
 
 
@@ -189,20 +191,23 @@ def bench():
 def test_bench_reduced_space_restricts_and_restores(bench):
     import memtune.strategies as strategies
     from memtune.strategies.base import SearchOptions
+    from memtune.strategies.layout import propose
 
     before = strategies.strategy_names()
     p = make_profile(n=8)
     p.extra["clip_grad_norm"] = 1.0  # a clipping script: no update-in-backward
     with bench.reduced_space():
         assert set(strategies.strategy_names()) == {"checkpoint", "optimizer", "offload"}
-        fixed = {"checkpoint.k": 3, "optimizer.name": "adamw8bit", "offload.optimizer_state": True}
-        t = search._ProbeTrial(fixed)
-        secs = {s.name: s.space(t, p, SearchOptions(device="cuda")) for s in strategies.all_strategies()}
+        fixed = {"blocks.recompute": 3, "optimizer.name": "adamw8bit", "offload.optimizer_state": True}
+        t = space.ProbeTrial(fixed)
+        layout = propose(t, p, SearchOptions(device="cuda"))
+        secs = {s.name: s.space(t, p, layout, SearchOptions(device="cuda")) for s in strategies.all_strategies()}
         assert secs["checkpoint"] == {"blocks": ["5-7"], "mode": "full"}
         assert secs["optimizer"] == {"name": "adamw8bit"}
         assert secs["offload"] == {"activations": [], "optimizer_state": True}
-        lossless = search._ProbeTrial({"optimizer.name": "adamw8bit"})
-        assert strategies.get_strategy("optimizer").space(lossless, p, SearchOptions(device="cuda", lossless_only=True)) is None
+        lossless = space.ProbeTrial({"optimizer.name": "adamw8bit"})
+        assert strategies.get_strategy("optimizer").space(lossless, p, None,
+                                                          SearchOptions(device="cuda", lossless_only=True)) is None
         assert lossless.distributions["optimizer.name"].choices == ("adamw",)
     assert strategies.strategy_names() == before
 

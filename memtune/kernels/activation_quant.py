@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree
 
 GROUP = 128  # elements per scale
 QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code magnitude (e4m3fn max normal is 448)
@@ -48,6 +49,13 @@ class Packed:
     @property
     def nbytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * 4
+
+
+# A pytree node (codes and scales are its leaves), so a transport that moves the tensors inside saved
+# objects (activation offload of compressed blocks) moves these too.
+torch.utils._pytree.register_pytree_node(
+    Packed, lambda p: ([p.codes, p.scales], (p.shape, p.dtype, p.inv_perm, p.group)),
+    lambda leaves, ctx: Packed(leaves[0], leaves[1], *ctx), serialized_type_name="memtune.Packed")
 
 
 # --- Triton kernels ---------------------------------------------------------------------------------

@@ -13,13 +13,17 @@ Transformers' own gradient checkpointing is detected per block and switched off 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from memtune.blocks import refs_to_yaml, validate_block_refs
 from memtune.errors import PlanError
-from memtune.plan import check_choice, check_keys, validate_block_refs
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register, wrap_forward
+from memtune.plan import SectionConfig, check_choice, check_keys
+from memtune.strategies.base import ApplyContext, Strategy, register
+from memtune.strategies.layout import RECOMPUTE, compact
+from memtune.undo import Undo, Undos, wrap_forward
 
 MODES = ("full", "selective")
 KEYS = {"blocks": "block references: all, indices, 'a-b' ranges or module paths", "mode": "full | selective"}
@@ -89,13 +93,25 @@ def hf_checkpointing_off(module: torch.nn.Module) -> Undo | None:
     return undo
 
 
+@dataclass(frozen=True)
+class CheckpointConfig(SectionConfig):
+    blocks: tuple[int | str, ...] | str
+    mode: str = "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blocks": refs_to_yaml(self.blocks), "mode": self.mode}
+
+    def describe(self) -> str:
+        return f"{self.mode} checkpointing of blocks {refs_to_yaml(self.blocks)}"
+
+
 @register
 class Checkpoint(Strategy):
     name = "checkpoint"
     order = 50
     summary = "recompute chosen blocks in backward instead of keeping their activations"
 
-    def validate(self, section: Any) -> dict[str, Any]:
+    def validate(self, section: Any) -> CheckpointConfig:
         if isinstance(section, (list, int)) or section == "all":
             section = {"blocks": section}
         if not isinstance(section, dict):
@@ -103,28 +119,24 @@ class Checkpoint(Strategy):
         check_keys(section, KEYS, "checkpoint")
         if "blocks" not in section:
             raise PlanError("checkpoint: missing `blocks`; e.g. `checkpoint: {blocks: all}`")
-        return {"blocks": validate_block_refs(section["blocks"], "checkpoint.blocks"),
-                "mode": check_choice(section.get("mode", "full"), MODES, "checkpoint.mode")}
+        return CheckpointConfig(blocks=validate_block_refs(section["blocks"], "checkpoint.blocks"),
+                                mode=check_choice(section.get("mode", "full"), MODES, "checkpoint.mode"))
 
-    def describe(self, section: dict[str, Any]) -> str:
-        return f"{section['mode']} checkpointing of blocks {section['blocks']}"
+    def block_modes(self, config: CheckpointConfig) -> dict[str, Any]:
+        return {"recompute" if config.mode == "full" else "selective": config.blocks}
 
-    def space(self, trial: Any, profile: Any, opts: Any) -> dict[str, Any] | None:
-        # Compact: checkpoint the LAST k repeated blocks (offload takes the first ones, which have the most
-        # forward time after them to hide their copies), one mode for all.
-        n = len(profile.repeated_blocks)
-        k = trial.suggest_int("checkpoint.k", 0, n)
-        if k == 0:
+    def space(self, trial: Any, profile: Any, layout: Any, opts: Any) -> dict[str, Any] | None:
+        blocks = compact(layout.blocks("recompute"), len(profile.repeated_blocks))
+        if not blocks:
             return None
-        mode = trial.suggest_categorical("checkpoint.mode", list(MODES))
-        return {"blocks": "all" if k == n else [f"{n - k}-{n - 1}"], "mode": mode}
+        return {"blocks": blocks, "mode": layout.recompute_mode}
 
-    def effect(self, profile: Any, section: dict[str, Any], sim: Any) -> None:
-        names = profile.resolve_blocks(section["blocks"], "checkpoint.blocks")
+    def effect(self, profile: Any, config: CheckpointConfig, sim: Any) -> None:
+        names = profile.resolve_blocks(config.blocks, "checkpoint.blocks")
         for b in sim.blocks:
             if b.name not in names:
                 continue
-            if section["mode"] == "full":
+            if config.mode == "full":
                 b.mode = "recompute"
                 b.kept_bytes = b.input_bytes
                 b.bwd_extra_bytes = b.act_bytes
@@ -134,33 +146,27 @@ class Checkpoint(Strategy):
                 b.kept_bytes = b.input_bytes + SELECTIVE_KEEP * b.act_bytes
                 b.bwd_extra_bytes = (1 - SELECTIVE_KEEP) * b.act_bytes
                 b.recompute_s = SELECTIVE_RECOMPUTE * b.fwd_s
-        if section["mode"] == "selective":
+        if config.mode == "selective":
             sim.notes.append(f"selective checkpointing assumed to keep {SELECTIVE_KEEP:.0%} of a block's "
                              f"activations and recompute {SELECTIVE_RECOMPUTE:.0%} of its forward")
 
-    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
-        names = ctx.resolve(section["blocks"], "checkpoint.blocks")
-        mode = section["mode"]
-        undos: list[Undo] = []
+    def apply(self, ctx: ApplyContext, config: CheckpointConfig) -> Undo:
+        names = ctx.layout.names(*RECOMPUTE)
+        mode = config.mode
         hf_off = 0
-        for name in names:  # names resolved above: nothing below raises on a valid plan
-            mod = ctx.module(name)
-            off = hf_checkpointing_off(mod)
-            if off is not None:
-                undos.append(off)
-                hf_off += 1
-            undos.append(wrap_forward(mod, lambda f, _m=mode: checkpointed(f, _m)))
-        ctx.shared.setdefault("checkpointed_blocks", set()).update(names)
+        with Undos() as undos:
+            for name in names:
+                mod = ctx.module(name)
+                off = hf_checkpointing_off(mod)
+                if off is not None:
+                    undos.add(off)
+                    hf_off += 1
+                undos.add(wrap_forward(mod, lambda f, _m=mode: checkpointed(f, _m)))
         ctx.note(self.name, f"{mode} checkpointing on {len(names)} block(s): {_short(names)}")
         if hf_off:
             ctx.note(self.name, f"transformers' gradient checkpointing was on: switched off on the {hf_off} "
                                 "block(s) memtune checkpoints (never both)")
-
-        def undo() -> None:
-            for u in reversed(undos):
-                u()
-
-        return undo
+        return undos
 
 
 def _short(names: list[str], n: int = 4) -> str:

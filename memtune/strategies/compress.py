@@ -8,19 +8,23 @@ compress: {blocks: all, dtype: int8, min_size: 1MiB} # smaller saved tensors sta
 ```
 Only floating tensors of at least `min_size` are quantized; integer tensors, small ones, parameters and
 their autocast copies stay as they are. A block that `checkpoint` recomputes is refused (nothing of it is
-saved). With `offload` of the same block, offload's hooks call this strategy's (pack, unpack) from
-`ctx.shared["saved_tensor_codecs"]` around the copy to the host, so the compressed bytes travel.
+saved: strategies/layout.py). The codec is a stage of the block's saved-tensor pipeline
+(strategies/saved_tensors.py); with `offload` of the same block the compressed bytes are what goes to the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from memtune.blocks import refs_to_yaml, validate_block_refs
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_choice, check_keys, shared_block_refs, validate_block_refs
-from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register, wrap_forward
+from memtune.plan import SectionConfig, check_choice, check_keys
+from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, register
+from memtune.strategies.layout import COMPRESSED, compact
+from memtune.undo import Undo
 from memtune.units import format_bytes, parse_size
 
 DTYPES = ("int8", "fp8")
@@ -84,61 +88,65 @@ def make_codec(dtype: str, min_size: int, param_ptrs: set[int] | None = None, ba
     return pack, unpack
 
 
+@dataclass(frozen=True)
+class CompressConfig(SectionConfig):
+    blocks: tuple[int | str, ...] | str
+    dtype: str = "int8"
+    min_size: int | None = None
+
+    @property
+    def lossy(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"blocks": refs_to_yaml(self.blocks), "dtype": self.dtype}
+        if self.min_size is not None:
+            out["min_size"] = self.min_size
+        return out
+
+    def describe(self) -> str:
+        return f"{self.dtype} saved activations of blocks {refs_to_yaml(self.blocks)}"
+
+
 @register
 class Compress(Strategy):
     name = "compress"
     order = 60
     summary = "keep chosen blocks' saved activations quantized (int8/fp8) until backward (lossy)"
 
-    def validate(self, section: Any) -> dict[str, Any]:
+    def validate(self, section: Any) -> CompressConfig:
         if not isinstance(section, dict):
             raise PlanError("compress: give a mapping, e.g. {blocks: all, dtype: int8}")
         check_keys(section, KEYS, "compress")
         if "blocks" not in section:
             raise PlanError("compress: `blocks` is required, e.g. {blocks: [0, 1], dtype: int8}")
-        out: dict[str, Any] = {"blocks": validate_block_refs(section["blocks"], "compress.blocks"),
-                               "dtype": check_choice(section.get("dtype", "int8"), DTYPES, "compress.dtype")}
+        min_size = None
         if "min_size" in section:
             try:
-                out["min_size"] = parse_size(section["min_size"])
+                min_size = parse_size(section["min_size"])
             except Exception as e:
                 raise PlanError(f"compress.min_size: {e}") from None
-        return out
+        return CompressConfig(blocks=validate_block_refs(section["blocks"], "compress.blocks"),
+                              dtype=check_choice(section.get("dtype", "int8"), DTYPES, "compress.dtype"),
+                              min_size=min_size)
 
-    def lossy(self, section: dict[str, Any]) -> bool:
-        return True
-
-    def conflicts(self, plan, section: dict[str, Any]) -> list[str]:
-        ck = plan.get("checkpoint") if plan is not None else None
-        if not ck or "blocks" not in ck:
-            return []
-        if shared_block_refs(section["blocks"], ck["blocks"]):
-            return ["compress and checkpoint name the same block(s): a recomputed block saves nothing to "
-                    "compress; take those blocks out of one of the two sections"]
-        return []
-
-    def describe(self, section: dict[str, Any]) -> str:
-        return f"{section['dtype']} saved activations of blocks {section['blocks']}"
+    def block_modes(self, config: CompressConfig) -> dict[str, Any]:
+        return {"compress": config.blocks}
 
     # --- search and cost model --------------------------------------------------------------------
-    def space(self, trial: Any, profile, opts: SearchOptions) -> dict[str, Any] | None:
+    def space(self, trial: Any, profile, layout: Any, opts: SearchOptions) -> dict[str, Any] | None:
         if opts.lossless_only:
             return None
-        n_rep = len(profile.repeated_blocks)
-        if n_rep == 0:
-            return None
-        n = trial.suggest_int("compress.n_blocks", 0, n_rep)
-        if n == 0:
+        blocks = compact(layout.blocks(*COMPRESSED), len(profile.repeated_blocks))
+        if not blocks:
             return None
         dtypes = ["int8"] + (["fp8"] if _has_fp8(profile) else [])
-        dtype = trial.suggest_categorical("compress.dtype", dtypes)
-        # the last blocks: checkpoint's choices usually start from the first ones, so fewer conflicts
-        return {"blocks": list(range(n_rep - n, n_rep)), "dtype": dtype}
+        return {"blocks": blocks, "dtype": trial.suggest_categorical("compress.dtype", dtypes)}
 
-    def effect(self, profile, section: dict[str, Any], sim) -> None:
+    def effect(self, profile, config: CompressConfig, sim) -> None:
         from memtune.kernels.activation_quant import ratio
 
-        names = profile.resolve_blocks(section["blocks"], "compress.blocks")
+        names = profile.resolve_blocks(config.blocks, "compress.blocks")
         gbps = profile.hardware.d2d_gbps or 0.0
         if gbps <= 0:  # CPU profile or no measurement: the torch reference runs at host memory speed
             gbps = 20.0
@@ -157,7 +165,7 @@ class Compress(Strategy):
                 scale = b.act_bytes / max(1, sum(by_dtype.values()))  # profile bytes -> this sim's batch
             else:  # older profiles: assume the block saves bf16/fp16
                 floating, other, scale = {"bfloat16": b.act_bytes}, 0.0, 1.0
-            comp = sum(v * ratio(section["dtype"], _FLOAT_BYTES[k]) for k, v in floating.items())
+            comp = sum(v * ratio(config.dtype, _FLOAT_BYTES[k]) for k, v in floating.items())
             orig = sum(floating.values())
             kept = (comp + other) * scale
             total_saved += b.kept - kept
@@ -168,56 +176,25 @@ class Compress(Strategy):
             b.extra_fwd_s += OVERHEAD_FACTOR * (orig + comp) * scale / bw
             b.extra_bwd_s += OVERHEAD_FACTOR * (orig + comp) * scale / bw
         sim.lossy.append("compress")
-        sim.notes.append(f"compress: {section['dtype']} saved activations of {len(names)} block(s), "
+        sim.notes.append(f"compress: {config.dtype} saved activations of {len(names)} block(s), "
                          f"{format_bytes(total_saved)} less kept per micro-batch")
 
     # --- the live run -----------------------------------------------------------------------------
-    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
+    def apply(self, ctx: ApplyContext, config: CompressConfig) -> Undo:
         from memtune.kernels.activation_quant import fp8_supported
 
-        names = ctx.resolve(section["blocks"], "compress.blocks")
-        ck = ctx.plan.get("checkpoint") if ctx.plan is not None else None
-        if ck and "blocks" in ck:
-            recomputed = set(ctx.resolve(ck["blocks"], "checkpoint.blocks"))
-            both = [n for n in names if n in recomputed]
-            if both:
-                raise PlanError(f"compress: blocks {both} are recomputed by checkpoint; take them out of one section")
-        dtype = section["dtype"]
+        names = ctx.layout.names(*COMPRESSED)
+        dtype = config.dtype
         if dtype == "fp8" and ctx.device.type == "cuda" and not fp8_supported(ctx.device):
             raise EnvironmentNotSupported("compress.dtype fp8 needs a GPU with fp8 (compute capability >= 8.9): "
                                           "use dtype: int8")
-        min_size = section.get("min_size", DEFAULT_MIN_SIZE)
+        min_size = config.min_size if config.min_size is not None else DEFAULT_MIN_SIZE
         params = {p.data_ptr() for p in ctx.model.parameters()} | {b.data_ptr() for b in ctx.model.buffers()}
-        pack, unpack = make_codec(dtype, min_size, params)
-        codecs = ctx.shared.setdefault("saved_tensor_codecs", {})
-        offloaded = set(ctx.shared.get("offloaded_blocks", ()))
-        undos = []
-        for name in names:
-            codecs[name] = (pack, unpack)
-            if name in offloaded:
-                continue  # offload's hooks call the codec around the host copy
-            undos.append(_wrap_forward(ctx.module(name), pack, unpack))
+        undo = ctx.saved_tensors.add_codec(names, make_codec(dtype, min_size, params))
+        moved = [n for n in names if ctx.layout.mode(n) == "compress+offload"]
         ctx.note("compress", f"{dtype} saved activations (>= {format_bytes(min_size)}) of {len(names)} block(s)"
-                 + (f"; {len(names) - len(undos)} through offload's hooks" if len(undos) < len(names) else ""))
-
-        def undo() -> None:
-            for u in reversed(undos):
-                u()
-            for name in names:
-                codecs.pop(name, None)
-
+                 + (f"; {len(moved)} then offloaded to the host" if moved else ""))
         return undo
-
-
-def _wrap_forward(module: torch.nn.Module, pack, unpack) -> Undo:
-    def make(inner):
-        def forward(*args, **kwargs):
-            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                return inner(*args, **kwargs)
-
-        return forward
-
-    return wrap_forward(module, make)
 
 
 def _has_fp8(profile) -> bool:

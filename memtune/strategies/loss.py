@@ -17,6 +17,7 @@ memory saved. Heads with a bias, or none found, are left alone with a note.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memtune.errors import PlanError
-from memtune.plan import check_keys
-from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, register, replace_on_instance
+from memtune.plan import SectionConfig, check_keys
+from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, register
+from memtune.undo import Undo, noop, replace_on_instance
 
 KEYS = {"fused": "true to fuse the head's matmul with the cross-entropy", "head": "module path of the head",
         "chunk_tokens": "tokens per chunk (default: a 192 MiB logits chunk)",
@@ -200,13 +202,26 @@ def patch_head(head: nn.Linear, opts: dict[str, Any]) -> Undo:
     return replace_on_instance(head, "forward", forward)
 
 
+@dataclass(frozen=True)
+class LossConfig(SectionConfig):
+    fused: bool = True
+    head: str | None = None
+    chunk_tokens: int | None = None
+    low_memory: bool | None = None  # True, or absent
+
+    def describe(self) -> str:
+        if not self.fused:
+            return "loss as the script computes it"
+        return "fused linear cross-entropy" + (" (low memory)" if self.low_memory else "")
+
+
 @register
 class Loss(Strategy):
     name = "loss"
     order = 40
     summary = "fused linear cross-entropy: never materialize the full logits (lossless)"
 
-    def validate(self, section: Any) -> dict[str, Any]:
+    def validate(self, section: Any) -> LossConfig:
         if section is True:
             section = {"fused": True}
         if not isinstance(section, dict):
@@ -215,38 +230,32 @@ class Loss(Strategy):
         fused = section.get("fused", True)
         if not isinstance(fused, bool):
             raise PlanError("loss.fused: true or false")
-        out: dict[str, Any] = {"fused": fused}
+        head = chunk = low = None
         if section.get("head") is not None:
             if not isinstance(section["head"], str):
                 raise PlanError("loss.head: a module path such as lm_head")
-            out["head"] = section["head"]
+            head = section["head"]
         if section.get("chunk_tokens") is not None:
             c = section["chunk_tokens"]
             if isinstance(c, bool) or not isinstance(c, int) or c < 1:
                 raise PlanError("loss.chunk_tokens: a positive integer, e.g. 1024")
-            out["chunk_tokens"] = c
+            chunk = c
         if section.get("low_memory") is not None:
             if not isinstance(section["low_memory"], bool):
                 raise PlanError("loss.low_memory: true or false")
-            if section["low_memory"]:
-                out["low_memory"] = True
-        return out
+            low = True if section["low_memory"] else None
+        return LossConfig(fused=fused, head=head, chunk_tokens=chunk, low_memory=low)
 
-    def describe(self, section: dict[str, Any]) -> str:
-        if not section["fused"]:
-            return "loss as the script computes it"
-        return "fused linear cross-entropy" + (" (low memory)" if section.get("low_memory") else "")
-
-    def space(self, trial: Any, profile, opts: SearchOptions) -> dict[str, Any] | None:
+    def space(self, trial: Any, profile, layout: Any, opts: SearchOptions) -> dict[str, Any] | None:
         return {"fused": True} if trial.suggest_categorical("loss.fused", [False, True]) else None
 
-    def effect(self, profile, section: dict[str, Any], sim) -> None:
+    def effect(self, profile, config: LossConfig, sim) -> None:
         from memtune.kernels.linear_cross_entropy import CHUNK_BYTES, LOW_CHUNK_BYTES
 
-        if not section["fused"]:
+        if not config.fused:
             return
-        budget = LOW_CHUNK_BYTES if section.get("low_memory") else CHUNK_BYTES
-        head = _head_profile(profile, section.get("head"))
+        budget = LOW_CHUNK_BYTES if config.low_memory else CHUNK_BYTES
+        head = _head_profile(profile, config.head)
         tokens = (profile.tokens_per_step or 0) // max(1, profile.micro_batches_per_step)
         if head is None or not tokens:
             sim.loss_transient_bytes = min(sim.loss_transient_bytes, budget)
@@ -267,22 +276,21 @@ class Loss(Strategy):
         sim.notes.append(f"loss: fused cross-entropy over vocab {vocab}, {tokens} tokens; time taken as unchanged "
                          "(H100, vocab 128256, docs/benchmarks.md: the fused op 0.61x eager time, low_memory 0.98x)")
 
-    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
-        if not section["fused"]:
-            return lambda: None
-        name, head = find_head(ctx.model, section.get("head"))
+    def apply(self, ctx: ApplyContext, config: LossConfig) -> Undo:
+        if not config.fused:
+            return noop
+        name, head = find_head(ctx.model, config.head)
         if head is None:
             ctx.note("loss", "no linear head found (give loss.head): loss left alone")
-            return lambda: None
+            return noop
         if not isinstance(head, nn.Linear):
             ctx.note("loss", f"{name} is {type(head).__name__}, not nn.Linear: loss left alone")
-            return lambda: None
+            return noop
         if head.bias is not None:
             ctx.note("loss", f"{name} has a bias, which the fused loss does not take: loss left alone")
-            return lambda: None
-        opts: dict[str, Any] = {"chunk_tokens": section.get("chunk_tokens"),
-                                "low_memory": section.get("low_memory", False)}
-        ctx.shared["loss_stats"] = opts  # counts of fused calls and materializations, for reports
+            return noop
+        opts: dict[str, Any] = {"chunk_tokens": config.chunk_tokens, "low_memory": bool(config.low_memory)}
+        ctx.loss_stats = opts  # counts of fused calls and materializations, for reports
         ctx.note("loss", f"{name} returns lazy logits; F.cross_entropy on them runs fused, any other use "
                  "computes the logits as before")
         return patch_head(head, opts)

@@ -15,13 +15,17 @@ Changes the numbers (labelled lossy); tests check it against the same recipe wri
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from memtune.costmodel import drop_autocast_copies, use_bf16_params_probe
 from memtune.errors import PlanError
-from memtune.plan import check_bool, check_choice, check_keys
-from memtune.strategies.base import ApplyContext, Strategy, Undo, register, run_closure, wrap_forward
+from memtune.optim.stepping import check_elementwise, run_closure, step_on, wrap_step
+from memtune.plan import SectionConfig, check_bool, check_choice, check_keys
+from memtune.strategies.base import ApplyContext, PlanFacts, Strategy, register
+from memtune.undo import Undo, Undos, wrap_forward
 
 AUTOCAST = ("none", "bf16", "fp16")
 PARAMS = ("fp32", "bf16")
@@ -36,8 +40,6 @@ class MasterWeights:
     """fp32 masters for one optimizer's low-precision parameters; the update runs on them."""
 
     def __init__(self, opt: torch.optim.Optimizer, masters: dict[int, torch.Tensor]):
-        from memtune.patcher import check_elementwise, wrap_step
-
         check_elementwise(opt, "precision.master_weights")
         self.opt = opt
         self.params = [p for g in opt.param_groups for p in g["params"] if id(p) in masters]
@@ -47,8 +49,6 @@ class MasterWeights:
 
     @torch.no_grad()
     def _step(self, opt, closure=None):
-        from memtune.patcher import step_on
-
         loss = run_closure(closure)
         for p in self.params:
             m = self.subs[id(p)]
@@ -67,42 +67,53 @@ class MasterWeights:
         return loss
 
 
+@dataclass(frozen=True)
+class PrecisionConfig(SectionConfig):
+    autocast: str = "none"
+    params: str = "fp32"
+    master_weights: bool = True
+
+    @property
+    def lossy(self) -> bool:
+        return self.autocast != "none" or self.params != "fp32"
+
+    def describe(self) -> str:
+        parts = []
+        if self.autocast != "none":
+            parts.append(f"{self.autocast} autocast")
+        if self.params != "fp32":
+            parts.append(f"{self.params} params" + (" + fp32 masters" if self.master_weights else ""))
+        return ", ".join(parts) or "unchanged"
+
+
 @register
 class Precision(Strategy):
     name = "precision"
     order = 20
     summary = "bf16/fp16 autocast; bf16 parameters with fp32 master weights"
 
-    def validate(self, section: Any) -> dict[str, Any]:
+    def validate(self, section: Any) -> PrecisionConfig:
         if not isinstance(section, dict):
             raise PlanError("precision: write it as {autocast: bf16|fp16|none, params: fp32|bf16, master_weights: true}")
         check_keys(section, KEYS, "precision")
-        out = {"autocast": check_choice(section.get("autocast", "none"), AUTOCAST, "precision.autocast"),
-               "params": check_choice(section.get("params", "fp32"), PARAMS, "precision.params")}
         mw = section.get("master_weights", True)
         check_bool(mw, "precision.master_weights")
-        out["master_weights"] = mw
-        return out
+        return PrecisionConfig(autocast=check_choice(section.get("autocast", "none"), AUTOCAST, "precision.autocast"),
+                               params=check_choice(section.get("params", "fp32"), PARAMS, "precision.params"),
+                               master_weights=mw)
 
-    def conflicts(self, plan: Any, section: dict[str, Any]) -> list[str]:
-        oname = (plan.get("optimizer") or {}).get("name")
-        if section["params"] != "fp32" and section["master_weights"] and oname == "inbackward":
+    def declare(self, config: PrecisionConfig, facts: PlanFacts) -> None:
+        if config.params != "fp32":
+            facts.params_dtype = config.params
+            facts.master_weights = config.master_weights
+
+    def conflicts(self, config: PrecisionConfig, facts: PlanFacts) -> list[str]:
+        if config.params != "fp32" and config.master_weights and facts.optimizer == "inbackward":
             return ["precision.master_weights updates fp32 masters in optimizer.step(); optimizer inbackward "
                     "updates the bf16 weights during backward instead: set master_weights: false or drop one"]
         return []
 
-    def lossy(self, section: dict[str, Any]) -> bool:
-        return section["autocast"] != "none" or section["params"] != "fp32"
-
-    def describe(self, section: dict[str, Any]) -> str:
-        parts = []
-        if section["autocast"] != "none":
-            parts.append(f"{section['autocast']} autocast")
-        if section["params"] != "fp32":
-            parts.append(f"{section['params']} params" + (" + fp32 masters" if section["master_weights"] else ""))
-        return ", ".join(parts) or "unchanged"
-
-    def space(self, trial: Any, profile: Any, opts: Any) -> dict[str, Any] | None:
+    def space(self, trial: Any, profile: Any, layout: Any, opts: Any) -> dict[str, Any] | None:
         if opts.lossless_only:
             return None
         autocast = "none" if profile.autocast else trial.suggest_categorical("precision.autocast", ["none", "bf16"])
@@ -111,10 +122,10 @@ class Precision(Strategy):
             return None
         return {"autocast": autocast, "params": params, "master_weights": True}
 
-    def effect(self, profile: Any, section: dict[str, Any], sim: Any) -> None:
+    def effect(self, profile: Any, config: PrecisionConfig, sim: Any) -> None:
         sim.lossy.append(self.name)
         probed: set[str] = set()
-        if section["params"] == "bf16":
+        if config.params == "bf16":
             fp32 = sum(b.param_bytes.get("float32", 0) for b in profile.blocks)
             trainable_fp32 = min(fp32, profile.trainable_param_bytes)
             by_name = {b.name: b for b in profile.blocks}
@@ -125,23 +136,21 @@ class Precision(Strategy):
                 b.grad_bytes = b.grad_bytes / 2 if b.grad_bytes else b.grad_bytes
             sim.param_bytes -= fp32 / 2
             sim.grad_bytes -= trainable_fp32 / 2
-            if section["master_weights"]:
+            if config.master_weights:
                 sim.master_bytes += trainable_fp32
             else:
                 sim.opt_state_bytes /= 2
-            from memtune.costmodel import drop_autocast_copies, use_bf16_params_probe
-
             # blocks the profiler re-ran with bf16 weights take that measurement (a bf16 residual stream and
             # HF RMSNorm's `.to(input_dtype)` shrink fp32 saved tensors, which an fp32 profile cannot show)
             probed = use_bf16_params_probe(profile, sim)
             if profile.autocast:
                 # elsewhere: autocast no longer keeps 16-bit copies of weights that are 16-bit already
                 drop_autocast_copies(sim)
-        if section["autocast"] != "none" and not profile.autocast:
+        if config.autocast != "none" and not profile.autocast:
             ratio = AUTOCAST_TIME
             rates = profile.hardware.matmul_tflops or {}
-            if rates.get("fp32") and rates.get(section["autocast"]):
-                ratio = min(1.0, max(0.1, rates["fp32"] / rates[section["autocast"]]))
+            if rates.get("fp32") and rates.get(config.autocast):
+                ratio = min(1.0, max(0.1, rates["fp32"] / rates[config.autocast]))
             for b in sim.blocks:
                 if b.name not in probed:  # a probed block's bytes were measured in bf16 already
                     b.act_bytes *= AUTOCAST_BYTES
@@ -149,18 +158,13 @@ class Precision(Strategy):
                 b.bwd_s *= ratio
             sim.notes.append(f"autocast: activations assumed x{AUTOCAST_BYTES}, block time x{ratio:.2f}")
 
-    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
-        undos: list[Undo] = []
-        if section["params"] != "fp32":
-            undos.append(self._cast_params(ctx, section))
-        if section["autocast"] != "none":
-            undos.append(self._autocast(ctx, section["autocast"]))
-
-        def undo() -> None:
-            for u in reversed(undos):
-                u()
-
-        return undo
+    def apply(self, ctx: ApplyContext, config: PrecisionConfig) -> Undo:
+        with Undos() as undos:
+            if config.params != "fp32":
+                undos.add(self._cast_params(ctx, config))
+            if config.autocast != "none":
+                undos.add(self._autocast(ctx, config.autocast))
+        return undos
 
     def _autocast(self, ctx: ApplyContext, name: str) -> Undo:
         dtype, dev = _DT[name], ctx.device.type
@@ -178,20 +182,18 @@ class Precision(Strategy):
         return wrap_forward(ctx.model, make)
 
     @torch.no_grad()
-    def _cast_params(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
-        from memtune.patcher import check_elementwise
-
-        dtype = _DT[section["params"]]
+    def _cast_params(self, ctx: ApplyContext, config: PrecisionConfig) -> Undo:
+        dtype = _DT[config.params]
         params = [p for p in ctx.model.parameters() if p.dtype == torch.float32]
-        offload = (ctx.plan.get("offload") or {}).get("optimizer_state", False)
-        if section["master_weights"] and not offload:
+        offload = ctx.facts.update_on_host  # then the masters live on the host and offload does the update
+        if config.master_weights and not offload:
             for opt in ctx.optimizers:  # refuse before changing anything
                 check_elementwise(opt, "precision.master_weights")
         masters: dict[int, torch.Tensor] = {}
-        if section["master_weights"]:
+        if config.master_weights:
             for p in params:
                 if offload:  # offload keeps them on the host and runs the update there
-                    from memtune.strategies.offload import make_transport
+                    from memtune.strategies.offload.transport import make_transport
 
                     m = make_transport(ctx.device).host_like(p)
                     m.copy_(p.detach())
@@ -214,10 +216,10 @@ class Precision(Strategy):
             elif not offload:
                 wrapped.append(MasterWeights(opt, masters))
         if offload and masters:
-            ctx.shared["master_params"] = masters
+            ctx.master_params = masters
         n = sum(p.numel() for p in params)
         where = "on the host (offload runs the update)" if offload else "on the device"
-        ctx.note(self.name, f"{len(params)} parameters ({n / 1e6:.1f}M) cast to {section['params']}"
+        ctx.note(self.name, f"{len(params)} parameters ({n / 1e6:.1f}M) cast to {config.params}"
                             + (f"; fp32 master weights {where}" if masters else "; no master weights (lossy updates)"))
 
         def undo() -> None:

@@ -17,8 +17,8 @@ How the script keeps working unchanged (it runs under torchrun and creates its o
   itself (FSDP averages gradients instead); `apply` then calls `fully_shard` on every repeated block and on the
   root, on a mesh built from the script's process group. fully_shard replaces each parameter by a new DTensor
   Parameter, so the optimizers built before are re-pointed to the new parameters (by name).
-- FSDP2 CPUOffloadPolicy when `offload: true` or the plan's `offload` section offloads optimizer state or
-  parameters (stages 2/3); MixedPrecisionPolicy when the plan's `precision` section asks for bf16/fp16 params.
+- FSDP2 CPUOffloadPolicy when `offload: true` or the plan's `offload` section runs the optimizer update on
+  the host (stages 2/3); MixedPrecisionPolicy when the plan's `precision` section asks for bf16/fp16 params.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ import contextlib
 import inspect
 import types
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import check_bool, check_choice, check_keys
-from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, Undo, _noop, register
+from memtune.plan import SectionConfig, check_bool, check_choice, check_keys
+from memtune.strategies.base import ApplyContext, PlanFacts, SearchOptions, ShardingState, Strategy, register
+from memtune.undo import Undo, noop
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +54,18 @@ _INTERCEPTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _WRAPPED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@dataclass(frozen=True)
+class ShardingConfig(SectionConfig):
+    stage: int
+    offload: bool | None = None  # True, or absent
+
+    def describe(self) -> str:
+        what = {1: "optimizer state sharded (ZeroRedundancyOptimizer)",
+                2: "optimizer state + gradients sharded (FSDP2, params kept gathered fwd->bwd)",
+                3: "optimizer state + gradients + parameters sharded (FSDP2 fully_shard)"}[self.stage]
+        return f"ZeRO-{self.stage}: {what}" + (", CPU offload" if self.offload else "")
+
+
 @register
 class Sharding(Strategy):
     name = "sharding"
@@ -59,7 +73,7 @@ class Sharding(Strategy):
     summary = "ZeRO stages across ranks: ZeroRedundancyOptimizer (1), FSDP2 fully_shard (2, 3)"
 
     # --- plan ------------------------------------------------------------------------------------
-    def validate(self, section: Any) -> dict[str, Any]:
+    def validate(self, section: Any) -> ShardingConfig:
         if isinstance(section, int) and not isinstance(section, bool):
             section = {"stage": section}
         if not isinstance(section, dict):
@@ -68,24 +82,18 @@ class Sharding(Strategy):
         if "stage" not in section:
             raise PlanError("sharding: `stage` is required: 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)")
         stage = check_choice(section["stage"], STAGES, "sharding.stage")
-        out: dict[str, Any] = {"stage": stage}
         offload = section.get("offload", False)
         check_bool(offload, "sharding.offload")
         if offload and stage == 1:
             raise PlanError("sharding.offload needs stage 2 or 3 (FSDP2 CPUOffloadPolicy); "
                             "for stage 1 use the `offload: {optimizer_state: true}` section instead")
-        if offload:
-            out["offload"] = True
-        return out
+        return ShardingConfig(stage=stage, offload=True if offload else None)
 
-    def describe(self, section: dict[str, Any]) -> str:
-        what = {1: "optimizer state sharded (ZeroRedundancyOptimizer)",
-                2: "optimizer state + gradients sharded (FSDP2, params kept gathered fwd->bwd)",
-                3: "optimizer state + gradients + parameters sharded (FSDP2 fully_shard)"}[section["stage"]]
-        return f"ZeRO-{section['stage']}: {what}" + (", CPU offload" if section.get("offload") else "")
+    def declare(self, config: ShardingConfig, facts: PlanFacts) -> None:
+        facts.sharding_stage = config.stage
 
     # --- search ----------------------------------------------------------------------------------
-    def space(self, trial: Any, profile: Profile, opts: SearchOptions) -> dict[str, Any] | None:
+    def space(self, trial: Any, profile: Profile, layout: Any, opts: SearchOptions) -> dict[str, Any] | None:
         if _world_size(profile, opts.world_size) <= 1:
             return None
         stage = trial.suggest_categorical("sharding.stage", [0, 1, 2, 3])
@@ -97,7 +105,7 @@ class Sharding(Strategy):
         return section
 
     # --- cost model ------------------------------------------------------------------------------
-    def effect(self, profile: Profile, section: dict[str, Any], sim: SimStep) -> None:
+    def effect(self, profile: Profile, config: ShardingConfig, sim: SimStep) -> None:
         """Per-rank model states for the stage and the communication FSDP/ZeRO cannot hide.
 
         ZeRO paper section 5.1 (per rank, N ranks): stage 1 keeps params + grads + state/N, stage 2
@@ -109,7 +117,7 @@ class Sharding(Strategy):
         step; each block's unsharded gradient is the reduce-scatter input in its backward.
         """
         n = _world_size(profile, sim.world_size)
-        stage = section["stage"]
+        stage = config.stage
         if n <= 1:
             sim.notes.append(f"sharding stage {stage}: world size 1 (profile taken without torchrun): no effect; "
                              "profile under `torchrun --nproc-per-node N` to model it")
@@ -179,7 +187,7 @@ class Sharding(Strategy):
             exposed += max(0.0, rs(full_g[id(rep[0])]) - pre_bwd)
         sim.comm_s += exposed
 
-        if section.get("offload"):
+        if config.offload:
             # CPUOffloadPolicy: sharded params, grads and state live on the host; each step copies the
             # sharded params to the device (before all-gather) and the sharded grads back.
             sim.opt_state_host_bytes += sim.opt_state_bytes
@@ -202,7 +210,7 @@ class Sharding(Strategy):
         )
 
     # --- live run --------------------------------------------------------------------------------
-    def install(self, section: dict[str, Any], session: Any) -> Undo:
+    def install(self, config: ShardingConfig, session: Any) -> Undo:
         """Before the script: stages 2/3 make `DistributedDataParallel(model, ...)` return `model`; stage 1
         only records which DDP wraps which model (the Session hands `apply` the unwrapped model)."""
         import os
@@ -210,27 +218,27 @@ class Sharding(Strategy):
         if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
             from memtune.distributed import require_process_group
 
-            require_process_group(f"sharding stage {section['stage']}")
-        return take_over_ddp(replace=section["stage"] != 1)
+            require_process_group(f"sharding stage {config.stage}")
+        return take_over_ddp(replace=config.stage != 1)
 
-    def apply(self, ctx: ApplyContext, section: dict[str, Any]) -> Undo:
+    def apply(self, ctx: ApplyContext, config: ShardingConfig) -> Undo:
         from memtune.distributed import require_process_group
 
-        stage = section["stage"]
+        stage = config.stage
         w = require_process_group(f"sharding stage {stage}")
         for opt in ctx.optimizers:
             if opt.state:
                 raise EnvironmentNotSupported(
                     "sharding must be applied before the first optimizer step (the optimizer already has state): "
                     "apply the plan through `memtune apply`, which patches before the first forward")
+        cpu_offload = False
         if stage == 1:
             _apply_zero1(ctx)
         else:
-            _apply_fsdp(ctx, section, stage)
-        ctx.shared["sharding"] = {"stage": stage, "world_size": w.world_size,
-                                  "cpu_offload": bool(ctx.shared.get("sharding_cpu_offload"))}
+            cpu_offload = _apply_fsdp(ctx, config, stage)
+        ctx.sharding = ShardingState(stage=stage, world_size=w.world_size, cpu_offload=cpu_offload)
         # Nothing to undo in place: the sharded module and optimizer live until the script ends.
-        return _noop
+        return noop
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -406,25 +414,22 @@ def to_zero_in_place(opt: torch.optim.Optimizer, process_group: Any = None) -> t
 
 # --- stages 2 and 3 --------------------------------------------------------------------------------
 
-def _policies(ctx: ApplyContext, section: dict[str, Any], stage: int) -> tuple[dict[str, Any], list[str]]:
+def _policies(ctx: ApplyContext, config: ShardingConfig, stage: int) -> tuple[dict[str, Any], list[str]]:
     """fully_shard keyword policies the plan asks for, and what they mean (for the notes)."""
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     kwargs: dict[str, Any] = {}
     said: list[str] = []
-    off = ctx.plan.get("offload") or {}
-    want_offload = bool(section.get("offload")) or bool(off.get("optimizer_state")) or bool(off.get("params"))
+    want_offload = bool(config.offload) or ctx.facts.update_on_host
     if want_offload:
         if ctx.device.type == "cpu":
             said.append("offload asked but the run is already on the host: CPUOffloadPolicy not used")
         else:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
-            ctx.shared["sharding_cpu_offload"] = True
             said.append("CPUOffloadPolicy: sharded params, grads and optimizer state on pinned host memory, "
                         "optimizer step on the host")
-    prec = ctx.plan.get("precision") or {}
-    low = _LOW.get(str(prec.get("params", "")).lower())
+    low = _LOW.get(str(ctx.facts.params_dtype or "").lower())
     if low:
         dt = getattr(torch, low)
         current = {p.dtype for p in ctx.model.parameters() if p.is_floating_point()}
@@ -438,7 +443,8 @@ def _policies(ctx: ApplyContext, section: dict[str, Any], stage: int) -> tuple[d
     return kwargs, said
 
 
-def _apply_fsdp(ctx: ApplyContext, section: dict[str, Any], stage: int) -> None:
+def _apply_fsdp(ctx: ApplyContext, config: ShardingConfig, stage: int) -> bool:
+    """fully_shard the blocks and the root; True when FSDP2 offloads to the host (CPUOffloadPolicy)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
@@ -458,7 +464,7 @@ def _apply_fsdp(ctx: ApplyContext, section: dict[str, Any], stage: int) -> None:
     if mesh is None:
         group = asked.get("process_group") or dist.group.WORLD
         mesh = DeviceMesh.from_group(group, ctx.device.type)
-    kwargs, said = _policies(ctx, section, stage)
+    kwargs, said = _policies(ctx, config, stage)
 
     # FSDP2 registers new DTensor Parameters: remember each old parameter's name to re-point optimizers
     names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
@@ -487,3 +493,4 @@ def _apply_fsdp(ctx: ApplyContext, section: dict[str, Any], stage: int) -> None:
                          f"{repointed} optimizer parameters re-pointed to the sharded ones")
     for s in said:
         ctx.note("sharding", s)
+    return "offload_policy" in kwargs

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from memtune.patcher import run_apply
-from memtune.plan import Plan
+from memtune.strategies import plan_from_dict
 
 
 def main():
@@ -20,7 +20,7 @@ def main():
     results = {}
     for stage in (1, 2, 3):
         losses = out / f"apply{stage}.json"
-        res = run_apply(Plan.from_dict({"sharding": {"stage": stage}}), str(script), ["--out", str(losses)])
+        res = run_apply(plan_from_dict({"sharding": {"stage": stage}}), str(script), ["--out", str(losses)])
         dist.barrier()  # the script (which created the process group) has finished on every rank
         results[stage] = {"failure": res.failure, "notes": [list(n) for n in res.notes], "steps": res.steps,
                           "script": json.loads(losses.read_text()) if dist.get_rank() == 0 else None}

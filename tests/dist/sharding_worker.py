@@ -23,9 +23,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from memtune.costmodel import BlockSim, SimStep
 from memtune.distributed import measure_collectives, world
-from memtune.plan import Plan
 from memtune.profile import Hardware, Profile
-from memtune.strategies import ApplyContext, BlockRef, get_strategy
+from memtune.blocks import BlockRef
+from memtune.strategies import get_strategy, make_context, plan_from_dict
 
 V, T, W, B, STEPS = 64, 16, 32, 8, 4
 
@@ -106,7 +106,7 @@ def predicted(model, stage, opt_state_bytes, ws):
     total = sum(nbytes(p) for p in model.parameters())
     sim = SimStep(blocks=blocks, param_bytes=total, grad_bytes=total, opt_state_bytes=opt_state_bytes)
     profile = Profile(world_size=ws, hardware=Hardware(world_size=ws, allgather_gbps=1.0, reduce_scatter_gbps=1.0))
-    get_strategy("sharding").effect(profile, {"stage": stage}, sim)
+    get_strategy("sharding").effect(profile, get_strategy("sharding").validate({"stage": stage}), sim)
     return {"param_bytes": sim.param_bytes, "grad_bytes": sim.grad_bytes, "opt_state_bytes": sim.opt_state_bytes,
             "gather_bytes": [b.gather_bytes for b in blocks], "comm_s": sim.comm_s}
 
@@ -128,8 +128,7 @@ def run_stage(stage, out: Path):
         # ---- memtune: what the patcher does once the optimizer exists ----
         prefix = "" if model is raw else "module."
         blocks = [BlockRef(f"{prefix}blocks.{i}", b, "repeated", i + 2) for i, b in enumerate(raw.blocks)]
-        ctx = ApplyContext(model=model, optimizers=[opt], blocks=blocks, device=torch.device("cpu"),
-                           plan=Plan(sections={"sharding": section}))
+        ctx = make_context(model, [opt], blocks, torch.device("cpu"), plan_from_dict({"sharding": section.to_dict()}))
         strategy.apply(ctx, section)
     finally:
         undo()

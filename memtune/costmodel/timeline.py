@@ -1,0 +1,166 @@
+"""The simulator: one optimizer step as a timeline of live bytes (peak = its maximum) and its time with
+the transfers that compute cannot hide."""
+
+from __future__ import annotations
+
+from memtune.costmodel.sim import Estimate, SimStep
+
+# --- the timeline -----------------------------------------------------------------------------------
+
+COMPONENTS = ("parameters", "master weights", "buffers", "gradients", "optimizer state",
+               "activations kept", "autocast weight copies", "model output", "recompute working set",
+               "transient", "gathered parameters", "inputs and fixed", "allocator overhead")
+
+
+def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, float]]], float]:
+    """Walk one optimizer step; return events (name, phase, block, live bytes by component)."""
+    events: list[tuple[str, str, str | None, dict[str, float]]] = []
+    base = {
+        "parameters": sim.param_bytes, "master weights": sim.master_bytes, "buffers": sim.buffer_bytes,
+        "optimizer state": sim.opt_state_bytes, "inputs and fixed": sim.fixed_bytes,
+        "allocator overhead": sim.calib_bytes,
+    }
+    block_grads = sum(b.grad_bytes for b in sim.blocks)
+    grads = sim.grad_bytes if sim.grads_persist else 0.0
+
+    def rec(name, phase, where, kept, grads_now, transient=0.0, recompute=0.0, gathered=0.0, output=0.0,
+            copies=0.0):
+        c = dict(base)
+        c.update({"gradients": grads_now, "activations kept": kept, "model output": output,
+                  "recompute working set": recompute, "transient": transient, "gathered parameters": gathered,
+                  "autocast weight copies": copies})
+        events.append((name, phase, where, c))
+
+    for m in range(sim.micro_batches):
+        pre = f"mb{m}/" if sim.micro_batches > 1 else ""
+        # After the first micro-batch the accumulated gradients stay allocated [alloc].
+        grads_exist = sim.grads_persist or m > 0
+        kept = 0.0
+        rec(f"{pre}start", "forward", None, kept, grads)
+        for b in sim.blocks:
+            # while a block runs its own saved tensors are on device (even when offloaded or recomputed
+            # later), plus its largest working allocation
+            rec(f"{pre}fwd:{b.name}", "forward", b.name, kept, grads,
+                transient=max(b.fwd_transient, b.act_bytes if b.mode != "recompute" else 0.0),
+                gathered=b.gather_bytes)
+            kept += b.kept
+        kept += sim.other_act_bytes
+        if sim.loss_fwd_gap_bytes is not None:
+            # the loss's forward: autocast's cache keeps the 16-bit weight copies of every block until the
+            # autocast region ends (before backward), also of blocks whose saved tensors are gone [amp]
+            _loss_forward(rec, f"{pre}loss forward", sim, kept, grads)
+        # the model's output (logits) is live until the loss's backward has used it [alloc]
+        rec(f"{pre}loss", "loss", None, kept, grads, transient=sim.loss_transient_bytes, output=sim.output_bytes)
+        kept -= sim.other_act_bytes  # the loss's saved tensors go with its backward
+        for b in reversed(sim.blocks):
+            new = 0.0 if grads_exist else b.grad_bytes
+            # re-materialized activations [ckpt][offl] + working set + the gradients it creates
+            rec(f"{pre}bwd:{b.name}", "backward", b.name, kept, grads,
+                transient=max(b.bwd_transient, new), recompute=b.bwd_extra_bytes, gathered=b.gather_bytes)
+            kept -= b.kept
+            if not sim.grads_freed_in_backward:
+                grads += new
+        if not grads_exist and not sim.grads_freed_in_backward:
+            grads += max(0.0, sim.grad_bytes - block_grads)  # gradients of parameters outside the blocks
+    rec("optimizer", "optimizer", None, 0.0, grads, transient=sim.opt_transient_bytes)
+    return events, block_grads
+
+
+def _loss_forward(rec, name: str, sim: SimStep, kept: float, grads: float) -> None:
+    """The loss event less the measured forward-to-loss gap, plus the weight copies only the cache holds."""
+    copies = sum(min(b.autocast_copy_bytes, max(0.0, b.act_bytes - b.kept)) for b in sim.blocks)
+    gap = sim.loss_fwd_gap_bytes or 0.0
+    transient = sim.loss_transient_bytes - gap
+    output = sim.output_bytes + min(0.0, transient)  # a gap wider than the transient comes off the output,
+    kept_now = kept + min(0.0, output)  # then off the activations
+    rec(name, "loss", None, kept_now, grads, transient=max(0.0, transient), output=max(0.0, output),
+        copies=copies)
+
+
+def _step_time(sim: SimStep) -> dict[str, float]:
+    """Seconds by part. Transfers run on their own copy engines (one per direction on H100) and only the
+    part the compute cannot cover shows up [offl]."""
+    h2d_bw = max(sim.h2d_gbps, 1e-3) * 1e9
+    d2h_bw = max(sim.d2h_gbps, 1e-3) * 1e9
+    # forward: block i's saved tensors leave once it ends; the copies queue on the d2h engine and
+    # overlap the forwards of the blocks after i
+    t = 0.0
+    d2h_free = 0.0
+    d2h_done: dict[str, float] = {}
+    for b in sim.blocks:
+        t += b.fwd_s + b.extra_fwd_s
+        if b.d2h_bytes > 0:
+            d2h_free = max(t, d2h_free) + b.d2h_bytes / d2h_bw
+            d2h_done[b.name] = d2h_free
+    fwd = t
+    # backward: when the backward reaches a repeated block, the newest offloaded block before it whose
+    # copy back has not started is fetched (strategies/offload.py: a prefetch queue that runs at least
+    # one block ahead); a block whose tensors were not asked for yet fetches them itself. Copies queue
+    # on the h2d engine and start once their d2h copy has finished; a block waits for its own.
+    h2d_free = t
+    compute_bwd = 0.0
+    offloaded = [i for i, b in enumerate(sim.blocks) if b.h2d_bytes > 0]
+    h2d_done: dict[int, float] = {}
+
+    def fetch(i: int, at: float) -> None:
+        nonlocal h2d_free
+        b = sim.blocks[i]
+        h2d_free = max(at, h2d_free, d2h_done.get(b.name, 0.0)) + b.h2d_bytes / h2d_bw
+        h2d_done[i] = h2d_free
+
+    for i in reversed(range(len(sim.blocks))):
+        b = sim.blocks[i]
+        if b.kind == "repeated":
+            waiting = [j for j in offloaded if j < i and j not in h2d_done]
+            if waiting:
+                fetch(max(waiting), t)
+        start = t
+        if b.h2d_bytes > 0:
+            if i not in h2d_done:
+                fetch(i, t)
+            start = max(t, h2d_done[i])
+        work = b.bwd_s + b.recompute_s + b.extra_bwd_s
+        compute_bwd += work
+        t = start + work
+    bwd_wall = t - fwd
+    m = sim.micro_batches
+    exposed = m * max(0.0, bwd_wall - compute_bwd)
+    # An offloaded optimizer's gradient copies and CPU work overlap the backward; whatever is longer
+    # than the backward shows, and the parameters coming back before the next forward do too [offl].
+    bwd_total = m * compute_bwd
+    overlap = sim.opt_overlap_s + sim.opt_d2h_bytes / d2h_bw
+    opt = sim.opt_s + max(0.0, overlap - bwd_total) + sim.opt_h2d_bytes / h2d_bw
+    return {
+        "forward": m * sum(b.fwd_s for b in sim.blocks),
+        "backward": m * sum(b.bwd_s for b in sim.blocks),
+        "recompute": m * sum(b.recompute_s for b in sim.blocks),
+        "kernels added": m * sum(b.extra_fwd_s + b.extra_bwd_s for b in sim.blocks),
+        "exposed transfer": exposed,
+        "optimizer": opt,
+        "communication": sim.comm_s,
+        "other": sim.other_s,
+        "strategy extra": sim.extra_s,
+    }
+
+
+def simulate(sim: SimStep) -> Estimate:
+    """Peak memory = the maximum of the live-bytes timeline [alloc], not a sum of per-phase maxima."""
+    events, _ = _memory(sim)
+    timeline = [(name, sum(c.values())) for name, _, _, c in events]
+    i = max(range(len(events)), key=lambda j: timeline[j][1])
+    name, phase, where, comp = events[i]
+    times = _step_time(sim)
+    step_s = sum(times.values())
+    if sim.batch_size:
+        samples = sim.batch_size * sim.micro_batches * sim.world_size
+        throughput, unit = (samples / step_s if step_s > 0 else 0.0), "samples/s"
+    else:
+        throughput, unit = (1.0 / step_s if step_s > 0 else 0.0), "steps/s"
+    host = sim.opt_state_host_bytes + sum(b.d2h_bytes for b in sim.blocks)
+    return Estimate(
+        peak_bytes=timeline[i][1], peak_phase=phase, peak_where=where, step_s=step_s,
+        throughput=throughput, throughput_unit=unit,
+        breakdown={k: comp.get(k, 0.0) for k in COMPONENTS},
+        time_breakdown=times, timeline=timeline, host_bytes=host,
+        lossy=list(dict.fromkeys(sim.lossy)), notes=list(sim.notes), sources=dict(sim.sources),
+    )

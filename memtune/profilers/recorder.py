@@ -1,0 +1,413 @@
+"""The recorder: the hooks `memtune profile` puts into a running script, and what they record per step.
+
+Steps (a step is one optimizer.step()):
+    warm-up steps (W)      nothing per block, only cheap model-level marks
+    step W   "memory"      saved-tensor hooks, per-block marks reading the CUDA allocator's peak
+    step W+1 "timing"      per-block marks recording CUDA events (no saved-tensor hooks)
+    the rest "clean"       model-level marks only: step_s, fwd_s, bwd_s, optimizer_s are their medians
+With --steps 2 the memory and timing passes share step W; with --steps 1 step_s is that instrumented step.
+What-if probes (probes.py) run after the measured steps on inputs the memory step kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.optim.optimizer as _optim_mod
+
+from memtune.capture import Session
+from memtune.profilers import memory as mem
+from memtune.profilers.probes import map_tensors, probe_worthy, saved_bytes_bf16_params, to_host
+from memtune.profilers.timing import Clock
+from memtune.undo import Undos, patch_functions
+
+
+@dataclass
+class _Mark:
+    label: tuple  # ("fwd", block) ("fwd_end", block) ("model", ) ("loss", ) ("bwd_call", ) ("bwd", block) ("bwd_end", )
+    #               ("opt", ) ("opt_end", )
+    clock: Any
+    alloc: int = 0  # allocated at the mark
+    peak_before: int = 0  # peak allocated in the interval that this mark closes
+    reserved_peak_before: int = 0
+
+
+_PHASE = {"model": "forward", "fwd": "forward", "fwd_end": "forward", "loss": "loss", "bwd_call": "loss",
+          "bwd": "backward",
+          "bwd_end": "optimizer", "opt": "optimizer", "opt_end": "optimizer"}
+
+
+@dataclass
+class StepRecord:
+    index: int
+    mode: str
+    marks: list[_Mark] = field(default_factory=list)
+    forwards: int = 0
+    block_calls: dict[str, int] = field(default_factory=dict)
+
+
+def block_of(label: tuple) -> str | None:
+    return label[1] if len(label) > 1 else None
+
+
+class Profiler:
+    def __init__(self, session: Session, *, on_progress: Callable[[int, int | None], None] | None = None):
+        self.s = session
+        self.on_progress = on_progress
+        self.cuda = False
+        self.clock: Clock | None = None
+        self.peaks: mem.PeakTracker | None = None
+        self.counter: mem.SavedTensorCounter | None = None
+        self.stack: list[str] = []
+        self.model_handles: list[Any] = []
+        self.block_handles: list[Any] = []
+        self.step: StepRecord | None = None
+        self.records: list[StepRecord] = []
+        self.mode = "warmup"
+        self.in_backward = False
+        self.saved_ctx = None
+        self.inputs_seen = False
+        self.batch_size: int | None = None
+        self.seq_len: int | None = None
+        self.autocast: str | None = None
+        self.io_bytes: dict[str, list[int]] = {}  # block -> [input, output]
+        self.first_order: list[str] = []  # blocks in observed forward order
+        self.step_start_bytes = 0
+        self.grads_persist = False
+        self.grad_bytes = 0
+        self.opt_state_bytes_at: dict[int, int] = {}
+        self.undo_compile: Callable[[], None] | None = None
+        self.notes: list[str] = []
+        self.state_ptrs: set[int] = set()
+        self.mem_forward_done = False
+        self.clip_grad_norm: float | None = None  # max_norm of the script's global-norm clipping, if any
+        self.memory_timeline = False  # record the allocator's history over the memory step (CUDA)
+        self.recording = False
+        self.snapshot: dict[str, Any] | None = None
+        # bf16-weights what-if probe: class -> (module, host copy of its first call's args/kwargs) taken in
+        # the memory step; class -> saved bytes, measured in `end`
+        self.probe_inputs: dict[str, tuple[nn.Module, Any]] = {}
+        self.probe_bytes: dict[str, int] = {}
+
+    # --- plan of the steps ---------------------------------------------------------------------------
+    def mode_for(self, i: int) -> str:
+        w, n = self.s.warmup, self.s.steps
+        if i < w:
+            return "warmup"
+        if n is not None and i >= w + n:
+            return "off"
+        k = i - w
+        if n is not None and n <= 2:
+            return "both" if k == 0 else "clean"
+        return {0: "memory", 1: "timing"}.get(k, "clean")
+
+    # --- session callbacks ---------------------------------------------------------------------------
+    def ready(self, s: Session) -> None:
+        model = s.model
+        self.cuda = s.device.type == "cuda"
+        self.clock = Clock(self.cuda)
+        self.peaks = mem.PeakTracker(self.cuda)
+        self.counter = mem.SavedTensorCounter(lambda: self.stack[-1] if self.stack else None, self.state_ptrs)
+        if s.compiled or getattr(model, "_compiled_call_impl", None) is not None:
+            self.undo_compile = _run_eagerly(s)
+        self.model_handles = [
+            model.register_forward_pre_hook(self.model_pre, with_kwargs=True),
+            model.register_forward_hook(self.model_post),
+            _optim_mod.register_optimizer_step_pre_hook(self.opt_pre),
+        ]
+        self.set_mode(self.mode_for(0))
+
+    def set_mode(self, mode: str) -> None:
+        if self.memory_timeline and self.cuda:
+            if mode in ("memory", "both") and not self.recording and self.snapshot is None:
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                self.recording = True
+            elif mode not in ("memory", "both"):
+                self._stop_recording()
+        self.mode = mode
+        for h in self.block_handles:
+            h.remove()
+        self.block_handles = []
+        if mode in ("memory", "timing", "both"):
+            for b in self.s.blocks:
+                self.block_handles.append(b.module.register_forward_pre_hook(self._block_pre(b.name, b.kind),
+                                                                             with_kwargs=True))
+                self.block_handles.append(b.module.register_forward_hook(self._block_post(b.name)))
+
+    def on_step(self, s: Session, i: int) -> None:
+        rec = self.step
+        if rec is not None and rec.index == i:
+            self.finish_step(rec)
+        self.step = None
+        if self.on_progress:
+            self.on_progress(s.steps_done, s.target_steps)
+        nxt = self.mode_for(i + 1)
+        if nxt != self.mode:
+            self.set_mode(nxt)
+
+    def before_run(self, s: Session) -> Callable[[], None] | None:
+        """torch.compile'd code runs eagerly while profiling: per-module hooks and saved-tensor hooks must see
+        every module, and compiling would be measured as the first steps' time. Global-norm clipping is
+        recorded: update-in-backward cannot honour it, so the tuner must know."""
+        undos = Undos()
+        undos.add(self._watch_clipping())
+        undos.add(self._watch_backward())
+        stance = getattr(torch.compiler, "set_stance", None)
+        if stance is not None:
+            stance("force_eager")
+            undos.add(lambda: stance("default"))
+        return undos
+
+    def _watch_backward(self) -> Callable[[], None]:
+        """Mark the call of backward in the memory step: the peak before it is the forward's, while autocast's
+        cache still holds the 16-bit weight copies (freed when the autocast region ends, before backward in
+        the usual script), which a checkpointed block's copies outlive."""
+
+        def wrap(orig):
+            def watched(*args, **kwargs):
+                rec = self.step
+                if rec is not None and not self.in_backward and rec.mode in ("memory", "both"):
+                    self.mark("bwd_call")
+                return orig(*args, **kwargs)
+
+            return watched
+
+        return patch_functions([(torch.autograd, "backward")], wrap)
+
+    def _watch_clipping(self) -> Callable[[], None]:
+        import torch.nn.utils as nu
+        import torch.nn.utils.clip_grad as cg
+
+        def wrap(orig):
+            def watched(parameters, max_norm, *args, **kwargs):
+                self.clip_grad_norm = float(max_norm)
+                return orig(parameters, max_norm, *args, **kwargs)
+
+            return watched
+
+        return patch_functions([(m, a) for m in (nu, cg) for a in ("clip_grad_norm_", "clip_grad_norm")], wrap)
+
+    def _stop_recording(self) -> None:
+        """Keep the allocator's history of the memory step (PyTorch's memory snapshot), then stop recording."""
+        if self.recording:
+            self.snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+
+    def end(self, s: Session) -> None:
+        if self.cuda:
+            self._stop_recording()
+        if s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None:
+            self.notes.append(
+                "the model is torch.compile'd: profiled eagerly (compiled kernels fuse some activations, so the "
+                "measured activations are an upper bound)")
+        self._close_saved_hooks()
+        for h in self.block_handles + self.model_handles:
+            h.remove()
+        self.block_handles, self.model_handles = [], []
+        self._probe_bf16_params(s)
+        if self.undo_compile is not None:
+            self.undo_compile()
+
+    # --- what-if: bf16 weights -----------------------------------------------------------------------
+    def _stash_probe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep a host copy of the first call's inputs of one repeated block per class: a copy, so that the
+        memory step's allocator peak is unchanged (only this step's times pay for the device-to-host copy)."""
+        cls = type(module).__name__
+        if cls in self.probe_inputs or not probe_worthy(module):
+            return
+        self.probe_inputs[cls] = (module, map_tensors((args, kwargs), to_host))
+
+    def _probe_bf16_params(self, s: Session) -> None:
+        """Saved bytes of each stashed block class with bf16 weights and bf16 floating inputs, under the
+        script's autocast: the dtypes an fp32 profile cannot show (HF RMSNorm's `.to(input_dtype)`, a bf16
+        residual stream). Measured after the measured steps; the copies are freed at once."""
+        stash, self.probe_inputs = self.probe_inputs, {}
+        if not stash or s.failure is not None or (s.world_size > 1 and not s.ddp):
+            return  # a sharded block's forward would run collectives on this rank alone
+        for cls, (module, inputs) in stash.items():
+            try:
+                self.probe_bytes[cls] = saved_bytes_bf16_params(s.model, module, inputs, s.device, self.autocast)
+            except Exception as e:  # the probe is an extra: a failure costs its number, not the profile
+                self.notes.append(f"bf16-weights probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
+                                  "estimates of bf16 parameters fall back to dropping autocast's weight copies")
+        del stash
+
+    # --- marks ---------------------------------------------------------------------------------------
+    def mark(self, *label) -> None:
+        rec = self.step
+        if rec is None or self.clock is None:
+            return
+        m = _Mark(label, self.clock.mark())
+        if rec.mode in ("memory", "both") and self.peaks.enabled:
+            alloc, peak, _, rpeak = self.peaks.read()
+            m.alloc, m.peak_before, m.reserved_peak_before = alloc, peak, rpeak
+        rec.marks.append(m)
+
+    def model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        s = self.s
+        if self.mode == "off":
+            return
+        if self.step is None:
+            self.step = StepRecord(s.steps_done, self.mode)
+            self.in_backward = False
+            if self.mode in ("memory", "both"):
+                self.begin_memory_step()
+        rec = self.step
+        rec.forwards += 1
+        if not self.inputs_seen:
+            self.inputs_seen = True
+            self.observe_inputs(args, kwargs)
+        self.mark("model")
+
+    def model_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        rec = self.step
+        if rec is None:
+            return
+        self.mark("loss")
+        if rec.forwards == 1 and rec.mode in ("memory", "both"):
+            self.mem_forward_done = True
+        t = _first_grad_tensor(output)
+        if t is not None:
+            t.register_hook(self._bwd_start)
+
+    def _bwd_start(self, grad):
+        if not self.in_backward:
+            self.in_backward = True
+            self._on_backward_start()
+            self.mark("bwd", None)
+            torch.autograd.Variable._execution_engine.queue_callback(self._bwd_end)
+        return None
+
+    def _on_backward_start(self) -> None:
+        if self.counter is not None:
+            self.counter.active = False  # the first micro-batch's saved tensors are all counted
+
+    def _bwd_end(self) -> None:
+        self.mark("bwd_end")
+        self.in_backward = False
+
+    def opt_pre(self, opt, args, kwargs) -> None:
+        if self.step is None or not self.s._primary(opt):
+            return
+        if self.step.mode in ("memory", "both"):
+            self.grad_bytes = mem.grad_bytes(self.s.model)
+            self._close_saved_hooks()
+        self.mark("opt")
+
+    def begin_memory_step(self) -> None:
+        model = self.s.model
+        self.state_ptrs.clear()
+        self.state_ptrs.update(mem.state_ptrs(model))
+        self.grads_persist = any(p.grad is not None for p in model.parameters() if p.requires_grad)
+        self.counter.reset()
+        self.counter.active = True
+        self.io_bytes.clear()
+        self.saved_ctx = self.counter.hooks()
+        self.saved_ctx.__enter__()
+        if self.cuda:
+            self.peaks.read()  # start the step's first interval fresh
+            self.step_start_bytes = torch.cuda.memory_allocated()
+
+    def _close_saved_hooks(self) -> None:
+        if self.saved_ctx is not None:
+            ctx, self.saved_ctx = self.saved_ctx, None
+            ctx.__exit__(None, None, None)
+        if self.counter is not None:
+            self.counter.active = False
+
+    def _block_pre(self, name: str, kind: str = "repeated"):
+        def hook(module, args, kwargs):
+            rec = self.step
+            if rec is None:
+                return
+            self.stack.append(name)
+            calls = rec.block_calls.get(name, 0)
+            rec.block_calls[name] = calls + 1
+            if rec.mode in ("memory", "both") and calls == 0:
+                self.io_bytes[name] = [mem.tensors_bytes((args, kwargs), self.state_ptrs), 0]
+                if name not in self.first_order:
+                    self.first_order.append(name)
+                if kind == "repeated" and rec.forwards == 1:
+                    self._stash_probe_input(module, args, kwargs)
+            self.mark("fwd", name)
+        return hook
+
+    def _block_post(self, name: str):
+        def hook(module, args, output):
+            rec = self.step
+            if rec is None:
+                return
+            self.mark("fwd_end", name)
+            if self.stack and self.stack[-1] == name:
+                self.stack.pop()
+            if rec.mode in ("memory", "both") and name in self.io_bytes and rec.block_calls.get(name) == 1:
+                self.io_bytes[name][1] = mem.tensors_bytes(output, self.state_ptrs)
+            t = _first_grad_tensor(output)
+            if t is not None:
+                def on_grad(grad, name=name):
+                    self._bwd_start(grad)
+                    self.mark("bwd", name)
+                t.register_hook(on_grad)
+        return hook
+
+    def observe_inputs(self, args: tuple, kwargs: dict) -> None:
+        dev = self.s.device.type
+        try:
+            if torch.is_autocast_enabled(dev):
+                self.autocast = str(torch.get_autocast_dtype(dev)).replace("torch.", "")
+        except (TypeError, RuntimeError, AttributeError):
+            pass
+        cands = [kwargs[k] for k in ("input_ids", "inputs_embeds", "pixel_values", "x", "input", "inputs")
+                 if isinstance(kwargs.get(k), torch.Tensor)]
+        cands += [a for a in mem.iter_tensors(args)]
+        cands += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        for t in cands:
+            if t.dim() >= 1:
+                self.batch_size = int(t.shape[0])
+                if t.dim() == 2 and not t.is_floating_point():
+                    self.seq_len = int(t.shape[1])  # token ids: (batch, sequence)
+                elif t.dim() == 3 and t.is_floating_point() and t.shape[1] > 1:
+                    self.seq_len = int(t.shape[1])  # embeddings: (batch, sequence, width)
+                break
+
+    def finish_step(self, rec: StepRecord) -> None:
+        if self.clock is not None:
+            self.clock.sync()
+        if rec.mode in ("memory", "both"):
+            self._close_saved_hooks()
+            if self.cuda:
+                alloc, peak, _, rpeak = self.peaks.read()
+                rec.marks.append(_Mark(("opt_end",), self.clock.mark(), alloc, peak, rpeak))
+            for i, o in enumerate(self.s.optimizers):
+                self.opt_state_bytes_at[i] = mem.optimizer_state_bytes(o)
+        if not rec.marks or rec.marks[-1].label != ("opt_end",):
+            rec.marks.append(_Mark(("opt_end",), self.clock.mark() if self.clock else 0.0))
+        self.records.append(rec)
+
+
+def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
+    for t in mem.iter_tensors(obj):
+        if t.requires_grad and t.grad_fn is not None:
+            return t
+    return None
+
+
+def _run_eagerly(s: Session) -> Callable[[], None]:
+    """Make a torch.compile'd model run its eager forward while profiling (hooks see every module)."""
+    undos = Undos()
+    w = s.wrapper
+    if w is not None and hasattr(w, "_orig_mod") and "forward" in w.__dict__:
+        old = w.__dict__["forward"]
+        w.forward = w._orig_mod.__call__
+        undos.add(lambda: setattr(w, "forward", old))
+    m = s.model
+    if getattr(m, "_compiled_call_impl", None) is not None:
+        old_impl = m._compiled_call_impl
+        m._compiled_call_impl = None
+        undos.add(lambda: setattr(m, "_compiled_call_impl", old_impl))
+    return undos

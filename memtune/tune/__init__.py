@@ -1,0 +1,275 @@
+"""`memtune tune`: search the joint plan space on the cost model with Optuna, then verify the best plans.
+
+- `space.py`: what a trial proposes (one block layout, each strategy's choices, the batch knob).
+- `evaluate.py`: a proposal -> its Estimate; coordinate search for the seed plans.
+- `records.py`: the one schema of a trial's records (read by the report too), the Pareto front, the choice.
+- `study.py`: Optuna plumbing (in-memory search, persistent SQLite copy, verification trials).
+- `margin.py`: the safety margin from the cost model's measured error.
+- `verify.py`: the best plans run for real in subprocesses; the winner picked on measurements.
+
+The study maximizes predicted throughput (samples/s with a batch knob) under the constraint
+predicted_peak <= budget * (1 - margin). It is seeded with the obvious plans (baseline, checkpoint
+everything, the cheapest-memory plan and a greedy best plan, both found by coordinate search on the cost
+model), stored in SQLite next to the output so it resumes and opens in optuna-dashboard, and reproducible
+for one seed. `verify=k` runs the k best predicted plans for real and picks the winner on measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from memtune.errors import BudgetTooSmall, InputError, MemtuneError, VerificationFailed
+from memtune.tune.evaluate import OBJECTIVES, Tuner
+from memtune.tune.margin import parse_margin
+from memtune.tune.records import Candidate, pareto_front, rank
+from memtune.tune.space import canon, parse_batch_knob
+from memtune.tune.study import candidates, default_storage, default_study_name, flush, make_study, record
+from memtune.tune.verify import verify_best
+from memtune.units import format_bytes
+
+if TYPE_CHECKING:
+    from memtune.plan import Plan
+    from memtune.profile import Profile
+
+__all__ = ["OBJECTIVES", "BudgetTooSmall", "Candidate", "TuneOptions", "TuneResult", "VerificationFailed", "tune",
+           "tune_files"]
+
+# progress(description, done, total): called as work advances; the CLI draws it (memtune/render.py)
+ProgressFn = Callable[[str, int, "int | None"], None]
+
+
+@dataclass
+class TuneOptions:
+    budget_bytes: int
+    objective: str = "throughput"
+    trials: int = 300
+    timeout_s: float | None = 60.0
+    verify: int = 0
+    verify_steps: int = 8
+    verify_timeout_s: float = 300.0
+    lossless_only: bool = False
+    batch_flag: str | None = None
+    batch_values: list[int] = field(default_factory=list)
+    storage: str | None = None  # optuna storage URL; None = in memory
+    study_name: str | None = None
+    seed: int = 0
+    margin: float | None = None  # None = from the cost model's measured error
+    profile_path: str | None = None
+    progress: ProgressFn | None = None
+
+
+@dataclass
+class TuneResult:
+    plan: Plan
+    chosen: Candidate
+    pareto: list[Candidate]
+    smallest: Candidate
+    verified: list[Candidate]
+    budget_bytes: int
+    limit_bytes: float
+    margin: float
+    margin_source: str
+    objective: str
+    study_name: str
+    storage: str | None
+    n_trials: int  # search trials in the study, this run and earlier ones
+    new_trials: int
+    elapsed_s: float
+    warnings: list[str] = field(default_factory=list)
+    output: str | None = None  # where plan.yaml was written
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": self.output, "chosen": self.chosen.to_dict(), "pareto": [c.to_dict() for c in self.pareto],
+            "smallest": self.smallest.to_dict(), "verified": [c.to_dict() for c in self.verified],
+            "budget_bytes": self.budget_bytes, "limit_bytes": self.limit_bytes, "margin": self.margin,
+            "margin_source": self.margin_source, "objective": self.objective, "study_name": self.study_name,
+            "storage": self.storage, "n_trials": self.n_trials, "new_trials": self.new_trials,
+            "elapsed_s": self.elapsed_s, "warnings": self.warnings, "plan": self.plan.to_dict(),
+        }
+
+
+def _reserved_ratio(profile: Profile) -> float | None:
+    """Reserved / allocated bytes at the profiled peak (the caching allocator's slack), when measured."""
+    pk = profile.peak
+    if not pk.measured or pk.allocated_bytes <= 0 or pk.reserved_bytes <= pk.allocated_bytes:
+        return None
+    return pk.reserved_bytes / pk.allocated_bytes
+
+
+def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
+    """Search plans on the cost model, optionally verify the best for real; returns the chosen plan and the front."""
+    import optuna
+
+    t0 = time.perf_counter()
+    tuner = Tuner(profile, opts)
+    warn: list[str] = []
+    gpu = profile.hardware.gpu_total_bytes
+    if gpu and opts.budget_bytes > gpu:
+        warn.append(f"budget {format_bytes(opts.budget_bytes)} is above the GPU's memory "
+                    f"({format_bytes(gpu)}, {profile.hardware.gpu_name or 'GPU'}): plans that need more cannot run on it")
+    elif gpu and (slack := _reserved_ratio(profile)) and opts.budget_bytes * slack > gpu:
+        # the budget counts allocations; the caching allocator reserves more than it hands out
+        warn.append(f"budget {format_bytes(opts.budget_bytes)} counts PyTorch's allocations; the profiled run "
+                    f"reserved {slack:.2f}x what it allocated at its peak, so a plan at the budget may need "
+                    f"{format_bytes(opts.budget_bytes * slack)} of the GPU's {format_bytes(gpu)} (plus the CUDA "
+                    f"context): --budget {format_bytes(gpu / slack)} or less leaves that room")
+
+    # the obvious plans, found on the cost model before the study starts
+    baseline = tuner.probe({})
+    if not baseline.valid and tuner.errors:
+        raise MemtuneError(f"the cost model cannot evaluate the unchanged run: {tuner.errors[0]}")
+    smallest = tuner.coordinate({}, tuner.memory_key)
+    greedy = tuner.coordinate(smallest.params if smallest.valid else {}, tuner.sort_key)
+    seeds = [baseline.params]
+    n_rep = len(profile.repeated_blocks)
+    if n_rep:  # checkpoint everything
+        every = tuner.probe({"blocks.recompute": n_rep, "blocks.recompute.mode": "full"})
+        if every.valid:
+            seeds.append(every.params)
+    seeds += [smallest.params, greedy.params]
+
+    name = opts.study_name or default_study_name(profile, opts)
+    study, store = make_study(tuner, opts, name)
+    n_before = len(study.get_trials(deepcopy=False))
+    if not any(ft.user_attrs.get("memtune_kind") == "search" for ft in study.get_trials(deepcopy=False)):
+        done: list[str] = []
+        for p in seeds:
+            k = json.dumps(canon(p), default=str)
+            if k not in done:
+                done.append(k)
+                study.enqueue_trial(p, user_attrs={"memtune_seed": True})
+    for s in (study, store):
+        if s is not None:
+            s.set_user_attr("budget_bytes", opts.budget_bytes)
+            s.set_user_attr("limit_bytes", tuner.limit)
+            s.set_user_attr("profile_digest", profile.digest())
+
+    def objective(trial: optuna.Trial) -> float:
+        e = tuner.evaluate(trial)
+        record(trial, e, tuner.limit)
+        return tuner.objective_value(e)
+
+    done_trials = [0]
+
+    def cb(study, ft):
+        done_trials[0] += 1
+        if opts.progress:
+            opts.progress("searching plans on the cost model", done_trials[0], opts.trials)
+
+    try:
+        study.optimize(objective, n_trials=opts.trials, timeout=opts.timeout_s, callbacks=[cb],
+                       gc_after_trial=False, show_progress_bar=False)
+    finally:  # an interrupted search still keeps what it found
+        flush(study, store, n_before)
+    new_trials = len(study.get_trials(deepcopy=False)) - n_before
+
+    cands, measured = candidates(study, tuner)
+    for c in cands:
+        c.measured = measured.get(c.key)
+    valid_smallest = min([c for c in cands], key=lambda c: (c.peak_bytes, -c.throughput), default=None)
+    if valid_smallest is None:
+        first = tuner.errors[0] if tuner.errors else "every proposed plan was invalid"
+        raise MemtuneError(f"no plan could be evaluated: {first}")
+    smallest_c = valid_smallest
+    feasible = [c for c in cands if c.feasible]
+    if not feasible:
+        need = smallest_c.peak_bytes / (1 - tuner.margin)
+        hint = "; --lossless-only leaves out lossy plans that may go lower" if opts.lossless_only else ""
+        raise BudgetTooSmall(
+            f"budget {format_bytes(opts.budget_bytes)} is below the smallest peak memtune can reach for this run: "
+            f"{format_bytes(smallest_c.peak_bytes)} predicted with [{smallest_c.describe}] (trial {smallest_c.number}); "
+            f"with the {tuner.margin:.0%} safety margin it needs a budget of at least {format_bytes(need)}: raise "
+            f"--budget, or make the run smaller (batch size, sequence length){hint}"
+        )
+    ranked = rank(feasible, opts.objective)
+    verified: list[Candidate] = []
+    chosen = ranked[0]
+    if opts.verify > 0:
+        chosen = verify_best((study, store), tuner, ranked, opts, verified)
+
+    plan = tuner.plan_for(chosen.params)
+    import torch
+
+    from memtune import __version__
+
+    plan.provenance = {
+        "tool": f"memtune tune {__version__}",
+        "memtune_version": __version__,
+        "torch_version": str(torch.__version__),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "profile": opts.profile_path,
+        "profile_digest": profile.digest(),
+        "budget_bytes": opts.budget_bytes,
+        "budget": format_bytes(opts.budget_bytes),
+        "safety_margin": round(tuner.margin, 4),
+        "margin_source": tuner.margin_source,
+        "objective": opts.objective,
+        "lossless_only": opts.lossless_only,
+        "lossy": chosen.lossy,
+        "predicted": {"peak_bytes": int(chosen.peak_bytes), "peak": format_bytes(chosen.peak_bytes),
+                      "step_s": chosen.step_s, "throughput": chosen.throughput, "unit": chosen.unit},
+        "measured": _measured_summary(chosen.measured),
+        "study": {"name": name, "storage": opts.storage, "trial": chosen.number, "seed": opts.seed,
+                  "trials": len(cands)},
+    }
+    return TuneResult(
+        plan=plan, chosen=chosen, pareto=pareto_front(cands), smallest=smallest_c, verified=verified,
+        budget_bytes=opts.budget_bytes, limit_bytes=tuner.limit, margin=tuner.margin, margin_source=tuner.margin_source,
+        objective=opts.objective, study_name=name, storage=opts.storage,
+        n_trials=sum(1 for ft in study.get_trials(deepcopy=False) if ft.user_attrs.get("memtune_kind") == "search"),
+        new_trials=new_trials, elapsed_s=time.perf_counter() - t0, warnings=warn + _error_summary(tuner),
+    )
+
+
+def _error_summary(tuner: Tuner) -> list[str]:
+    if not tuner.errors:
+        return []
+    return [f"{len(tuner.errors)} plan evaluations failed inside the cost model (first: {tuner.errors[0]})"]
+
+
+def _measured_summary(m: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not m:
+        return None
+    keep = ("status", "peak_bytes", "step_s", "throughput", "detail", "wall_s")
+    out = {k: m[k] for k in keep if m.get(k) is not None}
+    if m.get("peak_bytes") is not None:
+        out["peak"] = format_bytes(m["peak_bytes"])
+    return out
+
+
+def tune_files(profile_path: str, budget: str, output: str = "plan.yaml", *, trials: int = 300,
+               timeout: str | None = "60s", verify: int = 0, verify_steps: int = 8, objective: str = "throughput",
+               lossless_only: bool = False, batch_knob: str | None = None, storage: str | None = None,
+               study_name: str | None = None, seed: int = 0, margin: str | None = None, force: bool = False,
+               progress: ProgressFn | None = None) -> TuneResult:
+    """What `memtune tune` does: parse, search (and verify), write plan.yaml with its provenance."""
+    from memtune.io import check_writable
+    from memtune.profile import Profile
+    from memtune.units import parse_duration, parse_size
+
+    out = check_writable(output, force)
+    if trials < 1:
+        raise InputError("--trials must be at least 1")
+    if verify < 0 or verify_steps < 1:
+        raise InputError("--verify takes a number of plans >= 0 and --verify-steps a number of steps >= 1")
+    flag, values = parse_batch_knob(batch_knob)
+    prof = Profile.load(profile_path)
+    if flag and not prof.batch_size:
+        raise InputError(f"--batch-knob {flag}: the profile does not know its batch size, so its memory cannot be "
+                         "scaled; profile a script whose inputs show the batch")
+    opts = TuneOptions(
+        budget_bytes=parse_size(budget), objective=objective, trials=trials,
+        timeout_s=parse_duration(timeout) if timeout else None, verify=verify, verify_steps=verify_steps,
+        lossless_only=lossless_only, batch_flag=flag, batch_values=values,
+        storage=storage or default_storage(out), study_name=study_name, seed=seed, margin=parse_margin(margin),
+        profile_path=str(profile_path), progress=progress,
+    )
+    result = tune(prof, opts)
+    result.plan.save(out)
+    result.output = str(out)
+    return result

@@ -1,0 +1,167 @@
+"""Verification: the best predicted plans run for real (`memtune apply` in a subprocess, launched the way
+the profile was), measured against predicted, and the winner picked on measurements."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memtune.errors import VerificationFailed
+from memtune.tune.records import best_measured
+from memtune.tune.space import canon, plan_family
+from memtune.tune.study import add_verify_trial
+from memtune.units import format_bytes
+
+if TYPE_CHECKING:
+    from memtune.plan import Plan
+    from memtune.tune import TuneOptions
+    from memtune.tune.evaluate import Tuner
+    from memtune.tune.records import Candidate
+
+_OOM = re.compile(r"out of memory|OutOfMemoryError", re.I)
+
+
+def read_apply_report(path: Path) -> dict[str, Any]:
+    """Measured peak and step time from `memtune apply --report` (tolerant of the report's layout)."""
+    data = json.loads(path.read_text())
+
+    def pick(*paths: str) -> Any:
+        for p in paths:
+            cur: Any = data
+            for part in p.split("."):
+                cur = cur.get(part) if isinstance(cur, dict) else None
+            if cur is not None:
+                return cur
+        return None
+
+    return {
+        "peak_bytes": pick("peak_allocated_bytes", "measured.peak_bytes", "peak_bytes", "peak.allocated_bytes"),
+        "step_s": pick("measured.step_s", "step_s", "step_time_s", "median_step_s"),
+        "failure": pick("failure", "error"),
+        "raw": data,
+    }
+
+
+def verify_plan(plan: Plan, cand: Candidate, tuner: Tuner, workdir: Path, budget: int) -> dict[str, Any]:
+    """Run `memtune apply` on one plan in a subprocess for a few steps; an OOM is a failed verification."""
+    idx = cand.number
+    plan_path = workdir / f"plan-{idx}.yaml"
+    report = workdir / f"apply-{idx}.json"
+    plan.save(plan_path)
+    cmd = [sys.executable, "-m", "memtune", "apply", str(plan_path), "--steps", str(tuner.opts.verify_steps),
+           "--report", str(report)]
+    cwd = tuner.profile.cwd if tuner.profile.cwd and Path(tuner.profile.cwd).is_dir() else None
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=tuner.opts.verify_timeout_s)
+        out, rc = (proc.stdout or "") + (proc.stderr or ""), proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"status": "timeout", "detail": f"no result within {tuner.opts.verify_timeout_s:.0f} s",
+                "wall_s": time.perf_counter() - t0}
+    res: dict[str, Any] = {"wall_s": round(time.perf_counter() - t0, 2)}
+    rep: dict[str, Any] = {}
+    if report.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            rep = read_apply_report(report)
+    failure = rep.get("failure")
+    fail_text = json.dumps(failure) if failure else ""
+    if _OOM.search(fail_text) or (rc != 0 and _OOM.search(out)):
+        res.update(status="oom", detail="out of memory")
+        return res
+    if rc != 0 or failure or rep.get("step_s") is None:
+        tail = " ".join(out.strip().splitlines()[-3:])[-400:]
+        res.update(status="failed", detail=f"exit {rc}: {tail or fail_text or 'no report written'}")
+        return res
+    step_s = float(rep["step_s"])
+    peak = rep.get("peak_bytes")
+    # the allocator's peak (max_memory_allocated) on a GPU; none on a CPU run, where only time is checked
+    res.update(step_s=step_s, peak_bytes=float(peak) if peak is not None else None)
+    # measured throughput in the prediction's unit: predicted work per step over the measured step time
+    res["throughput"] = cand.throughput * cand.step_s / step_s if step_s > 0 else 0.0
+    if peak is not None and float(peak) > budget:
+        res.update(status="over budget", detail=f"measured peak {format_bytes(float(peak))} > budget {format_bytes(budget)}")
+        return res
+    res["status"] = "ok"
+    return res
+
+
+def _items(plan: Plan) -> set[str]:
+    return {json.dumps([name, canon(sec)], default=str) for name, sec in plan.section_dicts().items()}
+
+
+def _likely_fails(cand: Candidate, plan: Plan, failed: list[tuple[Candidate, Plan]]) -> bool:
+    """After the first k all failed: skip plans predicted to use more memory than one that ran out of it, and
+    plans holding a section that every crashed plan held (e.g. an optimizer the script cannot use)."""
+    oom = [c.peak_bytes for c, _ in failed if c.measured and c.measured["status"] in ("oom", "over budget")]
+    if oom and cand.peak_bytes >= min(oom):
+        return True
+    crashed = [_items(p) for c, p in failed if c.measured and c.measured["status"] in ("failed", "timeout")]
+    common = set.intersection(*crashed) if crashed else set()
+    return bool(common & _items(plan))
+
+
+def _diverse(ranked: list[Candidate], tuner: Tuner, k: int) -> list[Candidate]:
+    """The k plans to verify: the best predicted plan of each kind first, in predicted order, then the next best."""
+    firsts: list[Candidate] = []
+    seen: set[str] = set()
+    for c in ranked[: max(50, 10 * k)]:
+        sig = c.family or plan_family(tuner.plan_for(c.params))
+        if sig not in seen:
+            seen.add(sig)
+            firsts.append(c)
+        if len(firsts) == k:
+            break
+    rest = [c for c in ranked if all(c.key != f.key for f in firsts)]
+    return firsts + rest
+
+
+def verify_best(studies, tuner: Tuner, ranked: list[Candidate], opts: TuneOptions,
+                verified: list[Candidate]) -> Candidate:
+    """Run k plans for real (the best predicted of each kind); when all k fail, try up to k more that avoid
+    the failures; pick the winner on measurements."""
+    ranked = _diverse(ranked, tuner, opts.verify)
+    study = studies[0]
+    trials = {ft.number: ft for ft in study.get_trials(deepcopy=False)}
+    k = opts.verify
+    failed: list[tuple[Candidate, Plan]] = []
+    with tempfile.TemporaryDirectory(prefix="memtune-verify-") as tmp:
+        if opts.progress:
+            opts.progress("verifying the best plans for real", 0, k)
+        for cand in ranked:
+            n_ok = sum(c.verified_ok for c in verified)
+            if len(verified) >= k and (n_ok or len(verified) >= 2 * k):
+                break
+            plan = tuner.plan_for(cand.params)
+            if len(verified) >= k and _likely_fails(cand, plan, failed):
+                continue
+            if cand.measured is None:  # a resumed study keeps earlier measurements
+                m = verify_plan(plan, cand, tuner, Path(tmp), opts.budget_bytes)
+                cand.measured = m
+                ft = trials[cand.number]
+                for st in studies:
+                    if st is not None:
+                        add_verify_trial(st, cand, ft.params, ft.distributions, m, tuner)
+            verified.append(cand)
+            if not cand.verified_ok:
+                failed.append((cand, plan))
+            if opts.progress:
+                opts.progress("verifying the best plans for real", len(verified), max(k, len(verified)))
+    ok = [c for c in verified if c.verified_ok]
+    if not ok:
+        what = "; ".join(f"trial {c.number}: {c.measured.get('status')} ({c.measured.get('detail', '')})" for c in verified)
+        if all(c.measured.get("status") in ("oom", "over budget") for c in verified):
+            todo = "lower the predicted peak with a larger --margin (e.g. --margin 10%)"
+        else:
+            todo = "run one with `memtune apply PLAN` to see the script's error, or tune with --lossless-only"
+        raise VerificationFailed(f"none of the {len(verified)} verified plans ran within the budget ({what}): {todo}")
+    return best_measured(ok, opts.objective)
