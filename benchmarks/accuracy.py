@@ -318,7 +318,7 @@ def render(results: dict[str, Any], summary: dict[str, Any]) -> str:
         "`memtune.costmodel.estimate(profile, plan)` from one `memtune profile` per model at its default "
         "batch size (batch sizes other than the profile's are scaled from that one profile).",
         "",
-        "How the model predicts (memtune/costmodel.py): it walks one optimizer step block by block from the "
+        "How the model predicts (memtune/costmodel/): it walks one optimizer step block by block from the "
         "profile (forward keeps each block's saved bytes as the plan chooses: keep, recompute, offload, "
         "compress; the loss adds the logits and its working set, and its forward also the 16-bit weight "
         "copies autocast still caches for blocks whose saved tensors are gone; backward frees activations and "

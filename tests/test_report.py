@@ -98,7 +98,7 @@ def gpt_profile(tmp_path_factory) -> Path:
 
 
 def make_study(path: Path, name: str = "memtune-test", failed: bool = False) -> str:
-    """A study shaped as memtune/search.py writes it: search trials + two verification trials."""
+    """A study shaped as memtune/tune writes it: search trials + two verification trials."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

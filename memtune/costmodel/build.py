@@ -26,7 +26,7 @@ from memtune.profile import BlockProfile, Profile
 #            grow linearly with the batch; we fit a line through one profile (through the origin, fixed
 #            parts apart) or through two profiles at different batch sizes.
 #   [data]   measured on an H100 with benchmarks/accuracy.py; numbers in docs/accuracy.md.
-#   [probe]  the profiler's what-if run (profilers/runner.py `_saved_bytes_bf16_params`): one block of each
+#   [probe]  the profiler's what-if run (profilers/probes.py `saved_bytes_bf16_params`): one block of each
 #            repeated class re-run with bf16 weights and bf16 inputs under the script's autocast, saved bytes
 #            counted like the memory step's (`BlockProfile.activation_bytes_bf16_params`).
 
@@ -54,7 +54,7 @@ def _autocast_fixed_bytes(profile: Profile, b: BlockProfile) -> float:
 
 
 def _block_times(profile: Profile) -> dict[str, tuple[float, float]]:
-    """Per-block (fwd_s, bwd_s) per micro-batch, from CUDA events around each block (profilers/runner.py).
+    """Per-block (fwd_s, bwd_s) per micro-batch, from CUDA events around each block (profilers/recorder.py).
 
     The run-level `fwd_s`/`bwd_s` come from clean steps without per-block hooks; when the blocks add up to
     more than those (hooks slowed the launch), they are scaled down to them; what the blocks leave of a

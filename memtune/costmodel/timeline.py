@@ -94,7 +94,7 @@ def _step_time(sim: SimStep) -> dict[str, float]:
             d2h_done[b.name] = d2h_free
     fwd = t
     # backward: when the backward reaches a repeated block, the newest offloaded block before it whose
-    # copy back has not started is fetched (strategies/offload.py: a prefetch queue that runs at least
+    # copy back has not started is fetched (strategies/offload/activations.py: a prefetch queue that runs at least
     # one block ahead); a block whose tensors were not asked for yet fetches them itself. Copies queue
     # on the h2d engine and start once their d2h copy has finished; a block waits for its own.
     h2d_free = t

@@ -149,16 +149,20 @@ def exception_blocks(profile: Profile) -> list[str]:
 def propose(trial: Any, profile: Profile, opts: SearchOptions) -> Proposal:
     """This trial's layout. Parameters: `blocks.<mode>` = how many repeated blocks get the mode (clipped to
     what the modes before it left: offload, compress+offload and compress count from the first block,
-    recompute from the last), `blocks.recompute.mode` (full or selective), and `blocks.other.<path>` = the
-    mode of each large non-repeated block (e.g. an LM head). Idempotent within a trial."""
+    recompute from the last; offloaded blocks at most all but one), `blocks.recompute.mode` (full or
+    selective), and `blocks.other.<path>` = the mode of each large non-repeated block (e.g. an LM head).
+    Idempotent within a trial."""
     modes = available_modes(profile, opts)
     n = len(profile.repeated_blocks)
     prop = Proposal()
     if not modes:
         return prop
-    taken = 0
+    taken = moved = 0
     for mode in [m for m in _FRONT if m in modes]:
         k = min(trial.suggest_int(f"blocks.{mode}", 0, n), n - taken) if n else 0
+        if mode in OFFLOADED:  # never every block: the last one's backward comes first, nothing hides its copy
+            k = min(k, max(0, n - 1 - moved))
+            moved += k
         prop.refs[mode] = list(range(taken, taken + k))
         taken += k
     if "recompute" in modes:
