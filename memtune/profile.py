@@ -32,9 +32,26 @@ class Hardware:
     d2h_gbps: float = 0.0  # device -> pinned host, measured
     d2d_gbps: float = 0.0  # device copy, bytes read + written
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # by dtype name: "bf16", "fp32"
+    # optimizer-state offload's host update: parameters per second with the script's optimizer (measured on
+    # GPU profiles by profilers/probes.py `host_update_rate`; None: not measured)
+    host_update_params_per_s: float | None = None
     world_size: int = 1
     allgather_gbps: float | None = None  # measured when distributed (bus bandwidth)
     reduce_scatter_gbps: float | None = None
+
+
+@dataclass
+class WhatIf:
+    """One block of a repeated class re-run by the profiler in one mode (profilers/probes.py), on the inputs
+    it had in the memory step, at the profile's batch size, alone (nothing before or after it). Bytes are
+    CUDA allocator readings relative to the block's own start; times are CUDA-event medians."""
+
+    kept_bytes: int = 0  # allocated from the end of its forward to its backward, its output excluded
+    fwd_peak_bytes: int = 0  # highest allocation above the start during its forward (output included)
+    bwd_peak_bytes: int = 0  # highest allocation above the backward's start, weight gradients excluded
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    moved_bytes: int = 0  # offload: bytes its saved tensors sent to the host
 
 
 @dataclass
@@ -61,6 +78,9 @@ class BlockProfile:
     # what-if probe: saved bytes of this block's class with its floating parameters and inputs in bf16,
     # under the script's autocast (what precision `params: bf16` makes of it); None when not probed
     activation_bytes_bf16_params: int | None = None
+    # what-if probes: this block's class measured in each mode the plan space can give it ("keep",
+    # "recompute", "selective", "compress", "offload"); empty when not probed (CPU profiles, older ones)
+    what_ifs: dict[str, WhatIf] = field(default_factory=dict)
 
 
 @dataclass
@@ -194,5 +214,7 @@ def _build(klass, data: dict[str, Any]):
             v = _build(_NESTED[k], v)
         elif klass is Profile and k in _LISTS:
             v = [_build(_LISTS[k], x) for x in v]
+        elif klass is BlockProfile and k == "what_ifs":
+            v = {mode: _build(WhatIf, x) for mode, x in (v or {}).items()}
         kwargs[k] = v
     return klass(**kwargs)

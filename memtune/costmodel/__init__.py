@@ -15,9 +15,16 @@ from memtune.costmodel.build import (
     calibration,
     fit_batch,
 )
-from memtune.costmodel.effects import drop_autocast_copies, use_bf16_params_probe
+from memtune.costmodel.effects import (
+    ModeMeasurement,
+    drop_autocast_copies,
+    measured_mode,
+    note_sources,
+    use_bf16_params_probe,
+)
 from memtune.costmodel.sim import BlockSim, Estimate, SimStep
 from memtune.costmodel.timeline import COMPONENTS, simulate
 
-__all__ = ["CALIBRATION", "COMPONENTS", "DEFAULT_PCIE_GBPS", "BlockSim", "Estimate", "SimStep", "build_sim",
-           "calibration", "drop_autocast_copies", "fit_batch", "simulate", "use_bf16_params_probe"]
+__all__ = ["CALIBRATION", "COMPONENTS", "DEFAULT_PCIE_GBPS", "BlockSim", "Estimate", "ModeMeasurement", "SimStep",
+           "build_sim", "calibration", "drop_autocast_copies", "fit_batch", "measured_mode", "note_sources",
+           "simulate", "use_bf16_params_probe"]

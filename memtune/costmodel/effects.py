@@ -1,10 +1,18 @@
-"""Helpers strategies' effects share: what a block's bytes become when its weights change dtype."""
+"""Helpers strategies' effects share: what a block's bytes become when its weights change dtype, and the
+profiler's measurements of a block mode on the user's own blocks, converted to a simulated block.
+
+[whatif] profilers/probes.py `probe_modes`: one block of each repeated class run alone in each mode after
+the measured steps (CUDA allocator readings and CUDA events), at the profile's batch size; scaled here like
+the block's activations and times are.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from memtune.costmodel.build import _autocast_fixed_bytes
-from memtune.costmodel.sim import SimStep
-from memtune.profile import Profile
+from memtune.costmodel.sim import BlockSim, SimStep
+from memtune.profile import BlockProfile, Profile, WhatIf
 
 
 def drop_autocast_copies(sim: SimStep, fraction: float = 1.0) -> None:
@@ -39,3 +47,59 @@ def use_bf16_params_probe(profile: Profile, sim: SimStep) -> set[str]:
         b.autocast_copy_bytes = 0.0
         done.add(b.name)
     return done
+
+
+# --- measured block modes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModeMeasurement:
+    """A block mode measured on one block of this block's class [whatif], with what converts its numbers to
+    the simulated block: `scale` (bytes at the simulated batch per byte at the profile's) and the block's
+    own time per probe second, forward and backward."""
+
+    mode: WhatIf
+    keep: WhatIf
+    block: BlockProfile
+    scale: float
+    fwd_ratio: float
+    bwd_ratio: float
+
+    def extra_bwd_peak(self) -> float:
+        """What the mode adds to the block's backward working set (re-materialized or decoded tensors)."""
+        return max(0.0, self.mode.bwd_peak_bytes - self.keep.bwd_peak_bytes) * self.scale
+
+    def kept_saved(self) -> float:
+        """How many fewer bytes the mode keeps from forward to backward than keeping everything."""
+        return max(0.0, self.keep.kept_bytes - self.mode.kept_bytes) * self.scale
+
+    def extra_fwd_s(self) -> float:
+        return max(0.0, self.mode.fwd_s - self.keep.fwd_s) * self.fwd_ratio
+
+    def extra_bwd_s(self, minus_s: float = 0.0) -> float:
+        return max(0.0, self.mode.bwd_s - self.keep.bwd_s - minus_s) * self.bwd_ratio
+
+
+def measured_mode(profile: Profile, b: BlockSim, mode: str) -> ModeMeasurement | None:
+    """The profiler's what-if of `mode` for the simulated block `b`, with its keep-mode twin, or None."""
+    pb = next((x for x in profile.blocks if x.name == b.name), None)
+    if pb is None or mode not in pb.what_ifs or "keep" not in pb.what_ifs:
+        return None
+    keep = pb.what_ifs["keep"]
+    base = float(pb.activation_bytes) - _autocast_fixed_bytes(profile, pb)  # batch-scaled part, profiled
+    now = max(0.0, b.act_bytes - b.autocast_copy_bytes)  # the same part at the simulated batch
+    scale = now / base if base > 0 else 1.0
+    fwd_ratio = b.fwd_s / keep.fwd_s if keep.fwd_s > 0 else 0.0
+    bwd_ratio = b.bwd_s / keep.bwd_s if keep.bwd_s > 0 else 0.0
+    return ModeMeasurement(pb.what_ifs[mode], keep, pb, scale, fwd_ratio, bwd_ratio)
+
+
+def note_sources(sim: SimStep, what: str, measured: list[str], formula: list[str], formula_text: str) -> None:
+    """Say which blocks' effect came from a measurement of the user's own block and which from a formula."""
+    parts = []
+    if measured:
+        parts.append(f"measured on the profile's own {len(measured)} block(s) [whatif]")
+    if formula:
+        parts.append(f"{formula_text} for {len(formula)} block(s)")
+    if parts:
+        sim.source(what, "; ".join(parts))

@@ -105,6 +105,8 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
     for bp in blocks.values():  # one probe per class stands for every repeated block of it
         if bp.kind == "repeated" and bp.cls in p.probe_bytes:
             bp.activation_bytes_bf16_params = p.probe_bytes[bp.cls]
+        if bp.kind == "repeated" and bp.cls in p.mode_probes:
+            bp.what_ifs = dict(p.mode_probes[bp.cls])
 
     # memory intervals: transients, loss transient, peak and its phase
     if memrec is not None and p.cuda:
@@ -122,6 +124,8 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
                 forward_peak = None
             elif forward_peak is not None:
                 forward_peak = max(forward_peak, peak)
+            if label[0] == "opt":  # the script's own optimizer step: its temporaries, measured
+                prof.extra["optimizer_transient_bytes"] = max(0, peak - a.alloc)
             if label[0] == "fwd" and name in blocks:
                 blocks[name].transient_bytes = max(blocks[name].transient_bytes, peak - a.alloc)
             elif label[0] == "bwd" and name in blocks:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from memtune.profile import WhatIf
 from memtune.profilers import memory as mem
 
 
@@ -43,9 +44,13 @@ def map_tensors(obj: Any, fn: Callable[[Any], Any], depth: int = 0) -> Any:
 
 
 def probe_worthy(module: nn.Module) -> bool:
-    """fp32 weights to cast, all of them plain tensors (a DTensor/FSDP block is left alone)."""
-    ps = list(module.parameters())
-    return any(p.dtype == torch.float32 for p in ps) and all(type(p.data) is torch.Tensor for p in ps)
+    """Parameters that are all plain tensors (a DTensor/FSDP block is left alone: its forward would run
+    collectives on this rank alone)."""
+    return all(type(p.data) is torch.Tensor for p in module.parameters())
+
+
+def has_fp32_weights(module: nn.Module) -> bool:
+    return any(p.dtype == torch.float32 for p in module.parameters())
 
 
 def saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, device: torch.device,
@@ -76,3 +81,155 @@ def saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, de
         return counter.bytes.get("probe", 0)
     finally:
         del args, kwargs, params
+
+
+# --- what-ifs of the block modes ------------------------------------------------------------------------
+
+PROBED_MODES = ("keep", "recompute", "selective", "compress", "offload")
+
+
+def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
+    for t in mem.iter_tensors(obj):
+        if t.requires_grad and t.grad_fn is not None:
+            return t
+    return None
+
+
+def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.device, autocast: str | None,
+                modes: tuple[str, ...] = PROBED_MODES, reps: int = 3) -> dict[str, WhatIf]:
+    """Run `module` forward and backward alone in each block mode, with the strategies' own mechanisms
+    (checkpoint's wrapper, compress's codec, offload's transport), and read the CUDA allocator and events.
+
+    The weights are the module's own (shared storage, detached: their gradients go to stand-ins, and the
+    weight-gradient bytes are taken out of the backward's peak, as the simulator adds them itself)."""
+    import contextlib
+    import statistics
+
+    from memtune.strategies.checkpoint import checkpointed
+    from memtune.strategies.compress import DEFAULT_MIN_SIZE, make_codec
+    from memtune.strategies.offload.activations import ActivationOffloader
+    from memtune.strategies.offload.transport import make_transport
+
+    if device.type != "cuda":
+        return {}
+    cuda = torch.cuda
+    params = {n: p.detach().requires_grad_(p.requires_grad) for n, p in module.named_parameters()}
+    grad_bytes = sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
+
+    def to_device(h: HostTensor) -> torch.Tensor:
+        t = h.t.to(device)
+        return t.requires_grad_(True) if h.requires_grad and t.is_floating_point() else t
+
+    args, kwargs = map_tensors(inputs, to_device)
+    amp = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast and hasattr(torch, autocast)
+           else contextlib.nullcontext())
+    storages = mem.state_ptrs(model)
+
+    def forward(*a: Any, **k: Any) -> Any:
+        return torch.func.functional_call(module, params, a, k)
+
+    def runner(mode: str):
+        """(forward callable, context for the forward, offloader or None)."""
+        if mode in ("recompute", "selective"):
+            return checkpointed(forward, "full" if mode == "recompute" else "selective"), contextlib.nullcontext, None
+        if mode == "compress":
+            pack, unpack = make_codec("int8", DEFAULT_MIN_SIZE, storages)
+            return forward, lambda: torch.autograd.graph.saved_tensors_hooks(pack, unpack), None
+        if mode == "offload":
+            off = ActivationOffloader(make_transport(device), device, storages)
+
+            def hooks():
+                g = off.begin("probe")
+                return torch.autograd.graph.saved_tensors_hooks(lambda t: off.pack(g, t, t), off.unpack)
+
+            return forward, hooks, off
+        return forward, contextlib.nullcontext, None
+
+    out: dict[str, WhatIf] = {}
+    for mode in modes:
+        fwd, ctx, off = runner(mode)
+        times_f, times_b = [], []
+        w = WhatIf()
+        for rep in range(reps + 1):  # the first run warms up (kernels, pinned buffers)
+            cuda.synchronize(device)
+            a0 = cuda.memory_allocated(device)
+            cuda.reset_peak_memory_stats(device)
+            e = [cuda.Event(enable_timing=True) for _ in range(4)]
+            moved0 = off.bytes_offloaded if off is not None else 0
+            with torch.enable_grad(), amp:
+                e[0].record()
+                with ctx():
+                    y = fwd(*args, **kwargs)
+                e[1].record()
+            cuda.synchronize(device)
+            a1, p1 = cuda.memory_allocated(device), cuda.max_memory_allocated(device)
+            t = _first_grad_tensor(y)
+            if t is None:
+                raise RuntimeError("the block's output needs no gradient")
+            out_bytes = mem.tensors_bytes(y, storages)
+            gy = torch.randn_like(t)
+            cuda.synchronize(device)
+            a2 = cuda.memory_allocated(device)
+            cuda.reset_peak_memory_stats(device)
+            e[2].record()
+            torch.autograd.backward(t, gy)
+            e[3].record()
+            cuda.synchronize(device)
+            p2 = cuda.max_memory_allocated(device)
+            if rep:
+                times_f.append(e[0].elapsed_time(e[1]) / 1e3)
+                times_b.append(e[2].elapsed_time(e[3]) / 1e3)
+                w = WhatIf(kept_bytes=max(0, a1 - a0 - out_bytes), fwd_peak_bytes=max(0, p1 - a0),
+                           bwd_peak_bytes=max(0, p2 - a2 - grad_bytes),
+                           moved_bytes=(off.bytes_offloaded - moved0) if off is not None else 0)
+            del y, t, gy
+            for p in params.values():
+                p.grad = None
+            for x in mem.iter_tensors((args, kwargs)):
+                x.grad = None
+        w.fwd_s, w.bwd_s = statistics.median(times_f), statistics.median(times_b)
+        out[mode] = w
+    return out
+
+
+def host_update_rate(opt: torch.optim.Optimizer, max_elements: int = 32 * 2**20, min_elements: int = 16 * 2**20,
+                     reps: int = 2) -> float | None:
+    """Parameters per second this host updates with the script's optimizer class and hyper-parameters (its
+    first group), as optimizer-state offload would run it (fused CPU kernels where torch has them): what the
+    cost model's host update time is made of. A stand-in optimizer on fp32 host tensors shaped like (a
+    sample of) the script's parameters, at least `min_elements` so the caches do not flatter it; None when
+    the class cannot be built that way."""
+    import time
+
+    from memtune.strategies.offload.optimizer_state import fused_cpu_overrides
+
+    shapes, n = [], 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if n >= max_elements:
+                break
+            shapes.append(p.shape)
+            n += p.numel()
+    if not shapes:
+        return None
+    if n < min_elements:  # a sample that fits the CPU's caches would run faster than the real update
+        shapes.append(torch.Size([min_elements - n]))
+        n = min_elements
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    hyper = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "initial_lr")}
+    hyper.update(fused_cpu_overrides(opt))
+    try:
+        stand_in = type(opt)([{"params": params, **hyper}])
+    except Exception:
+        return None
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            stand_in.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+    return n / min(times) if times and min(times) > 0 else None

@@ -21,7 +21,14 @@ import torch.optim.optimizer as _optim_mod
 
 from memtune.capture import Session
 from memtune.profilers import memory as mem
-from memtune.profilers.probes import map_tensors, probe_worthy, saved_bytes_bf16_params, to_host
+from memtune.profilers.probes import (
+    has_fp32_weights,
+    map_tensors,
+    probe_modes,
+    probe_worthy,
+    saved_bytes_bf16_params,
+    to_host,
+)
 from memtune.profilers.timing import Clock
 from memtune.undo import Undos, patch_functions
 
@@ -92,6 +99,7 @@ class Profiler:
         # the memory step; class -> saved bytes, measured in `end`
         self.probe_inputs: dict[str, tuple[nn.Module, Any]] = {}
         self.probe_bytes: dict[str, int] = {}
+        self.mode_probes: dict[str, dict[str, Any]] = {}  # class -> mode -> WhatIf (CUDA only)
 
     # --- plan of the steps ---------------------------------------------------------------------------
     def mode_for(self, i: int) -> str:
@@ -209,7 +217,7 @@ class Profiler:
         for h in self.block_handles + self.model_handles:
             h.remove()
         self.block_handles, self.model_handles = [], []
-        self._probe_bf16_params(s)
+        self._probe(s)
         if self.undo_compile is not None:
             self.undo_compile()
 
@@ -222,19 +230,29 @@ class Profiler:
             return
         self.probe_inputs[cls] = (module, map_tensors((args, kwargs), to_host))
 
-    def _probe_bf16_params(self, s: Session) -> None:
-        """Saved bytes of each stashed block class with bf16 weights and bf16 floating inputs, under the
-        script's autocast: the dtypes an fp32 profile cannot show (HF RMSNorm's `.to(input_dtype)`, a bf16
-        residual stream). Measured after the measured steps; the copies are freed at once."""
+    def _probe(self, s: Session) -> None:
+        """The what-ifs, after the measured steps, on each stashed block class (the copies are freed at once):
+        - its saved bytes with bf16 weights and bf16 floating inputs, under the script's autocast: the dtypes
+          an fp32 profile cannot show (HF RMSNorm's `.to(input_dtype)`, a bf16 residual stream);
+        - on a GPU, its memory and time in each block mode (keep, recompute, selective, compress, offload)."""
         stash, self.probe_inputs = self.probe_inputs, {}
         if not stash or s.failure is not None or (s.world_size > 1 and not s.ddp):
             return  # a sharded block's forward would run collectives on this rank alone
         for cls, (module, inputs) in stash.items():
-            try:
-                self.probe_bytes[cls] = saved_bytes_bf16_params(s.model, module, inputs, s.device, self.autocast)
-            except Exception as e:  # the probe is an extra: a failure costs its number, not the profile
-                self.notes.append(f"bf16-weights probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
-                                  "estimates of bf16 parameters fall back to dropping autocast's weight copies")
+            if has_fp32_weights(module):
+                try:
+                    self.probe_bytes[cls] = saved_bytes_bf16_params(s.model, module, inputs, s.device, self.autocast)
+                except Exception as e:  # the probe is an extra: a failure costs its number, not the profile
+                    self.notes.append(f"bf16-weights probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
+                                      "estimates of bf16 parameters fall back to dropping autocast's weight copies")
+            if self.cuda:
+                try:
+                    self.mode_probes[cls] = probe_modes(s.model, module, inputs, s.device, self.autocast)
+                except Exception as e:
+                    self.notes.append(f"block-mode probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
+                                      "its modes are estimated by formula")
+                    if self.cuda:
+                        torch.cuda.empty_cache()
         del stash
 
     # --- marks ---------------------------------------------------------------------------------------

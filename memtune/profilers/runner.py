@@ -18,6 +18,7 @@ from memtune.capture import ScriptFailure, Session
 from memtune.errors import ScriptError
 from memtune.profile import Profile
 from memtune.profilers.assemble import _hardware, assemble
+from memtune.profilers.probes import host_update_rate
 from memtune.profilers.recorder import Profiler
 
 
@@ -73,6 +74,11 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
                 raise
             prof.notes.append(f"profile incomplete ({type(e).__name__}: {e})")
         prof.hardware = _hardware(prof.device, measure_hardware)
+        if measure_hardware and prof.device == "cuda" and session.optimizers:
+            try:  # optimizer-state offload would run this update on the host: how fast is it here?
+                prof.hardware.host_update_params_per_s = host_update_rate(session.optimizers[0])
+            except Exception as e:  # an extra: its failure costs the number, not the profile
+                prof.notes.append(f"host update rate not measured ({type(e).__name__}: {str(e)[:120]})")
     prof.steps = max(0, session.steps_done - warmup)
     if prof_state.clip_grad_norm is not None:
         prof.extra["clip_grad_norm"] = prof_state.clip_grad_norm

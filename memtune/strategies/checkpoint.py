@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from memtune.blocks import refs_to_yaml, validate_block_refs
+from memtune.costmodel import measured_mode, note_sources
 from memtune.errors import PlanError
 from memtune.plan import SectionConfig, check_choice, check_keys
 from memtune.strategies.base import ApplyContext, Strategy, register
@@ -132,23 +133,35 @@ class Checkpoint(Strategy):
         return {"blocks": blocks, "mode": layout.recompute_mode}
 
     def effect(self, profile: Any, config: CheckpointConfig, sim: Any) -> None:
-        names = profile.resolve_blocks(config.blocks, "checkpoint.blocks")
+        """A recomputed block keeps its inputs [ckpt] and re-creates its activations in its own backward. The
+        working set of that backward and the recompute time are the profiler's measurement of this block's
+        class in the mode when it has one [whatif]; otherwise the activations and one more forward."""
+        names = set(profile.resolve_blocks(config.blocks, "checkpoint.blocks"))
+        mode = "recompute" if config.mode == "full" else "selective"
+        measured, formula = [], []
         for b in sim.blocks:
             if b.name not in names:
                 continue
-            if config.mode == "full":
-                b.mode = "recompute"
+            m = measured_mode(profile, b, mode)
+            b.mode = mode
+            if m is not None:
+                measured.append(b.name)
+                b.kept_bytes = b.input_bytes if mode == "recompute" else b.input_bytes + m.mode.kept_bytes * m.scale
+                b.bwd_extra_bytes = m.extra_bwd_peak()
+                b.recompute_s = m.extra_bwd_s()
+                continue
+            formula.append(b.name)
+            if mode == "recompute":
                 b.kept_bytes = b.input_bytes
                 b.bwd_extra_bytes = b.act_bytes
                 b.recompute_s = b.fwd_s
             else:
-                b.mode = "selective"
                 b.kept_bytes = b.input_bytes + SELECTIVE_KEEP * b.act_bytes
                 b.bwd_extra_bytes = (1 - SELECTIVE_KEEP) * b.act_bytes
                 b.recompute_s = SELECTIVE_RECOMPUTE * b.fwd_s
-        if config.mode == "selective":
-            sim.notes.append(f"selective checkpointing assumed to keep {SELECTIVE_KEEP:.0%} of a block's "
-                             f"activations and recompute {SELECTIVE_RECOMPUTE:.0%} of its forward")
+        how = ("the activations again in backward and one more forward" if mode == "recompute" else
+               f"{SELECTIVE_KEEP:.0%} of the activations kept, {SELECTIVE_RECOMPUTE:.0%} of the forward recomputed")
+        note_sources(sim, f"checkpoint ({mode})", measured, formula, f"formula: {how}")
 
     def apply(self, ctx: ApplyContext, config: CheckpointConfig) -> Undo:
         names = ctx.layout.names(*RECOMPUTE)

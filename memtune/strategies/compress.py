@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from memtune.blocks import refs_to_yaml, validate_block_refs
+from memtune.costmodel import measured_mode, note_sources
 from memtune.errors import EnvironmentNotSupported, PlanError
 from memtune.plan import SectionConfig, check_choice, check_keys
 from memtune.strategies.base import ApplyContext, SearchOptions, Strategy, register
@@ -144,6 +145,9 @@ class Compress(Strategy):
         return {"blocks": blocks, "dtype": trial.suggest_categorical("compress.dtype", dtypes)}
 
     def effect(self, profile, config: CompressConfig, sim) -> None:
+        """What the codec keeps and costs: the profiler's measurement of this block's class compressed [whatif]
+        when it has one (int8; fp8 codes are the same size), else the codec's ratio on the block's floating
+        saved bytes and its kernel traffic at the measured copy bandwidth."""
         from memtune.kernels.activation_quant import ratio
 
         names = profile.resolve_blocks(config.blocks, "compress.blocks")
@@ -153,10 +157,23 @@ class Compress(Strategy):
         bw = gbps * 1e9 * KERNEL_EFFICIENCY
         by_name = {b.name: b for b in sim.blocks}
         total_saved = 0.0
+        measured, formula = [], []
         for name in names:
             b = by_name.get(name)
             if b is None:
                 continue
+            m = measured_mode(profile, b, "compress")
+            if m is not None:
+                measured.append(name)
+                kept = max(0.0, b.kept - m.kept_saved())
+                total_saved += b.kept - kept
+                b.mode = "compress+offload" if b.mode == "offload" else "compress"
+                b.kept_bytes = kept
+                b.bwd_extra_bytes = max(b.bwd_extra_bytes, m.extra_bwd_peak())
+                b.extra_fwd_s += m.extra_fwd_s()
+                b.extra_bwd_s += m.extra_bwd_s()
+                continue
+            formula.append(name)
             bp = profile.block(name)
             by_dtype = bp.activation_bytes_by_dtype or {}
             if by_dtype:
@@ -178,6 +195,8 @@ class Compress(Strategy):
         sim.lossy.append("compress")
         sim.notes.append(f"compress: {config.dtype} saved activations of {len(names)} block(s), "
                          f"{format_bytes(total_saved)} less kept per micro-batch")
+        note_sources(sim, "compress", measured, formula,
+                     f"formula: codec ratio, {OVERHEAD_FACTOR:g}x its kernel traffic at {gbps:.0f} GB/s")
 
     # --- the live run -----------------------------------------------------------------------------
     def apply(self, ctx: ApplyContext, config: CompressConfig) -> Undo:

@@ -189,9 +189,14 @@ class Precision(Strategy):
         if config.master_weights and not offload:
             for opt in ctx.optimizers:  # refuse before changing anything
                 check_elementwise(opt, "precision.master_weights")
+        # fp32 masters for the weights an optimizer updates; frozen weights (requires_grad False, or held by no
+        # optimizer) are only cast: no master, no state, no gradient (their undo upcasts the bf16 values)
+        trained = {id(p) for opt in ctx.optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad}
         masters: dict[int, torch.Tensor] = {}
         if config.master_weights:
             for p in params:
+                if id(p) not in trained:
+                    continue
                 if offload:  # offload keeps them on the host and runs the update there
                     from memtune.strategies.offload.transport import make_transport
 
@@ -218,9 +223,11 @@ class Precision(Strategy):
         if offload and masters:
             ctx.master_params = masters
         n = sum(p.numel() for p in params)
+        frozen = sum(p.numel() for p in params if id(p) not in trained)
         where = "on the host (offload runs the update)" if offload else "on the device"
         ctx.note(self.name, f"{len(params)} parameters ({n / 1e6:.1f}M) cast to {config.params}"
-                            + (f"; fp32 master weights {where}" if masters else "; no master weights (lossy updates)"))
+                            + (f"; fp32 master weights {where}" if masters else "; no master weights (lossy updates)")
+                            + (f"; {frozen / 1e6:.1f}M frozen ones without masters" if frozen and masters else ""))
 
         def undo() -> None:
             for w in wrapped:

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["OBJECTIVES", "BudgetTooSmall", "Candidate", "TuneOptions", "TuneResult", "VerificationFailed", "tune",
            "tune_files"]
 
+# seconds the search runs again under the corrected model when no verified plan fit
+RESEARCH_S = 20.0
 # progress(description, done, total): called as work advances; the CLI draws it (memtune/render.py)
 ProgressFn = Callable[[str, int, "int | None"], None]
 
@@ -151,7 +153,7 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
 
     def objective(trial: optuna.Trial) -> float:
         e = tuner.evaluate(trial)
-        record(trial, e, tuner.limit)
+        record(trial, e, tuner.limit, tuner.corrections)
         return tuner.objective_value(e)
 
     done_trials = [0]
@@ -168,9 +170,7 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
         flush(study, store, n_before)
     new_trials = len(study.get_trials(deepcopy=False)) - n_before
 
-    cands, measured = candidates(study, tuner)
-    for c in cands:
-        c.measured = measured.get(c.key)
+    cands = _candidates(study, tuner)
     valid_smallest = min([c for c in cands], key=lambda c: (c.peak_bytes, -c.throughput), default=None)
     if valid_smallest is None:
         first = tuner.errors[0] if tuner.errors else "every proposed plan was invalid"
@@ -186,11 +186,22 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
             f"with the {tuner.margin:.0%} safety margin it needs a budget of at least {format_bytes(need)}: raise "
             f"--budget, or make the run smaller (batch size, sequence length){hint}"
         )
-    ranked = rank(feasible, opts.objective)
     verified: list[Candidate] = []
-    chosen = ranked[0]
+    chosen = rank(feasible, opts.objective)[0]
     if opts.verify > 0:
-        chosen = verify_best((study, store), tuner, ranked, opts, verified)
+        def research() -> list[Candidate]:
+            """More trials under the corrected model (its constraint uses the corrected peaks)."""
+            n0 = len(study.get_trials(deepcopy=False))
+            try:
+                study.optimize(objective, n_trials=max(20, opts.trials // 3), timeout=RESEARCH_S,
+                               gc_after_trial=False, show_progress_bar=False)
+            finally:
+                flush(study, store, n0)
+            return _candidates(study, tuner)
+
+        chosen = verify_best((study, store), tuner, cands, opts, verified, research=research)
+        cands = _candidates(study, tuner)
+        tuner.corrections.apply(cands, tuner.limit)
 
     plan = tuner.plan_for(chosen.params)
     import torch
@@ -224,6 +235,18 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
         n_trials=sum(1 for ft in study.get_trials(deepcopy=False) if ft.user_attrs.get("memtune_kind") == "search"),
         new_trials=new_trials, elapsed_s=time.perf_counter() - t0, warnings=warn + _error_summary(tuner),
     )
+
+
+def _candidates(study: Any, tuner: Tuner) -> list[Candidate]:
+    """The study's evaluated plans with their family and any measurement."""
+    from memtune.tune.space import plan_family
+
+    cands, measured = candidates(study, tuner)
+    for c in cands:
+        c.measured = measured.get(c.key)
+        if c.family is None:  # a study written before families were recorded
+            c.family = plan_family(tuner.plan_for(c.params))
+    return cands
 
 
 def _error_summary(tuner: Tuner) -> list[str]:

@@ -10,17 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 from memtune.errors import InputError, MemtuneError
 from memtune.estimate import estimate
+from memtune.plan import Plan
 from memtune.strategies import describe_plan
 from memtune.strategies.base import SearchOptions
 from memtune.tune.margin import safety_margin
+from memtune.tune.records import Corrections
 from memtune.tune.space import KNOB_PARAM, ProbeTrial, candidate_values, plan_family, plan_key, propose_plan
 
 if TYPE_CHECKING:
-    from memtune.plan import Plan
     from memtune.profile import Profile
     from memtune.tune import TuneOptions
 
 OBJECTIVES = ("throughput", "memory")
+# A lossy section must lower the predicted peak or step time by more than this to be proposed at all.
+LOSSY_MIN_GAIN = 0.02
 
 
 @dataclass
@@ -73,6 +76,9 @@ class Tuner:
             self.defaults[KNOB_PARAM] = bs
         self.evals = 0
         self.errors: list[str] = []
+        # measured against predicted, by plan family, from verified runs: the search's constraint uses the
+        # corrected peak once there are some (records hold the raw predictions)
+        self.corrections = Corrections()
 
     def propose(self, trial: Any) -> tuple[Plan, int | None]:
         """The plan for a trial (an Optuna trial or a ProbeTrial)."""
@@ -107,12 +113,33 @@ class Tuner:
         lossy = sorted(set(lossy) | set(est.lossy))
         if self.opts.lossless_only and lossy:
             return Eval(False, f"lossy {lossy} excluded by --lossless-only")
+        idle = self._lossy_buying_nothing(plan, bs, est)
+        if idle:
+            return Eval(False, f"lossy section {idle!r} buys nothing here: the plan without it is within "
+                               f"{LOSSY_MIN_GAIN:.0%} on both peak and step time")
         throughput = float(est.throughput)
         unit = est.throughput_unit
         if bs is not None and est.step_s > 0:
             throughput, unit = bs / est.step_s, "samples/s"
-        return Eval(True, plan=plan, key=plan_key(plan), describe=describe_plan(plan, self.knob), family=plan_family(plan), peak_bytes=float(est.peak_bytes),
-                     step_s=float(est.step_s), throughput=throughput, unit=unit, lossy=lossy, batch_size=bs)
+        return Eval(True, plan=plan, key=plan_key(plan), describe=describe_plan(plan, self.knob),
+                    family=plan_family(plan), peak_bytes=float(est.peak_bytes), step_s=float(est.step_s),
+                    throughput=throughput, unit=unit, lossy=lossy, batch_size=bs)
+
+    def _lossy_buying_nothing(self, plan: Plan, bs: int | None, est: Any) -> str | None:
+        """The first lossy section whose removal changes the predicted peak and step time by less than
+        LOSSY_MIN_GAIN each (4-bit states for 49 MiB of adapters): such a plan is not proposed."""
+        for name, cfg in plan.sections.items():
+            if not cfg.lossy:
+                continue
+            rest = Plan(sections={n: c for n, c in plan.sections.items() if n != name}, run=plan.run)
+            try:
+                without = estimate(self.profile, rest, batch_size=bs)
+            except MemtuneError:
+                continue
+            if (without.peak_bytes <= est.peak_bytes * (1 + LOSSY_MIN_GAIN)
+                    and without.step_s <= est.step_s * (1 + LOSSY_MIN_GAIN)):
+                return name
+        return None
 
     def probe(self, fixed: dict[str, Any]) -> Eval:
         return self.evaluate(ProbeTrial(fixed, self.defaults))

@@ -79,6 +79,18 @@ class Candidate:
     batch_size: int | None = None
     measured: dict[str, Any] | None = None
     family: str | None = None
+    # the cost model's own prediction; peak_bytes/step_s/throughput above may be corrected by measurements
+    raw_peak_bytes: float = -1.0
+    raw_step_s: float = -1.0
+    raw_throughput: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.raw_peak_bytes < 0:
+            self.raw_peak_bytes = self.peak_bytes
+        if self.raw_step_s < 0:
+            self.raw_step_s = self.step_s
+        if self.raw_throughput < 0:
+            self.raw_throughput = self.throughput
 
     @property
     def verified_ok(self) -> bool:
@@ -90,6 +102,61 @@ class Candidate:
             "predicted_step_s": self.step_s, "predicted_throughput": self.throughput, "unit": self.unit,
             "fits": self.feasible, "lossy": self.lossy, "batch_size": self.batch_size, "measured": self.measured,
         }
+
+
+@dataclass
+class Correction:
+    """What verified runs of one plan family measured against their raw predictions."""
+
+    peak: float = 1.0  # measured / predicted peak (a lower bound for a run that ran out of memory)
+    step: float = 1.0  # measured / predicted step time
+    n: int = 0
+
+
+@dataclass
+class Corrections:
+    """The cost model corrected by measurements, per plan family (plans alike but for their block lists and
+    batch share the model's error: docs/accuracy.md). A family not measured yet takes the mean correction of
+    those measured (the peak's never below 1), so one systematic miss is not repeated on the next family."""
+
+    by_family: dict[str, Correction] = field(default_factory=dict)
+
+    def add(self, cand: Candidate, m: dict[str, Any], budget: int) -> None:
+        fam = cand.family or ""
+        c = self.by_family.setdefault(fam, Correction())
+        status = m.get("status")
+        peak = m.get("peak_bytes")
+        if status == "oom" and peak is None:
+            peak = budget  # it needed more than the budget (at least)
+        if peak is not None and cand.raw_peak_bytes > 0:
+            c.peak = max(c.peak if c.n else 0.0, float(peak) / cand.raw_peak_bytes)
+        if m.get("step_s") and cand.raw_step_s > 0:
+            r = float(m["step_s"]) / cand.raw_step_s
+            c.step = (c.step * c.n + r) / (c.n + 1) if c.n else r
+        c.n += 1
+
+    def peak_ratio(self, family: str | None) -> float:
+        c = self.by_family.get(family or "")
+        if c is not None and c.n:
+            return c.peak
+        known = [x.peak for x in self.by_family.values() if x.n]
+        return max(1.0, sum(known) / len(known)) if known else 1.0
+
+    def step_ratio(self, family: str | None) -> float:
+        c = self.by_family.get(family or "")
+        if c is not None and c.n:
+            return c.step
+        known = [x.step for x in self.by_family.values() if x.n]
+        return sum(known) / len(known) if known else 1.0
+
+    def apply(self, cands: list[Candidate], limit: float) -> None:
+        """Each candidate's prediction, corrected; `feasible` against the search's limit."""
+        for c in cands:
+            r, rs = self.peak_ratio(c.family), self.step_ratio(c.family)
+            c.peak_bytes = c.raw_peak_bytes * r
+            c.step_s = c.raw_step_s * rs
+            c.throughput = c.raw_throughput / rs if rs > 0 else c.raw_throughput
+            c.feasible = c.peak_bytes <= limit
 
 
 def pareto_mask(peaks: list[float], throughputs: list[float]) -> list[bool]:
@@ -121,11 +188,20 @@ def pareto_front(cands: list[Candidate]) -> list[Candidate]:
     return sorted((c for c, m in zip(cands, mask, strict=True) if m), key=lambda c: (c.peak_bytes, c.number))
 
 
+# Among plans within this share of each other the lossless one wins: a lossy choice must buy more than that.
+LOSSLESS_WINS_WITHIN = 0.02
+
+
+def _lossy_handicap(c: Candidate) -> float:
+    return 1.0 + LOSSLESS_WINS_WITHIN if c.lossy else 1.0
+
+
 def rank(cands: list[Candidate], objective: str) -> list[Candidate]:
-    """Best predicted first: throughput (then the smaller peak), or peak for --objective memory."""
+    """Best predicted first: throughput (then the smaller peak), or peak for --objective memory; a lossy plan
+    counts as LOSSLESS_WINS_WITHIN worse, so a lossless one within that of it ranks first."""
     if objective == "memory":
-        return sorted(cands, key=lambda c: (c.peak_bytes, -c.throughput, c.number))
-    return sorted(cands, key=lambda c: (-c.throughput, c.peak_bytes, c.number))
+        return sorted(cands, key=lambda c: (c.peak_bytes * _lossy_handicap(c), -c.throughput, c.number))
+    return sorted(cands, key=lambda c: (-c.throughput / _lossy_handicap(c), c.peak_bytes, c.number))
 
 
 def best_measured(cands: list[Candidate], objective: str) -> Candidate | None:
@@ -135,8 +211,9 @@ def best_measured(cands: list[Candidate], objective: str) -> Candidate | None:
     if not ok:
         return None
     if objective == "memory":
-        return min(ok, key=lambda c: (c.measured.get("peak_bytes") or c.peak_bytes, -c.measured["throughput"], c.number))
-    return max(ok, key=lambda c: (c.measured["throughput"], -c.peak_bytes, -c.number))
+        return min(ok, key=lambda c: ((c.measured.get("peak_bytes") or c.peak_bytes) * _lossy_handicap(c),
+                                      -c.measured["throughput"], c.number))
+    return max(ok, key=lambda c: (c.measured["throughput"] / _lossy_handicap(c), -c.peak_bytes, -c.number))
 
 
 def chosen(cands: list[Candidate], objective: str) -> Candidate | None:

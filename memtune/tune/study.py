@@ -84,9 +84,11 @@ def flush(work, store, start: int) -> None:
         store.add_trials(new)
 
 
-def record(trial: Any, e: Eval, limit: float) -> float:
-    """Store the prediction in the trial's user attrs (a TrialRecord) and its constraint (GiB over the limit)."""
-    c = (e.peak_bytes - limit) / 2**30 if e.valid else 1e3
+def record(trial: Any, e: Eval, limit: float, corrections: Any = None) -> float:
+    """Store the prediction in the trial's user attrs (a TrialRecord) and its constraint (GiB over the limit,
+    with the peak corrected by what verification measured so far, `tuner.corrections`)."""
+    peak = e.peak_bytes * corrections.peak_ratio(e.family) if corrections is not None else e.peak_bytes
+    c = (peak - limit) / 2**30 if e.valid else 1e3
     if e.valid:
         rec = TrialRecord(SEARCH, c, plan=e.describe, plan_key=e.key, predicted_peak_bytes=e.peak_bytes,
                           predicted_step_s=e.step_s, predicted_throughput=e.throughput, unit=e.unit, lossy=e.lossy,

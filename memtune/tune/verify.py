@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memtune.errors import VerificationFailed
-from memtune.tune.records import best_measured
+from memtune.tune.records import best_measured, rank
 from memtune.tune.space import canon, plan_family
 from memtune.tune.study import add_verify_trial
 from memtune.units import format_bytes
@@ -125,42 +125,79 @@ def _diverse(ranked: list[Candidate], tuner: Tuner, k: int) -> list[Candidate]:
     return firsts + rest
 
 
-def verify_best(studies, tuner: Tuner, ranked: list[Candidate], opts: TuneOptions,
-                verified: list[Candidate]) -> Candidate:
-    """Run k plans for real (the best predicted of each kind); when all k fail, try up to k more that avoid
-    the failures; pick the winner on measurements."""
-    ranked = _diverse(ranked, tuner, opts.verify)
-    study = studies[0]
-    trials = {ft.number: ft for ft in study.get_trials(deepcopy=False)}
+# Verification stops looking for a faster plan when no unverified one is predicted (corrected) this much faster
+# than the best measured plan.
+BETTER_BY = 0.02
+
+
+def verify_best(studies, tuner: Tuner, cands: list[Candidate], opts: TuneOptions,
+                verified: list[Candidate], research: Any = None) -> Candidate:
+    """The closed loop. Verify the best plan of each kind (k at a time); each measurement corrects the cost
+    model for its plan family (`Corrections`), the candidates are ranked again with the corrected model (and,
+    with `research`, the search runs again under it to find plans the correction newly admits), and the loop
+    goes on until a verified plan fits and none unverified is predicted faster, or no candidate with a lower
+    corrected peak remains. Picks the winner on measurements."""
     k = opts.verify
+    study = studies[0]
     failed: list[tuple[Candidate, Plan]] = []
+    corr = tuner.corrections
+    for c in cands:  # a resumed study keeps earlier measurements: they correct the model too
+        if c.measured:
+            corr.add(c, c.measured, opts.budget_bytes)
+            verified.append(c)
+            if not c.verified_ok:
+                failed.append((c, tuner.plan_for(c.params)))
+    max_total = max(2 * k, 3 * k)
+    rounds = 0
     with tempfile.TemporaryDirectory(prefix="memtune-verify-") as tmp:
-        if opts.progress:
-            opts.progress("verifying the best plans for real", 0, k)
-        for cand in ranked:
-            n_ok = sum(c.verified_ok for c in verified)
-            if len(verified) >= k and (n_ok or len(verified) >= 2 * k):
+        while len(verified) < max_total:
+            corr.apply(cands, tuner.limit)
+            todo = [c for c in cands if c.feasible and c.measured is None
+                    and not _likely_fails(c, tuner.plan_for(c.params), failed)]
+            ok = [c for c in verified if c.verified_ok]
+            if ok:
+                best = best_measured(ok, opts.objective)
+                if opts.objective == "memory":
+                    todo = [c for c in todo if c.peak_bytes < (best.measured.get("peak_bytes") or best.peak_bytes)
+                            * (1 - BETTER_BY)]
+                else:
+                    todo = [c for c in todo if c.throughput > best.measured["throughput"] * (1 + BETTER_BY)]
+                if rounds >= 2:
+                    todo = []
+            if not todo and research is not None and not ok and rounds < 2:
+                cands[:] = research()  # the search again, under the corrected model
+                corr.apply(cands, tuner.limit)
+                todo = [c for c in cands if c.feasible and c.measured is None
+                        and not _likely_fails(c, tuner.plan_for(c.params), failed)]
+            if not todo:
                 break
-            plan = tuner.plan_for(cand.params)
-            if len(verified) >= k and _likely_fails(cand, plan, failed):
-                continue
-            if cand.measured is None:  # a resumed study keeps earlier measurements
+            batch = _diverse(rank(todo, opts.objective), tuner, k)[: max(1, k if not ok else 1)]
+            trials = {ft.number: ft for ft in study.get_trials(deepcopy=False)}
+            for cand in batch:
+                plan = tuner.plan_for(cand.params)
                 m = verify_plan(plan, cand, tuner, Path(tmp), opts.budget_bytes)
                 cand.measured = m
                 ft = trials[cand.number]
                 for st in studies:
                     if st is not None:
                         add_verify_trial(st, cand, ft.params, ft.distributions, m, tuner)
-            verified.append(cand)
-            if not cand.verified_ok:
-                failed.append((cand, plan))
-            if opts.progress:
-                opts.progress("verifying the best plans for real", len(verified), max(k, len(verified)))
+                corr.add(cand, m, opts.budget_bytes)
+                verified.append(cand)
+                if not cand.verified_ok:
+                    failed.append((cand, plan))
+                if opts.progress:
+                    opts.progress("verifying plans for real", len(verified), max(k, len(verified)))
+            rounds += 1
     ok = [c for c in verified if c.verified_ok]
     if not ok:
-        what = "; ".join(f"trial {c.number}: {c.measured.get('status')} ({c.measured.get('detail', '')})" for c in verified)
+        what = "; ".join(f"trial {c.number}: {c.measured.get('status')} ({c.measured.get('detail', '')})"
+                         for c in verified)
+        corr.apply(cands, tuner.limit)
         if all(c.measured.get("status") in ("oom", "over budget") for c in verified):
-            todo = "lower the predicted peak with a larger --margin (e.g. --margin 10%)"
+            low = min((c for c in cands if c.measured is None), key=lambda c: c.peak_bytes, default=None)
+            todo = (f"no plan left is predicted to fit once the model is corrected by these measurements (the "
+                    f"smallest corrected peak is {format_bytes(low.peak_bytes)}): raise --budget" if low is not None
+                    else "every plan was tried: raise --budget")
         else:
             todo = "run one with `memtune apply PLAN` to see the script's error, or tune with --lossless-only"
         raise VerificationFailed(f"none of the {len(verified)} verified plans ran within the budget ({what}): {todo}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from memtune.blocks import refs_to_yaml, validate_block_refs
+from memtune.costmodel import measured_mode, note_sources
 from memtune.errors import EnvironmentNotSupported, PlanError
 from memtune.plan import SectionConfig, check_bool, check_keys
 from memtune.strategies.base import ApplyContext, PlanFacts, Strategy, register
@@ -115,16 +116,32 @@ class Offload(Strategy):
         return {"activations": acts, "optimizer_state": opt_state}
 
     def effect(self, profile: Any, config: OffloadConfig, sim: Any) -> None:
+        """Offloaded blocks keep only what the transport leaves on the device [offl]; their copies run on the
+        copy engines at the measured pinned bandwidth (the simulator hides what the compute covers). What a
+        block's saved tensors really send, and the transport's own cost beyond the copies, come from the
+        profiler's measurement of this block's class offloaded [whatif] when it has one. The optimizer update
+        runs on the host at the profile's measured rate for the script's optimizer, else a default rate."""
         if config.activations:
-            names = profile.resolve_blocks(config.activations, "offload.activations")
+            names = set(profile.resolve_blocks(config.activations, "offload.activations"))
+            measured, formula = [], []
+            h2d_bw = max(sim.h2d_gbps, 1e-3) * 1e9
             for b in sim.blocks:
                 if b.name not in names:
                     continue
+                m = measured_mode(profile, b, "offload")
                 moved = b.kept  # compressed size when compress ran first
+                if m is not None and m.block.activation_bytes > 0:
+                    measured.append(b.name)
+                    moved *= min(1.0, m.mode.moved_bytes / m.block.activation_bytes)  # small tensors stay
+                    b.extra_fwd_s += m.extra_fwd_s()
+                    b.extra_bwd_s += m.extra_bwd_s(minus_s=m.mode.moved_bytes / h2d_bw)
+                else:
+                    formula.append(b.name)
                 b.mode = "compress+offload" if b.mode == "compress" else "offload"
                 b.d2h_bytes = b.h2d_bytes = moved
-                b.kept_bytes = 0
+                b.kept_bytes = max(0.0, b.kept - moved)
                 b.bwd_extra_bytes = max(b.bwd_extra_bytes, moved)
+            note_sources(sim, "offload (activations)", measured, formula, "formula: every saved byte moves, no overhead")
         if config.optimizer_state:
             n_params = sum(o.n_params for o in profile.optimizers) or profile.trainable_param_bytes / 4
             sim.opt_state_host_bytes += sim.opt_state_bytes + sim.master_bytes
@@ -133,13 +150,19 @@ class Offload(Strategy):
             sim.opt_transient_bytes = 0.0
             sim.opt_d2h_bytes = sim.grad_bytes
             sim.opt_h2d_bytes = sim.param_bytes
-            cpu_s = n_params * 28 / (HOST_UPDATE_GBPS * 1e9)
+            rate = profile.hardware.host_update_params_per_s
+            if rate:
+                cpu_s = n_params / rate
+                sim.source("offload (optimizer state)", f"host update measured on this host: {rate / 1e9:.2f}G "
+                                                        "params/s with the script's optimizer")
+            else:
+                cpu_s = n_params * 28 / (HOST_UPDATE_GBPS * 1e9)
+                sim.source("offload (optimizer state)", f"formula: host update at {HOST_UPDATE_GBPS:g} GB/s of "
+                                                        "state traffic (28 B/param, AdamW; H100 host)")
             h2d_s = sim.param_bytes / (sim.h2d_gbps * 1e9) if sim.h2d_gbps else 0.0
             d2h_s = sim.grad_bytes / (sim.d2h_gbps * 1e9) if sim.d2h_gbps else 0.0
             sim.opt_s = max(cpu_s, h2d_s)  # pipelined per chunk: the slower of CPU update and copy-back
             sim.opt_overlap_s = d2h_s  # gradients go down during the backward
-            sim.notes.append(f"optimizer offload: CPU update assumed at {HOST_UPDATE_GBPS:g} GB/s of state "
-                             "traffic (28 B/param for AdamW)")
 
     def install(self, config: OffloadConfig, session: Any) -> Undo:
         if config.optimizer_state:

@@ -38,6 +38,14 @@ HOST_UPDATE_GBPS = 150.0
 _FUSED_CPU = ("Adam", "AdamW", "SGD", "Adagrad")
 
 
+def fused_cpu_overrides(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Group options that run `opt`'s update with torch's fused CPU kernel, when its class has one."""
+    if type(opt).__name__ in _FUSED_CPU and type(opt).__module__.startswith("torch.optim") \
+            and all("fused" in g and not g.get("differentiable") for g in opt.param_groups):
+        return {"fused": True, "foreach": False}
+    return {}
+
+
 def _param_list(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"]]
 
@@ -71,10 +79,7 @@ class OptimizerOffload:
                 st.p_ver = p._version
                 self.ps[id(p)] = st
         self.subs = {k: v.sub for k, v in self.ps.items()}
-        self.overrides: dict[str, Any] = {}
-        if self.t.cuda and type(opt).__name__ in _FUSED_CPU and type(opt).__module__.startswith("torch.optim") \
-                and all("fused" in g and not g.get("differentiable") for g in opt.param_groups):
-            self.overrides = {"fused": True, "foreach": False}
+        self.overrides: dict[str, Any] = fused_cpu_overrides(opt) if self.t.cuda else {}
         self.clip_on_host = CLIP_ON_HOST
         self._chunk_cache: tuple[tuple[int, ...], list[list[torch.Tensor]]] | None = None
         # per-step costs, cumulative (benchmarks/strategies.py reports them): seconds the CPU waited for
