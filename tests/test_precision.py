@@ -134,3 +134,37 @@ def test_lossy_label():
 def test_validation_errors(bad, msg):
     with pytest.raises(PlanError, match=msg):
         plan_from_dict(bad)
+
+
+def test_frozen_weights_get_no_master_copies():
+    """A LoRA-style model: the frozen base is cast to bf16 without fp32 masters (only the adapters, which an
+    optimizer trains, get them), and the cost model counts masters for trainable weights only."""
+    import memtune
+    from memtune.estimate import estimate
+    from memtune.profilers.runner import profile_script  # noqa: F401  (the same package the CLI profiles with)
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 64)
+    base.requires_grad_(False)
+    adapter = torch.nn.Sequential(torch.nn.Linear(64, 4, bias=False), torch.nn.Linear(4, 64, bias=False))
+    model = torch.nn.ModuleDict({"base": base, "adapter": adapter})
+    opt = torch.optim.AdamW(list(model.parameters()), lr=1e-3)  # frozen params passed in too, as scripts do
+    undo = memtune.apply_plan(model, opt, {"precision": {"params": "bf16"}})
+    masters = undo.ctx.notes
+    assert base.weight.dtype == torch.bfloat16 and adapter[0].weight.dtype == torch.bfloat16
+    wrapped = [v for k, v in opt.__dict__.items() if k == "step"]
+    assert wrapped, "the trained weights' update runs on fp32 masters"
+    assert any("frozen ones without masters" in t for _, t in masters)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    (model["base"](x) + model["adapter"](x)).float().pow(2).mean().backward()
+    opt.step()
+    assert base.weight.grad is None
+    undo()
+    assert base.weight.dtype == torch.float32
+    # the cost model: masters for the trainable bytes only
+    from test_costmodel import make_profile
+
+    p = make_profile()
+    p.trainable_param_bytes = p.param_bytes // 10
+    sim = estimate(p, {"precision": {"params": "bf16"}})
+    assert sim.breakdown["master weights"] == pytest.approx(p.trainable_param_bytes)

@@ -1,0 +1,118 @@
+"""Effects measured on the user's own blocks win over formulas: hand-built what-ifs, numbers worked by hand."""
+
+import pytest
+from test_costmodel import MB, make_profile
+
+from memtune.costmodel import build_sim
+from memtune.estimate import apply_plan_effects, estimate
+from memtune.profile import WhatIf
+from memtune.strategies import plan_from_dict
+from memtune.tune.evaluate import Tuner
+from memtune.tune.records import Candidate, Corrections, rank
+
+
+def with_what_ifs(p, **modes):
+    keep = WhatIf(kept_bytes=90 * MB, fwd_peak_bytes=150 * MB, bwd_peak_bytes=30 * MB, fwd_s=0.008, bwd_s=0.016)
+    for b in p.repeated_blocks:
+        b.what_ifs = {"keep": keep, **modes}
+    return p
+
+
+def sim_of(p, plan):
+    return apply_plan_effects(p, plan_from_dict(plan), build_sim(p))
+
+
+def test_recompute_uses_the_measured_working_set_and_time():
+    # measured: recomputing re-creates 110 MB on top of the 30 MB backward working set, and the block's
+    # backward takes 0.012 s more alone (0.008 s forward alone): in this block's own time, 0.010 * 1.5
+    p = with_what_ifs(make_profile(), recompute=WhatIf(kept_bytes=0, bwd_peak_bytes=140 * MB, fwd_s=0.008, bwd_s=0.028))
+    sim = sim_of(p, {"checkpoint": {"blocks": [0]}})
+    b = sim.blocks[1]
+    assert b.mode == "recompute" and b.kept_bytes == pytest.approx(10 * MB)  # its inputs, as the formula says
+    assert b.bwd_extra_bytes == pytest.approx(110 * MB)
+    assert b.recompute_s == pytest.approx(0.012 * 0.020 / 0.016)
+    assert "measured" in sim.sources["checkpoint (recompute)"]
+    # without the what-if: the formula, and the estimate says so
+    sim2 = sim_of(make_profile(), {"checkpoint": {"blocks": [0]}})
+    assert sim2.blocks[1].bwd_extra_bytes == pytest.approx(100 * MB) and sim2.blocks[1].recompute_s == 0.010
+    assert sim2.sources["checkpoint (recompute)"].startswith("formula")
+    est = estimate(p, plan_from_dict({"checkpoint": {"blocks": [0]}}))
+    assert "checkpoint (recompute)" in est.sources
+
+
+def test_measured_deltas_scale_with_the_batch():
+    p = with_what_ifs(make_profile(batch=8), recompute=WhatIf(bwd_peak_bytes=140 * MB, fwd_s=0.008, bwd_s=0.028))
+    s8 = apply_plan_effects(p, plan_from_dict({"checkpoint": {"blocks": [0]}}), build_sim(p, 8))
+    s16 = apply_plan_effects(p, plan_from_dict({"checkpoint": {"blocks": [0]}}), build_sim(p, 16))
+    assert s16.blocks[1].bwd_extra_bytes == pytest.approx(2 * s8.blocks[1].bwd_extra_bytes)
+
+
+def test_selective_keeps_what_was_measured():
+    p = with_what_ifs(make_profile(), selective=WhatIf(kept_bytes=40 * MB, bwd_peak_bytes=80 * MB, fwd_s=0.008,
+                                                       bwd_s=0.018))
+    b = sim_of(p, {"checkpoint": {"blocks": [1], "mode": "selective"}}).blocks[2]
+    assert b.mode == "selective" and b.kept_bytes == pytest.approx(10 * MB + 40 * MB)
+    assert b.bwd_extra_bytes == pytest.approx(50 * MB)
+
+
+def test_compress_keeps_what_the_codec_measured_and_costs_its_time():
+    p = with_what_ifs(make_profile(), compress=WhatIf(kept_bytes=30 * MB, bwd_peak_bytes=50 * MB, fwd_s=0.010,
+                                                      bwd_s=0.019))
+    sim = sim_of(p, {"compress": {"blocks": [0]}})
+    b = sim.blocks[1]
+    assert b.kept_bytes == pytest.approx(100 * MB - 60 * MB)  # 90 -> 30 MB of what the block allocated itself
+    assert b.extra_fwd_s == pytest.approx(0.002 * 0.010 / 0.008)
+    assert b.extra_bwd_s == pytest.approx(0.003 * 0.020 / 0.016)
+    assert "measured" in sim.sources["compress"]
+
+
+def test_offload_moves_what_the_transport_measured():
+    p = with_what_ifs(make_profile(), offload=WhatIf(kept_bytes=5 * MB, moved_bytes=80 * MB, fwd_s=0.009,
+                                                     bwd_s=0.016 + 80 * MB / 20e9 + 0.001))
+    b = sim_of(p, {"offload": {"activations": [0]}}).blocks[1]
+    assert b.d2h_bytes == pytest.approx(80 * MB) and b.kept_bytes == pytest.approx(20 * MB)
+    assert b.extra_fwd_s == pytest.approx(0.001 * 0.010 / 0.008)
+    assert b.extra_bwd_s == pytest.approx(0.001 * 0.020 / 0.016)  # beyond the copy itself
+
+
+def test_optimizer_offload_uses_the_measured_host_rate():
+    p = make_profile()
+    p.optimizers[0].n_params = 10**9
+    p.hardware.host_update_params_per_s = 2e9
+    sim = sim_of(p, {"offload": {"optimizer_state": True}})
+    assert sim.opt_s == pytest.approx(max(0.5, sim.param_bytes / 20e9))
+    assert "measured on this host" in sim.sources["offload (optimizer state)"]
+
+
+def test_lossy_section_that_buys_nothing_is_not_proposed():
+    """4-bit optimizer states for a few MB of adapters change nothing that matters: not proposed."""
+    from test_search import opts
+
+    p = make_profile(opt_s=0.0005)
+    p.optimizers[0].n_params = 1000  # a tiny trainable part: its optimizer state is a rounding error
+    p.optimizers[0].state_bytes = 8000
+    tuner = Tuner(p, opts(budget_bytes=10**12))
+    e = tuner.probe({"optimizer.name": "adamw4bit"})
+    assert not e.valid and "buys nothing" in e.error
+    assert tuner.probe({"optimizer.name": "adamw"}).valid
+
+
+def test_lossless_wins_within_two_percent():
+    def c(n, thr, lossy):
+        return Candidate(n, {}, str(n), "", 1.0, 1 / thr, thr, "steps/s", thr, True, lossy=["optimizer"] if lossy else [])
+
+    assert rank([c(0, 1.015, True), c(1, 1.0, False)], "throughput")[0].number == 1
+    assert rank([c(0, 1.05, True), c(1, 1.0, False)], "throughput")[0].number == 0
+
+
+def test_corrections_per_family_and_for_unmeasured_ones():
+    corr = Corrections()
+    a = Candidate(0, {}, "a", "", 100.0, 1.0, 1.0, "steps/s", 1.0, True, family="A")
+    corr.add(a, {"status": "over budget", "peak_bytes": 120.0, "step_s": 1.5}, budget=110)
+    b = Candidate(1, {}, "b", "", 100.0, 1.0, 1.0, "steps/s", 1.0, True, family="B")
+    corr.apply([a, b], limit=110.0)
+    assert a.peak_bytes == pytest.approx(120.0) and not a.feasible
+    assert b.peak_bytes == pytest.approx(120.0)  # an unmeasured family takes the measured mean (>= 1)
+    assert a.throughput == pytest.approx(1 / 1.5)
+    corr.add(b, {"status": "oom"}, budget=110)  # ran out of memory: needed at least the budget
+    assert corr.peak_ratio("B") == pytest.approx(1.1)
