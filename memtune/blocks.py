@@ -65,11 +65,11 @@ def _signature(m: nn.Module) -> tuple:
     return tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
 
 
-def _repeated_run(model: nn.Module) -> list[str]:
-    """Paths of the repeated blocks: the longest run of consecutive same-class children (searched
-    recursively) holding most parameters, plus the other outermost instances of that class in the model
-    (a ResNet's bottlenecks sit in four stages). Containers (Sequential, ModuleList) count as a class only
-    when the run's members are identical in structure, so `stem` next to `layers` is not a run."""
+def _run_candidate(model: nn.Module) -> tuple[int, int, list[str], type | None]:
+    """The longest run of consecutive same-class children (searched recursively) holding most parameters,
+    plus the other outermost instances of that class (a ResNet's bottlenecks sit in four stages). Containers
+    (Sequential, ModuleList) count as a class only when the run's members are identical in structure, so
+    `stem` next to `layers` is not a run. (total parameters, members, paths, class)."""
     import torch.nn as nn
 
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -90,14 +90,66 @@ def _repeated_run(model: nn.Module) -> list[str]:
                 if n > 0 and (n, j - i) > best[:2]:
                     best = (n, j - i, [f"{path}.{name}" if path else name for name, _ in run], cls)
             i = j if j > i + 1 else i + 1
-    names, cls = best[2], best[3]
+    cls = best[3]
     if cls is None or issubclass(cls, containers):
-        return names
+        return best
+    return (best[0], best[1], _outermost(model, cls), cls)  # scored by the run itself
+
+
+def _outermost(model: nn.Module, cls: type) -> list[str]:
     out: list[str] = []
     for path, mod in model.named_modules():
         if type(mod) is cls and path and not any(path.startswith(o + ".") for o in out):
             out.append(path)
     return out
+
+
+def _class_candidate(model: nn.Module) -> tuple[int, int, list[str], type | None]:
+    """The user-defined module class (not torch.nn's own layers or containers) whose outermost instances hold
+    the most parameters, with two or more of them: blocks that do not sit side by side (a UNet's ResBlocks
+    between its down- and up-sampling layers)."""
+    import torch.nn as nn
+
+    best: tuple[int, int, list[str], type | None] = (0, 0, [], None)
+    classes = {type(m) for _, m in model.named_modules()}
+    for cls in classes:
+        if cls.__module__.startswith("torch.") or issubclass(cls, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            continue
+        out = _outermost(model, cls)
+        if len(out) < 2:
+            continue
+        mods = [model.get_submodule(p) for p in out]
+        if not all(any(True for _ in m.children()) for m in mods):
+            continue
+        n = sum(_n_params(m) for m in mods)
+        if n > 0 and (n, len(out)) > best[:2]:
+            best = (n, len(out), out, cls)
+    return best
+
+
+def _repeated_run(model: nn.Module) -> list[str]:
+    """Paths of the repeated blocks. The run of same-class siblings, unless a user-defined class's instances
+    hold clearly more parameters; and when that is a couple of
+    large pieces each made of a long run of blocks of its own (T5's encoder and decoder stacks of T5Blocks),
+    those runs."""
+    run, cls_c = _run_candidate(model), _class_candidate(model)
+    best = cls_c if cls_c[0] > run[0] * 1.05 else run
+    names = best[2]
+    # a couple of distinct, named pieces (not members of one list, which are layers already)
+    if 2 <= len(names) <= 3 and not all(n.rsplit(".", 1)[-1].isdigit() for n in names):
+        inner: list[str] = []
+        for name in names:
+            sub = model.get_submodule(name)
+            sub_run = _run_candidate(sub)
+            members = [sub.get_submodule(p) for p in sub_run[2]]
+            if len(members) < 4 or sub_run[0] < 0.7 * _n_params(sub) \
+                    or not all(any(True for _ in m.children()) for m in members):
+                inner = []
+                break
+            inner += [f"{name}.{p}" for p in sub_run[2]]
+        if inner:
+            return inner
+    return names
 
 
 def find_blocks(model: nn.Module, pattern: str | None = None) -> list[BlockRef]:

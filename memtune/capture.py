@@ -136,10 +136,15 @@ class Session:
         self.on_ready: list[Callable[[Session], None]] = []
         self.on_step: list[Callable[[Session, int], None]] = []
         self.on_end: list[Callable[[Session], None]] = []
+        # another optimizer's model found after on_ready (a GAN's generator): (session, model)
+        self.on_model: list[Callable[[Session, nn.Module], None]] = []
 
         self.model: nn.Module | None = None
         self.wrapper: nn.Module | None = None  # DDP / OptimizedModule the script wrapped the model in
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.optimizer_wrappers: list[torch.optim.Optimizer] = []  # wrappers of those (not counted twice)
+        self.models: list[nn.Module] = []  # the model first, then other optimizers' models
+        self._fwd_handle: Any = None
         self.blocks: list[BlockRef] = []
         self.steps_done = 0
         self.step_end_times: list[float] = []
@@ -203,6 +208,7 @@ class Session:
     def _set_model(self, top: nn.Module) -> None:
         inner = unwrap_model(top)
         self.model = inner
+        self.models = [inner]
         self.wrapper = top if inner is not top else None
         self.blocks = find_blocks(inner, self.blocks_pattern)
 
@@ -214,8 +220,16 @@ class Session:
             cb(self)
 
     def _on_optimizer_init(self, opt: torch.optim.Optimizer) -> None:
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and any(inner is o for o in self.optimizers):
+            # a wrapper around an optimizer already seen (accelerate's AcceleratedOptimizer, which HF Trainer
+            # uses): the same parameters and state, stepped through the inner one; counted once
+            self.optimizer_wrappers.append(opt)
+            return
         self.optimizers.append(opt)
         if self.ready or self._pending_model:
+            if self.ready:
+                self._add_model(_find_model(_optimizer_param_ids(opt)))
             return
         top = _find_model(_optimizer_param_ids(opt))
         if top is None:
@@ -224,17 +238,38 @@ class Session:
         self._set_model(top)
         self._fire_ready()
 
+    def _add_model(self, top: nn.Module | None) -> None:
+        """Another optimizer's model (a GAN's generator, a second network): trained too, counted too."""
+        if top is None:
+            return
+        m = unwrap_model(top)
+        if all(m is not x for x in self.models) and not any(m in set(x.modules()) for x in self.models):
+            self.models.append(m)
+            for cb in list(self.on_model):
+                cb(self, m)
+
     def _forward_pre(self, module: nn.Module, args: Any) -> None:
         if not self._pending_model:
-            if self.wrapper is None and self.model is not None and module is not self.model \
-                    and is_wrapper(module) and unwrap_model(module) is self.model:
+            if self.model is None:
+                return
+            if self.wrapper is None and module is not self.model and is_wrapper(module) \
+                    and unwrap_model(module) is self.model:
                 self.wrapper = module  # wrapped (DDP, torch.compile) after its optimizer was built
+            if module is self.model or module is self.wrapper:
+                # the model's first forward: the global hook has seen what it needs, and must go before a
+                # compiler traces the modules inside (Dynamo would trace into it and fail)
+                self._drop_forward_hook()
             return
         ids = set().union(*(_optimizer_param_ids(o) for o in self.optimizers))
         if any(id(p) in ids for p in module.parameters()):
             # The outermost module's pre-hook fires first, so this is the top-level model (or its wrapper).
             self._set_model(module)
             self._fire_ready()
+
+    def _drop_forward_hook(self) -> None:
+        if self._fwd_handle is not None:
+            self._fwd_handle.remove()
+            self._fwd_handle = None
 
     def _after_step(self) -> None:
         i = self.steps_done
@@ -339,6 +374,7 @@ class Session:
 
             step_hook_handle = _optim_mod.register_optimizer_step_post_hook(step_post)
             fwd_handle = nn.modules.module.register_module_forward_pre_hook(session._forward_pre)
+            session._fwd_handle = fwd_handle
 
             scaler_cls = getattr(getattr(torch, "amp", None), "GradScaler", None)
             if scaler_cls is not None:

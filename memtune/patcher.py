@@ -55,6 +55,9 @@ class Applied:
         self.ctx = ctx
         self.notes = ctx.notes
 
+    def add(self, undo: Any, name: str = "") -> None:
+        self._undos.add(undo, name)
+
     def __call__(self) -> None:
         self._undos()
 
@@ -201,7 +204,7 @@ def run_apply(
         model = sess.model
         dev = _model_device(model)
         try:
-            ctx = make_context(model, sess.optimizers, sess.blocks, dev, plan)
+            ctx = make_context(model, sess.optimizers, sess.blocks, dev, plan, models=sess.models)
             state["ctx"] = ctx
             preflight(plan, dev)
             state["applied"] = apply_to_context(ctx)
@@ -216,6 +219,17 @@ def run_apply(
         if on_notes:
             on_notes(result.notes)
 
+    def new_model(sess, model) -> None:
+        ctx, applied = state.get("ctx"), state.get("applied")
+        if ctx is None or applied is None:
+            return
+        for name, config in ordered_sections(plan):
+            applied.add(get_strategy(name).add_model(ctx, config, model), name)
+        if on_notes:
+            on_notes(ctx.notes[len(result.notes):])
+        result.notes = list(ctx.notes)
+
+    session.on_model.append(new_model)
     session.on_ready.append(ready)
     try:
         session.run()

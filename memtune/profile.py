@@ -124,6 +124,7 @@ class Profile:
     grad_bytes: int = 0
     optimizer_state_bytes: int = 0
     buffer_bytes: int = 0
+    other_module_bytes: int = 0  # parameters and buffers of modules no optimizer trains (EMA copy, teacher)
     other_activation_bytes: int = 0  # saved for backward outside every block (loss, glue code)
     loss_transient_bytes: int = 0  # largest transient between the last block's forward and backward start
     step_start_bytes: int = 0  # allocated when a step's first forward starts

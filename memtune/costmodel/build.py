@@ -91,7 +91,7 @@ def _last_block(profile: Profile) -> BlockProfile | None:
 
 
 def _states_at_start(profile: Profile) -> float:
-    return (profile.param_bytes + profile.buffer_bytes + profile.optimizer_state_bytes
+    return (profile.param_bytes + profile.buffer_bytes + profile.other_module_bytes + profile.optimizer_state_bytes
             + ((profile.grad_bytes or profile.trainable_param_bytes) if profile.grads_persist else 0))
 
 
@@ -274,6 +274,7 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
         ))
     sim.param_bytes = float(profile.param_bytes)
     sim.buffer_bytes = float(profile.buffer_bytes)
+    sim.other_model_bytes = float(profile.other_module_bytes)
     sim.grad_bytes = float(profile.grad_bytes or profile.trainable_param_bytes)
     sim.grads_persist = bool(profile.grads_persist)
     sim.opt_state_bytes = float(profile.optimizer_state_bytes)

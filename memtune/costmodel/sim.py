@@ -51,6 +51,7 @@ class SimStep:
     param_bytes: float = 0.0  # device-resident parameters (all blocks + anything outside blocks)
     master_bytes: float = 0.0  # fp32 master copies kept on device (precision)
     buffer_bytes: float = 0.0
+    other_model_bytes: float = 0.0  # modules no optimizer trains (EMA copy, frozen teacher): constant
     grad_bytes: float = 0.0  # all gradients, if they all coexist before the optimizer step
     grads_persist: bool = False  # gradients allocated for the whole step (set_to_none=False, accumulation)
     grads_freed_in_backward: bool = False  # update in backward: each gradient consumed at once

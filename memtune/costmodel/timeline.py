@@ -7,7 +7,7 @@ from memtune.costmodel.sim import Estimate, SimStep
 
 # --- the timeline -----------------------------------------------------------------------------------
 
-COMPONENTS = ("parameters", "master weights", "buffers", "gradients", "optimizer state",
+COMPONENTS = ("parameters", "master weights", "buffers", "other models", "gradients", "optimizer state",
                "activations kept", "autocast weight copies", "model output", "recompute working set",
                "transient", "gathered parameters", "inputs and fixed", "allocator overhead")
 
@@ -17,6 +17,7 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
     events: list[tuple[str, str, str | None, dict[str, float]]] = []
     base = {
         "parameters": sim.param_bytes, "master weights": sim.master_bytes, "buffers": sim.buffer_bytes,
+        "other models": sim.other_model_bytes,
         "optimizer state": sim.opt_state_bytes, "inputs and fixed": sim.fixed_bytes,
         "allocator overhead": sim.calib_bytes,
     }

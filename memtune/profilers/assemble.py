@@ -66,10 +66,20 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
     model = s.model
     prof.model_cls = f"{type(model).__module__}.{type(model).__qualname__}"
     prof.device = s.device.type
-    st = mem.param_stats(model)
-    prof.param_bytes = sum(st["param_bytes"].values())
-    prof.trainable_param_bytes = st["trainable"]
-    prof.buffer_bytes = mem.buffer_bytes(model)
+    models = s.models or [model]
+    seen_storages: set[int] = set()
+    stats = [mem.param_stats(m, seen_storages) for m in models]  # each storage once (tied, shared)
+    prof.param_bytes = sum(sum(st["param_bytes"].values()) for st in stats)
+    prof.trainable_param_bytes = sum(st["trainable"] for st in stats)
+    prof.buffer_bytes = sum(mem.buffer_bytes(m) for m in models)
+    prof.other_module_bytes, others = p.other_modules
+    if len(models) > 1:
+        prof.notes.append(f"{len(models)} trained models ({', '.join(type(m).__name__ for m in models)}): "
+                          f"blocks are {type(model).__name__}'s; the others' memory is counted, their activations "
+                          "outside every block")
+    if prof.other_module_bytes:
+        prof.notes.append(f"{prof.other_module_bytes / 2**20:.0f} MiB of modules no optimizer trains "
+                          f"({', '.join(others)}: an EMA copy, a frozen teacher...) stay on the device")
     prof.batch_size, prof.seq_len, prof.autocast = p.batch_size, p.seq_len, p.autocast
     prof.grad_scaler = bool(s.grad_scalers)
     prof.hf_gradient_checkpointing = _hf_checkpointing(model)
@@ -124,7 +134,9 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
                 forward_peak = None
             elif forward_peak is not None:
                 forward_peak = max(forward_peak, peak)
-            if label[0] == "opt":  # the script's own optimizer step: its temporaries, measured
+            if b.label == ("opt_end",) and label[0] in ("opt", "bwd_end"):
+                # the script's own optimizer update (after its closure's backward, under Lightning): its
+                # temporaries, measured
                 prof.extra["optimizer_transient_bytes"] = max(0, peak - a.alloc)
             if label[0] == "fwd" and name in blocks:
                 blocks[name].transient_bytes = max(blocks[name].transient_bytes, peak - a.alloc)
@@ -159,23 +171,28 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
     fwd, bwd, opt = [], [], []
     for r in steps_for_time:
         f = b_ = o = 0.0
+        inside = 0.0  # forward and backward run inside optimizer.step(closure) (Lightning): not the update
         t_model = t_bwd = t_opt = None
         for m in r.marks:
             k = m.label[0]
             if k == "model":
                 t_model = m.clock
             elif k == "loss" and t_model is not None:
-                f += p.clock.elapsed(t_model, m.clock)
+                dt = p.clock.elapsed(t_model, m.clock)
+                f += dt
+                inside += dt if t_opt is not None else 0.0
                 t_model = None
             elif k == "bwd" and m.label[1] is None:
                 t_bwd = m.clock
             elif k == "bwd_end" and t_bwd is not None:
-                b_ += p.clock.elapsed(t_bwd, m.clock)
+                dt = p.clock.elapsed(t_bwd, m.clock)
+                b_ += dt
+                inside += dt if t_opt is not None else 0.0
                 t_bwd = None
             elif k == "opt":
                 t_opt = m.clock
             elif k == "opt_end" and t_opt is not None:
-                o += p.clock.elapsed(t_opt, m.clock)
+                o += max(0.0, p.clock.elapsed(t_opt, m.clock) - inside)
         nf = max(1, r.forwards)
         fwd.append(f / nf)
         bwd.append(b_ / nf)
@@ -228,7 +245,7 @@ def _hf_checkpointing(model: nn.Module) -> bool:
 
 def _cpu_peak(prof: Profile) -> None:
     """On CPU there is no allocator to read: the peak is the sum of the measured parts."""
-    states = prof.param_bytes + prof.buffer_bytes + prof.optimizer_state_bytes
+    states = prof.param_bytes + prof.buffer_bytes + prof.other_module_bytes + prof.optimizer_state_bytes
     acts = sum(b.activation_bytes for b in prof.blocks) + prof.other_activation_bytes
     grads_fwd = prof.grad_bytes if prof.grads_persist else 0
     at_loss = states + grads_fwd + acts

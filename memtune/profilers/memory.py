@@ -179,3 +179,32 @@ class PeakTracker:
         out = (c.memory_allocated(), c.max_memory_allocated(), c.memory_reserved(), c.max_memory_reserved())
         c.reset_peak_memory_stats()
         return out
+
+
+def other_module_bytes(models: list[torch.nn.Module], device: torch.device) -> tuple[int, list[str]]:
+    """Bytes of the parameters and buffers of modules on `device` that are none of the trained `models`: an
+    EMA copy, a frozen teacher, a reference model. They stay for the whole step, whatever the batch. Returns
+    (bytes, the classes of the outermost such modules)."""
+    import gc
+
+    known: set[int] = set()
+    for m in models:
+        known |= state_ptrs(m)
+    seen: dict[int, int] = {}
+    owners: list[torch.nn.Module] = []
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.nn.Module):
+            continue
+        found = False
+        for t in [*obj.parameters(recurse=False), *obj.buffers(recurse=False)]:
+            if t.device.type != device.type:
+                continue
+            k = storage_key(t)
+            if k is not None and k[0] not in known and k[0] not in seen:
+                seen[k[0]] = k[1]
+                found = True
+        if found:
+            owners.append(obj)
+    inner = {id(c) for o in owners for c in o.modules() if c is not o}
+    classes = sorted({type(o).__name__ for o in owners if id(o) not in inner})
+    return sum(seen.values()), classes

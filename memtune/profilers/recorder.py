@@ -55,6 +55,7 @@ class StepRecord:
     marks: list[_Mark] = field(default_factory=list)
     forwards: int = 0
     block_calls: dict[str, int] = field(default_factory=dict)
+    closure: bool = False  # optimizer.step(closure) ran the forward and backward (Lightning)
 
 
 def block_of(label: tuple) -> str | None:
@@ -100,6 +101,7 @@ class Profiler:
         self.probe_inputs: dict[str, tuple[nn.Module, Any]] = {}
         self.probe_bytes: dict[str, int] = {}
         self.mode_probes: dict[str, dict[str, Any]] = {}  # class -> mode -> WhatIf (CUDA only)
+        self.other_modules: tuple[int, list[str]] = (0, [])  # modules no optimizer trains (EMA, teacher)
 
     # --- plan of the steps ---------------------------------------------------------------------------
     def mode_for(self, i: int) -> str:
@@ -266,15 +268,17 @@ class Profiler:
             m.alloc, m.peak_before, m.reserved_peak_before = alloc, peak, rpeak
         rec.marks.append(m)
 
-    def model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        s = self.s
-        if self.mode == "off":
-            return
+    def _begin_step(self) -> None:
         if self.step is None:
-            self.step = StepRecord(s.steps_done, self.mode)
+            self.step = StepRecord(self.s.steps_done, self.mode)
             self.in_backward = False
             if self.mode in ("memory", "both"):
                 self.begin_memory_step()
+
+    def model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.mode == "off":
+            return
+        self._begin_step()
         rec = self.step
         rec.forwards += 1
         if not self.inputs_seen:
@@ -310,18 +314,27 @@ class Profiler:
         self.in_backward = False
 
     def opt_pre(self, opt, args, kwargs) -> None:
-        if self.step is None or not self.s._primary(opt):
+        if not self.s._primary(opt) or self.mode == "off":
+            return
+        if self.step is None or self.step.forwards == 0:
+            # optimizer.step(closure) before any forward (Lightning): forward and backward run inside it
+            self._begin_step()
+            self.step.closure = True
+            self.mark("opt")
             return
         if self.step.mode in ("memory", "both"):
-            self.grad_bytes = mem.grad_bytes(self.s.model)
+            self.grad_bytes = sum(mem.grad_bytes(m) for m in self.s.models or [self.s.model])
             self._close_saved_hooks()
         self.mark("opt")
 
     def begin_memory_step(self) -> None:
         model = self.s.model
         self.state_ptrs.clear()
-        self.state_ptrs.update(mem.state_ptrs(model))
-        self.grads_persist = any(p.grad is not None for p in model.parameters() if p.requires_grad)
+        for m in self.s.models or [model]:
+            self.state_ptrs.update(mem.state_ptrs(m))
+        self.grads_persist = any(p.grad is not None for m in self.s.models or [model] for p in m.parameters()
+                                 if p.requires_grad)
+        self.other_modules = mem.other_module_bytes(self.s.models or [model], self.s.device)
         self.counter.reset()
         self.counter.active = True
         self.io_bytes.clear()
@@ -384,7 +397,12 @@ class Profiler:
                  if isinstance(kwargs.get(k), torch.Tensor)]
         cands += [a for a in mem.iter_tensors(args)]
         cands += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        seq_first = any(isinstance(m, (nn.RNNBase,)) and not getattr(m, "batch_first", False)
+                        for m in self.s.model.modules())
         for t in cands:
+            if seq_first and t.dim() >= 2:  # an RNN without batch_first reads (sequence, batch, ...)
+                self.seq_len, self.batch_size = int(t.shape[0]), int(t.shape[1])
+                break
             if t.dim() >= 1:
                 self.batch_size = int(t.shape[0])
                 if t.dim() == 2 and not t.is_floating_point():
@@ -396,6 +414,8 @@ class Profiler:
     def finish_step(self, rec: StepRecord) -> None:
         if self.clock is not None:
             self.clock.sync()
+        if rec.mode in ("memory", "both") and rec.closure:
+            self.grad_bytes = sum(mem.grad_bytes(m) for m in self.s.models or [self.s.model])
         if rec.mode in ("memory", "both"):
             self._close_saved_hooks()
             if self.cuda:

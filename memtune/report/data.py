@@ -40,6 +40,7 @@ _COMPONENTS = [
     ("parameters", ("parameters", "params", "param")),
     ("master weights", ("master weights", "master")),
     ("buffers", ("buffers",)),
+    ("other models", ("other models",)),
     ("gradients", ("gradients", "grads")),
     ("optimizer state", ("optimizer state", "optimizer_state")),
     ("inputs and fixed", ("inputs and fixed", "fixed")),
@@ -52,7 +53,7 @@ _COMPONENTS = [
     ("allocator overhead", ("allocator overhead", "allocator")),
 ]
 _COLORS = {  # colour-blind-safe (Okabe-Ito) and fixed, so two reports compare at a glance
-    "parameters": "#0072B2", "master weights": "#56B4E9", "buffers": "#8c8c8c", "gradients": "#E69F00",
+    "parameters": "#0072B2", "master weights": "#56B4E9", "buffers": "#8c8c8c", "other models": "#b0a890", "gradients": "#E69F00",
     "optimizer state": "#D55E00", "inputs and fixed": "#6b4c9a", "activations": "#009E73",
     "autocast weight copies": "#7fc9b0", "model output": "#999933",
     "recompute working set": "#F0E442", "gathered parameters": "#66c2a5", "transients": "#CC79A7",

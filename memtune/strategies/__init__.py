@@ -115,12 +115,12 @@ def describe_plan(plan: Plan, knob: str | None = None) -> str:
 
 
 def make_context(model: Any, optimizers: list[Any], blocks: list[Any], device: Any, plan: Plan,
-                 profile: Any = None) -> ApplyContext:
+                 profile: Any = None, models: list[Any] | None = None) -> ApplyContext:
     """The ApplyContext of one run: the plan's typed facts, and its block layout resolved against the live
     blocks (PlanError for a block given clashing modes, before anything changes)."""
     from memtune.strategies.layout import resolve_layout
 
     repeated = [b.name for b in blocks if b.kind == "repeated"]
     return ApplyContext(model=model, optimizers=list(optimizers), blocks=list(blocks), device=device, plan=plan,
-                        profile=profile, facts=plan_facts(plan),
+                        profile=profile, facts=plan_facts(plan), models=list(models or []),
                         layout=resolve_layout(plan, repeated, [b.name for b in blocks]))

@@ -19,7 +19,8 @@ with `@register`. It reads one plan section:
 - `install(config, session)`: optional global patch made before the script starts (take over the script's
   DDP wrapping, guard clip_grad_norm_); returns an undo. Most strategies need none.
 - `apply(ctx, config)`: patch the live run (ApplyContext) and return an undo. The patcher calls it once the
-  model and its optimizer exist, before the first forward, in `order`.
+  model and its optimizer exist, before the first forward, in `order`; `add_model(ctx, config, model)` for a
+  model another optimizer trains that appears later.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class Strategy:
         return noop
 
     def apply(self, ctx: ApplyContext, config: Any) -> Undo:
+        return noop
+
+    def add_model(self, ctx: ApplyContext, config: Any, model: Any) -> Undo:
+        """Another trained model appeared after `apply` (its optimizer was built later): patch it too where
+        this strategy works model by model. Most strategies need nothing."""
         return noop
 
 

@@ -78,6 +78,12 @@ class ApplyContext:
     loss_stats: dict[str, Any] | None = None  # set by loss: fused calls and materializations
     sharding: ShardingState | None = None  # set by sharding
     run_over: bool = False  # the script has ended: undo need not restore what it moved off the device
+    models: list[torch.nn.Module] = field(default_factory=list)  # other trained models (a GAN's generator)
+
+    @property
+    def all_models(self) -> list[torch.nn.Module]:
+        """The model, then every other model an optimizer trains."""
+        return [self.model, *(m for m in self.models if m is not self.model)]
 
     @functools.cached_property
     def saved_tensors(self) -> SavedTensorPipeline:

@@ -257,7 +257,8 @@ class Loss(Strategy):
         budget = LOW_CHUNK_BYTES if config.low_memory else CHUNK_BYTES
         head = _head_profile(profile, config.head)
         tokens = (profile.tokens_per_step or 0) // max(1, profile.micro_batches_per_step)
-        if head is None or not tokens:
+        if head is None or not tokens or not sum(head.param_bytes.values()) or not head.n_params:
+            # (a head tied to the embedding has its weight counted there: its width is not known here)
             sim.loss_transient_bytes = min(sim.loss_transient_bytes, budget)
             sim.notes.append("loss: fused; no head/token count in the profile, only the loss transient is capped")
             return

@@ -147,7 +147,8 @@ class Precision(Strategy):
                 # elsewhere: autocast no longer keeps 16-bit copies of weights that are 16-bit already
                 drop_autocast_copies(sim)
         if config.autocast != "none" and not profile.autocast:
-            ratio = AUTOCAST_TIME
+            # no measured rates: a GPU's tensor cores roughly halve the time; a CPU gains nothing to count on
+            ratio = AUTOCAST_TIME if profile.device == "cuda" else 1.0
             rates = profile.hardware.matmul_tflops or {}
             if rates.get("fp32") and rates.get(config.autocast):
                 ratio = min(1.0, max(0.1, rates["fp32"] / rates[config.autocast]))
@@ -166,7 +167,13 @@ class Precision(Strategy):
                 undos.add(self._autocast(ctx, config.autocast))
         return undos
 
-    def _autocast(self, ctx: ApplyContext, name: str) -> Undo:
+    def add_model(self, ctx: ApplyContext, config: PrecisionConfig, model: Any) -> Undo:
+        if config.autocast == "none":
+            return lambda: None
+        ctx.models.append(model)
+        return self._autocast(ctx, config.autocast, [model])
+
+    def _autocast(self, ctx: ApplyContext, name: str, models: list[Any] | None = None) -> Undo:
         dtype, dev = _DT[name], ctx.device.type
 
         def make(forward):
@@ -177,14 +184,18 @@ class Precision(Strategy):
 
             return wrapper
 
-        ctx.note(self.name, f"{name} autocast around {type(ctx.model).__name__}.forward (a loss computed "
-                            "outside the model keeps the script's precision)")
-        return wrap_forward(ctx.model, make)
+        models = models if models is not None else ctx.all_models
+        ctx.note(self.name, f"{name} autocast around {', '.join(type(m).__name__ for m in models)}.forward (a loss "
+                            "the script computes after the forward keeps the script's precision)")
+        undos = Undos()
+        for m in models:  # every trained model: one model in bf16 feeding another in fp32 would not run
+            undos.add(wrap_forward(m, make))
+        return undos
 
     @torch.no_grad()
     def _cast_params(self, ctx: ApplyContext, config: PrecisionConfig) -> Undo:
         dtype = _DT[config.params]
-        params = [p for p in ctx.model.parameters() if p.dtype == torch.float32]
+        params = list({id(p): p for m in ctx.all_models for p in m.parameters() if p.dtype == torch.float32}.values())
         offload = ctx.facts.update_on_host  # then the masters live on the host and offload does the update
         if config.master_weights and not offload:
             for opt in ctx.optimizers:  # refuse before changing anything

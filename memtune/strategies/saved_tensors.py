@@ -124,4 +124,6 @@ class SavedTensorPipeline:
                 transport.end(group, out)
             return out
 
-        return run
+        # saved-tensor hooks cannot be traced by torch.compile: inside a compiled model the block runs eagerly
+        disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
+        return disable(run) if disable is not None else run
