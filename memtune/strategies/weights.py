@@ -464,6 +464,11 @@ def select_linears(ctx: ApplyContext, config: WeightsConfig) -> tuple[list[tuple
     return targets, skipped
 
 
+def _placeholder(dtype: torch.dtype, device: torch.device, shape: torch.Size) -> torch.Tensor:
+    """The weight's shape, dtype and device over one NaN element (stride 0): reads give NaN, writes fail."""
+    return torch.full((1,), float("nan"), dtype=dtype, device=device).expand(shape)
+
+
 def quantize_linear(m: torch.nn.Module, fmt: str, config: WeightsConfig, ws: Any, run_over=lambda: False,
                     backend: str = "auto") -> tuple[Undo, int, int]:
     """Quantize one frozen nn.Linear in place: (undo, bytes before, bytes after)."""
@@ -479,8 +484,9 @@ def quantize_linear(m: torch.nn.Module, fmt: str, config: WeightsConfig, ws: Any
     dq = config.double_quant
 
     def forward(input: torch.Tensor) -> torch.Tensor:
-        if state["q"].device != input.device:  # the model moved after apply
+        if state["q"].device != input.device:  # the model moved after apply: the weight follows
             state["q"] = state["q"].to(input.device)
+            m.__dict__["weight"] = _placeholder(dtype, input.device, shape)
         return frozen_linear(input, state["q"], m.bias, workspace=ws, backend=backend, kernel=kernel)
 
     cls_save = m._save_to_state_dict
@@ -508,7 +514,7 @@ def quantize_linear(m: torch.nn.Module, fmt: str, config: WeightsConfig, ws: Any
     with Undos() as undos:
         m._parameters["weight"] = None
         w.data = torch.empty(0, dtype=dtype, device=w.device)  # frees the weight's storage
-        m.__dict__["weight"] = torch.full((1,), float("nan"), dtype=dtype, device=w.device).expand(shape)
+        m.__dict__["weight"] = _placeholder(dtype, w.device, shape)
 
         def restore() -> None:
             m.__dict__.pop("weight", None)
