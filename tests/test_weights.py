@@ -3,6 +3,7 @@ on peft's LoRA around a transformers Llama, and the tuner proposing a quantized 
 needs it."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memtune.tune as tuning
+from memtune.blocks import find_blocks
 from memtune.costmodel import BlockSim, SimStep
 from memtune.errors import PlanError
 from memtune.estimate import estimate
 from memtune.kernels import nf4
 from memtune.patcher import apply_plan
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Peak, Profile
-from memtune.strategies import describe_plan, get_strategy, plan_from_dict
+from memtune.strategies import describe_plan, get_strategy, make_context, plan_from_dict
 
 MiB = 2**20
 
@@ -60,6 +62,10 @@ def test_composes_with_block_modes_and_refuses_fsdp():
     plan_from_dict({"weights": {"format": "nf4"}, "compress": {"blocks": "all"}})
     with pytest.raises(PlanError, match="sharding stage 2"):
         plan_from_dict({"weights": {"format": "nf4"}, "sharding": {"stage": 2}})
+    with pytest.raises(PlanError, match="precision params: bf16 cannot be estimated together"):
+        plan_from_dict({"weights": {"format": "nf4"}, "precision": {"params": "bf16"}})
+    plan_from_dict({"weights": {"format": "nf4"}, "precision": {"autocast": "bf16"}})
+    plan_from_dict({"weights": {"format": "keep"}, "precision": {"params": "bf16"}})  # nothing quantized
 
 
 # --- the cost model ----------------------------------------------------------------------------------------
@@ -234,9 +240,14 @@ def test_classes_override_blocks_nearest_wins():
 
 
 def test_composes_with_checkpoint_and_precision_without_master_copies_of_frozen_weights():
+    """The live run composes with precision params: bf16 (the plan check refuses it only because the cost
+    model cannot estimate it yet), so apply the sections one after the other as the patcher would."""
     m, opt, x = _setup()
-    applied = apply_plan(m, opt, {"weights": {"format": "int8"}, "checkpoint": {"blocks": "all"},
-                                  "precision": {"params": "bf16"}})
+    plan = plan_from_dict({"weights": {"format": "int8"}, "checkpoint": {"blocks": "all"}})
+    applied = apply_plan(m, opt, plan)
+    prec = get_strategy("precision")
+    ctx = make_context(m, [opt], find_blocks(m), torch.device("cpu"), plan_from_dict({"precision": {"params": "bf16"}}))
+    undo_prec = prec.apply(ctx, prec.validate({"params": "bf16"}))
     masters = [t for g in opt.param_groups for t in g["params"]]
     assert all(p.requires_grad for p in masters)
     # precision cast the registered (trainable) parameters; the quantized ones were never seen
@@ -245,6 +256,7 @@ def test_composes_with_checkpoint_and_precision_without_master_copies_of_frozen_
     loss = m(x).float().pow(2).mean()
     loss.backward()
     opt.step()
+    undo_prec()
     applied()
 
 
@@ -386,3 +398,30 @@ def test_gpu_model_moved_after_apply():
     y = m(x.cuda())
     assert y.is_cuda and torch.isfinite(y).all()
     applied()
+
+
+# --- end to end: a plain LoRA script, profiled, tuned, applied ----------------------------------------------
+
+
+def test_plain_lora_script_is_one_tune_away_from_a_quantized_base(tmp_path):
+    from typer.testing import CliRunner
+
+    from memtune.cli import app
+    from memtune.plan import read_plan_file
+
+    script = str(Path(__file__).parent / "scripts" / "lora_train.py")
+    runner = CliRunner()
+    prof, plan = tmp_path / "p.json", tmp_path / "plan.yaml"
+    r = runner.invoke(app, ["profile", script, "-o", str(prof), "--steps", "3", "--", "--width", "256",
+                            "--batch-size", "1"])
+    assert r.exit_code == 0, r.output
+    p = Profile.load(prof)
+    assert sum(b.frozen_param_bytes for b in p.repeated_blocks) > 0.8 * p.param_bytes  # mostly a frozen base
+    # the base is ~8 MiB in fp32; 3 MiB needs it quantized (bf16 params alone would leave 4 MiB)
+    r = runner.invoke(app, ["tune", str(prof), "--budget", "3MiB", "-o", str(plan), "--trials", "30"])
+    assert r.exit_code == 0, r.output
+    doc = read_plan_file(plan)
+    assert doc["weights"]["format"] in ("int8", "nf4") or set(doc["weights"]["blocks"].values()) & {"int8", "nf4"}
+    r = runner.invoke(app, ["apply", str(plan), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "frozen Linear weights quantized" in r.output and "adapters" in r.output

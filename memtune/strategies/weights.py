@@ -190,10 +190,18 @@ class Weights(Strategy):
         return WeightsConfig(blocks=tuple(entries), classes=tuple(cls_entries), double_quant=dq, kernel=kernel)
 
     def conflicts(self, config: WeightsConfig, facts: PlanFacts) -> list[str]:
+        out = []
         if config.lossy and facts.sharding_stage and facts.sharding_stage >= 2:
-            return [f"weights: sharding stage {facts.sharding_stage} (FSDP2) shards registered parameters; the "
-                    "quantized frozen weights are not parameters while applied: use sharding stage 1 or drop one"]
-        return []
+            out.append(f"weights: sharding stage {facts.sharding_stage} (FSDP2) shards registered parameters; the "
+                       "quantized frozen weights are not parameters while applied: use sharding stage 1 or drop one")
+        if config.lossy and facts.params_dtype:
+            # The live run would work (precision never sees the quantized weights), but precision's cost-model
+            # effect halves every fp32 byte of the profile, frozen ones included, after this section has
+            # replaced them: the estimate would count those bytes twice.
+            out.append(f"weights with precision params: {facts.params_dtype} cannot be estimated together yet "
+                       "(precision's cost model would halve frozen fp32 weights that weights already stores "
+                       "quantized): use precision {autocast: bf16} with weights (adapters stay fp32), or drop one")
+        return out
 
     # --- search -----------------------------------------------------------------------------------
     def space(self, trial: Any, profile: Any, layout: Any, opts: SearchOptions) -> dict[str, Any] | None:
