@@ -226,6 +226,15 @@ def test_apply_and_undo_on_a_handwritten_lora():
     assert m(x).shape == y0.shape
 
 
+def test_the_fused_loss_head_is_left_alone():
+    m, opt, x = _setup(tied=False)
+    applied = apply_plan(m, opt, {"weights": {"blocks": {"all": "nf4", "head": "int8"}}, "loss": {"fused": True,
+                                                                                                "head": "head"}})
+    assert m.head._parameters["weight"] is not None and m.blocks[0].out._parameters["weight"] is None
+    assert any("fused loss" in n for _, n in applied.notes)
+    applied()
+
+
 def test_classes_override_blocks_nearest_wins():
     m, opt, x = _setup(tied=False)
     applied = apply_plan(m, opt, {"weights": {"blocks": {"all": "nf4", "head": "bf16"},
@@ -354,9 +363,9 @@ def test_space_skips_frozen_bytes_not_worth_it():
 
     p = _lora_profile()
     s = get_strategy("weights")
-    t = ProbeTrial({"weights.LlamaDecoderLayer": "nf4", "weights.other.lm_head": "int8"})
-    assert s.space(t, p, Proposal(), SearchOptions()) == {"blocks": {"all": "nf4", "lm_head": "int8"}}
-    assert "weights.other.model.embed_tokens" not in t.params  # an embedding is not a Linear
+    t = ProbeTrial({"weights.LlamaDecoderLayer": "nf4"})
+    assert s.space(t, p, Proposal(), SearchOptions()) == {"blocks": "all", "format": "nf4"}
+    assert list(t.params) == ["weights.LlamaDecoderLayer"]  # one choice per repeated class; lm_head by hand
     assert t.distributions["weights.LlamaDecoderLayer"].choices == ("keep", "int8", "nf4")  # bf16 already
     tiny = _lora_profile(frozen=MiB // 4)  # a few KiB of frozen weights per block: not searched
     tiny.blocks[-1].frozen_param_bytes = 0

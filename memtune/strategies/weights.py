@@ -23,7 +23,9 @@ parameters, biases and adapters are untouched: beside the base Linear (a hand-wr
 copy, optimizer state or gradient. Left alone, each with a note: weights that require grad, weights shared
 with another module (tied embeddings), Linear subclasses with their own forward or whose parent reads the
 weight (MultiheadAttention's out_proj), modules whose forward is already patched (accelerate hooks), the
-base of a peft DoRA layer (DoRA reads the base weight).
+base of a peft DoRA layer (DoRA reads the base weight), the head of the plan's fused loss (it reads the
+head's weight). The search space has one format choice per repeated block class; other blocks are named
+by hand.
 
 While applied:
 - `module.weight` is a placeholder of the weight's shape, dtype and device: one NaN element seen through a
@@ -222,11 +224,8 @@ class Weights(Strategy):
                 refs = compact(idx, len(rep))
                 for r in ["all"] if refs == "all" else refs:
                     blocks[r] = fmt
-        for bp in profile.blocks:
-            if bp.kind != "repeated" and bp.frozen_param_bytes >= min_bytes and _linear_like(bp):
-                fmt = trial.suggest_categorical(f"weights.other.{bp.name}", _choices(bp))
-                if fmt != "keep":
-                    blocks[bp.name] = fmt
+        # Other blocks (an untied frozen lm_head) are left to the plan's author: the fused loss reads its head's
+        # weight, so a plan with both leaves that head alone at apply time, which the estimate cannot see.
         if not blocks:
             return None
         if len(blocks) == 1:
@@ -435,6 +434,19 @@ def _why_not(m: torch.nn.Module, parent: torch.nn.Module | None, uses: Counter[i
     return None
 
 
+def _fused_loss_head(ctx: ApplyContext, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The head the plan's fused loss will use (it computes the logits from the head's weight itself)."""
+    cfg = ctx.plan.get("loss")
+    if cfg is None or not getattr(cfg, "fused", False):
+        return None
+    from memtune.strategies.loss import find_head
+
+    try:
+        return find_head(model, cfg.head)[1]
+    except PlanError:  # the loss section reports it
+        return None
+
+
 def select_linears(ctx: ApplyContext, config: WeightsConfig) -> tuple[list[tuple[str, Any, str]], dict[str, list[str]]]:
     """The nn.Linear modules to quantize as (path, module, format), and the chosen ones left alone by reason."""
     model = unwrap_model(ctx.model)
@@ -447,6 +459,7 @@ def select_linears(ctx: ApplyContext, config: WeightsConfig) -> tuple[list[tuple
     blocks = sorted(bf, key=len, reverse=True)
     targets: list[tuple[str, Any, str]] = []
     skipped: dict[str, list[str]] = {}
+    loss_head = _fused_loss_head(ctx, model)
     for path, m in modules.items():
         if not isinstance(m, torch.nn.Linear):
             continue
@@ -464,7 +477,8 @@ def select_linears(ctx: ApplyContext, config: WeightsConfig) -> tuple[list[tuple
         if fmt in (None, "keep"):
             continue
         parent = modules.get(path.rsplit(".", 1)[0] if "." in path else "") if path else None
-        why = _why_not(m, parent, uses, dora)
+        why = "the fused loss's head (the loss section reads its weight)" if m is loss_head else \
+            _why_not(m, parent, uses, dora)
         if why:
             skipped.setdefault(why, []).append(path or type(m).__name__)
             continue
