@@ -50,6 +50,20 @@ def test_what_autograd_keeps_for_a_frozen_linear():
         assert saved_q == [] and y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("shape", [(7, 33), (3, 64), (128, 4097)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_bf16_format_roundtrip(shape, dtype):
+    w = (torch.randn(shape) * 0.05).to(dtype)
+    q = FL.quantize_weight(w, "bf16")
+    assert q.nbytes == FL.stored_bytes("bf16", shape) == 2 * w.numel() and q.dtype == dtype
+    back = q.dequantize()
+    assert back.dtype == dtype and back.shape == w.shape
+    bound = w.float().abs() * 2.0**-8 + (2.0**-14 if dtype == torch.float16 else 0.0)  # half a bf16 ulp
+    assert ((back.float() - w.float()).abs() <= bound).all()
+    if dtype == torch.bfloat16:
+        assert torch.equal(back, w) and q.data.data_ptr() != w.data_ptr()  # exact, and a copy
+
+
 CASES = [(fmt, "dequant") for fmt in FL.FORMATS] + [("nf4", "fused")]
 
 
