@@ -43,6 +43,33 @@ MODELS: dict[str, dict[str, Any]] = {
     "llama-1b": dict(script="examples/hf_llama.py", argv=["--preset", "1b"], batch=4, batches=[2, 6],
                      drop=_LARGE_DROP),
 }
+# Training scripts written elsewhere (examples/zoo, none made for memtune), at their `--size gpu` presets:
+# name -> the plans measured (names of `candidate_plans`), the profiled batch and the other batches measured.
+_Z = "examples/zoo/"
+_COMMON = ["baseline", "checkpoint all", "checkpoint half", "offload act. half"]
+ZOO: dict[str, dict[str, Any]] = {
+    "hf_trainer": dict(script=_Z + "hf_trainer.py", batch=8, batches=[16],
+                       keep=[*_COMMON, "offload opt. state", "ckpt all + offload opt. state", "batch 16", "bf16 params"]),
+    "fused_adamw": dict(script=_Z + "fused_adamw.py", batch=4, batches=[8],
+                        keep=[*_COMMON, "offload opt. state", "ckpt all + offload opt. state", "batch 8", "adamw8bit"]),
+    "lora_handwritten": dict(script=_Z + "lora_handwritten.py", batch=4, batches=[8],
+                             keep=[*_COMMON, "bf16 params", "batch 8", "ckpt all + offload opt. state"]),
+    "peft_lora": dict(script=_Z + "peft_lora.py", batch=4, batches=[8],
+                      keep=[*_COMMON, "batch 8", "offload opt. state"]),
+    "vit": dict(script=_Z + "vit.py", batch=256, batches=[384],
+                keep=[*_COMMON, "compress int8 half", "batch 384", "offload opt. state"]),
+    "resnet_amp": dict(script=_Z + "resnet_amp.py", batch=256, batches=[384], keep=[*_COMMON, "batch 384"]),
+    "accelerate_loop": dict(script=_Z + "accelerate_loop.py", batch=32, batches=[64],
+                            keep=[*_COMMON, "offload opt. state", "batch 64"]),
+    "lightning_module": dict(script=_Z + "lightning_module.py", batch=8, batches=[16],
+                             keep=[*_COMMON, "offload opt. state", "batch 16"]),
+    "distill": dict(script=_Z + "distill.py", batch=16, batches=[24], keep=[*_COMMON, "bf16 params"]),
+    "grad_accum": dict(script=_Z + "grad_accum.py", batch=16, batches=[24], keep=[*_COMMON[:3], "offload opt. state"]),
+    "unet_diffusion": dict(script=_Z + "unet_diffusion.py", batch=64, batches=[96], keep=_COMMON),
+    "encoder_decoder": dict(script=_Z + "encoder_decoder.py", batch=8, batches=[12], keep=_COMMON),
+}
+for _z in ZOO.values():
+    _z["argv"] = ["--size", "gpu"]
 TINY: dict[str, dict[str, Any]] = {
     "gpt-tiny": dict(script="examples/gpt.py", argv=["--device", "cpu"], batch=8, batches=[4, 16]),
     "llama-tiny": dict(script="examples/hf_llama.py", argv=["--device", "cpu"], batch=4, batches=[2]),
@@ -134,6 +161,25 @@ open(sys.argv[3], "w").write(json.dumps(r.to_dict()))
 """
 
 
+PROFILE_LOCKED = """
+import fcntl, sys
+import memtune.capture as cap
+_init = cap.Session.__init__
+def _init_locked(self, *a, **k):
+    _init(self, *a, **k)
+    def take(s):
+        f = open(LOCK, "w")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        s._gpu_lock = f
+    self.on_ready.insert(0, take)
+cap.Session.__init__ = _init_locked
+LOCK = sys.argv[1]
+sys.argv = ["memtune", *sys.argv[2:]]
+from memtune.cli import main
+main()
+"""
+
+
 def apply_cmd(plan_path: Path, steps: int, rep_path: Path, lock: Path | None) -> list[str]:
     """`memtune apply PLAN --steps N --report R`, or the same call holding the GPU lock when running several."""
     if lock is not None:
@@ -146,7 +192,7 @@ def run_plan(name: str, i: int, pname: str, plan, work: Path, args) -> dict[str,
     plan_path = work / f"plan{i}.yaml"
     plan.save(plan_path)
     rep_path = work / f"apply{i}.json"
-    lock = work.parent / "gpu.lock" if args.jobs > 1 else None
+    lock = work.parent / "gpu.lock" if args.jobs > 1 or args.model_jobs > 1 else None
     rc, out, err, wall = sh(apply_cmd(plan_path, args.steps, rep_path, lock), args.timeout)
     row: dict[str, Any] = {"plan": pname, "plan_dict": plan.to_dict(), "rc": rc, "wall_s": wall}
     if rep_path.is_file():
@@ -184,6 +230,8 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
         prof_path = work / "profile.json"
         cmd = [sys.executable, "-m", "memtune", "profile", cfg["script"], "-o", str(prof_path), "--force",
                "--steps", str(args.profile_steps), "--warmup", str(args.profile_warmup), "--", *argv]
+        if args.jobs > 1 or args.model_jobs > 1:  # several processes at once: take turns on the GPU, as the plans do
+            cmd = [sys.executable, "-c", PROFILE_LOCKED, str(work.parent / "gpu.lock"), *cmd[3:]]
         rc, out, err, wall = sh(cmd, args.timeout)
         print(f"[{name}] profile rc={rc} {wall:.1f}s", flush=True)
         if rc != 0 or not prof_path.is_file():
@@ -202,6 +250,8 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
     cands = candidate_plans(len(profile.repeated_blocks), cfg["batch"], cfg["batches"])
     if cfg.get("drop"):
         cands = [c for c in cands if c[0] not in cfg["drop"]]
+    if cfg.get("keep"):
+        cands = [c for c in cands if c[0] in cfg["keep"]]
     plans, skipped = valid_plans(cands, cfg["script"], argv)
     rec["skipped"] = skipped
     for pname, why in skipped:
@@ -408,6 +458,9 @@ def main() -> None:
     ap.add_argument("--resume", help="results.json of an earlier run: reuse its profiles and measured plans, "
                     "run the rest")
     ap.add_argument("--jobs", type=int, default=1, help="plans started at once (they take turns on the GPU)")
+    ap.add_argument("--zoo-size", default="gpu", help="the zoo scripts' --size (tiny: a CPU smoke test)")
+    ap.add_argument("--model-jobs", type=int, default=1, help="models measured side by side (with --jobs > 1, "
+                    "set --jobs to how many processes may wait for the GPU per model)")
     ap.add_argument("--work", help="folder for profiles, plans and reports (default: inside --out)")
     ap.add_argument("--deadline", type=float, help="seconds: plans not started by then are recorded as not run")
     ap.add_argument("--doc", help="also write the markdown here")
@@ -420,8 +473,11 @@ def main() -> None:
     else:
         import torch
 
-        table = TINY if args.tiny else MODELS
-        names = args.models or list(table)
+        table = TINY if args.tiny else {**MODELS, **ZOO}
+        if args.zoo_size != "gpu":  # a smoke test of the zoo path on small sizes (not an accuracy result)
+            for z in ZOO.values():
+                z["argv"] = ["--size", args.zoo_size]
+        names = list(ZOO) if args.models == ["zoo"] else (args.models or list(table))
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
         results = {"env": {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
                            "date": datetime.date.today().isoformat(), "steps": args.steps,
@@ -435,10 +491,18 @@ def main() -> None:
             prev = {m["model"]: m for m in old["models"]}
             results["env"]["command"] = f"{old['env']['command']}`, then `{results['env']['command']}"
         t_start = time.perf_counter()
-        for n in names:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one_model(n: str) -> dict[str, Any]:
+            # models run side by side (their plans one after another), taking turns on the GPU: each
+            # process's start-up (imports, building the model) overlaps another's measured steps
             work = Path(args.work or out) / n
-            results["models"].append(measure_model(n, table[n], work, args, prev.pop(n, None), t_start))
-            (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            return measure_model(n, table[n], work, args, prev.pop(n, None), t_start)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.model_jobs)) as ex:
+            for rec in ex.map(one_model, names):
+                results["models"].append(rec)
+                (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         results["models"] += list(prev.values())  # models measured earlier and not this time
     if args.notes:
         results["notes"] = Path(args.notes).read_text().splitlines()
