@@ -143,8 +143,13 @@ def sh(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
 # wrapper, several plans can start at once: each builds its model on the CPU in parallel, then takes a file
 # lock before its first forward (Session.on_ready), so only one runs on the GPU at a time and its step times
 # and peak are its own (the peak counter is per process and reset once the plan is applied).
+# While a process waits for the GPU it builds its model with 2 CPU threads, so that the process measuring has
+# the host to itself (its Python launches and, for optimizer-state offload, its CPU update: the first zoo run,
+# H200 2026-12-01, measured offloaded updates 3-5x slower with three processes building models beside it).
 APPLY_LOCKED = """
-import fcntl, json, sys
+import fcntl, json, os, sys
+import torch
+torch.set_num_threads(2)
 import memtune.capture as cap
 from memtune.patcher import run_apply
 _init = cap.Session.__init__
@@ -154,6 +159,7 @@ def _init_locked(self, *a, **k):
         f = open(sys.argv[4], "w")
         fcntl.flock(f, fcntl.LOCK_EX)
         s._gpu_lock = f
+        torch.set_num_threads(os.cpu_count())
     self.on_ready.insert(0, take)
 cap.Session.__init__ = _init_locked
 r = run_apply(sys.argv[1], steps=int(sys.argv[2]))
@@ -162,7 +168,9 @@ open(sys.argv[3], "w").write(json.dumps(r.to_dict()))
 
 
 PROFILE_LOCKED = """
-import fcntl, sys
+import fcntl, os, sys
+import torch
+torch.set_num_threads(2)
 import memtune.capture as cap
 _init = cap.Session.__init__
 def _init_locked(self, *a, **k):
@@ -171,6 +179,7 @@ def _init_locked(self, *a, **k):
         f = open(LOCK, "w")
         fcntl.flock(f, fcntl.LOCK_EX)
         s._gpu_lock = f
+        torch.set_num_threads(os.cpu_count())
     self.on_ready.insert(0, take)
 cap.Session.__init__ = _init_locked
 LOCK = sys.argv[1]

@@ -71,8 +71,8 @@ def test_offload_moves_what_the_transport_measured():
                                                      bwd_s=0.016 + 80 * MB / 20e9 + 0.001))
     b = sim_of(p, {"offload": {"activations": [0]}}).blocks[1]
     assert b.d2h_bytes == pytest.approx(80 * MB) and b.kept_bytes == pytest.approx(20 * MB)
-    assert b.extra_fwd_s == pytest.approx(0.001 * 0.010 / 0.008)
-    assert b.extra_bwd_s == pytest.approx(0.001 * 0.020 / 0.016)  # beyond the copy itself
+    # its time alone is not used (a block offloaded alone cannot hide its copies): the simulator's copies are
+    assert b.extra_fwd_s == 0 and b.extra_bwd_s == 0
 
 
 def test_optimizer_offload_uses_the_measured_host_rate():

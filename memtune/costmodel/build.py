@@ -127,13 +127,24 @@ OUTSIDE_BATCH_SHARE = 0.5
 BLOCK_TIME_FIXED_SHARE = 0.4
 
 
+def time_fixed_share(b: BlockProfile) -> tuple[float, float]:
+    """(forward, backward) share of a block's time that does not scale with the batch: measured when the
+    profiler ran this block's class at half the batch [whatif] (t_half = f t + (1 - f) t / 2), else
+    BLOCK_TIME_FIXED_SHARE."""
+    keep, half = b.what_ifs.get("keep"), b.what_ifs.get("half")
+    if keep is None or half is None or keep.fwd_s <= 0 or keep.bwd_s <= 0:
+        return BLOCK_TIME_FIXED_SHARE, BLOCK_TIME_FIXED_SHARE
+    return tuple(min(0.9, max(0.0, 2 * h / k - 1)) for h, k in ((half.fwd_s, keep.fwd_s), (half.bwd_s, keep.bwd_s)))
+
+
 def _fixed_parts(profile: Profile) -> dict[str, float]:
     """The part of each value that a single profile says does not scale with the batch."""
     fixed = {f"block:{b.name}:act": _autocast_fixed_bytes(profile, b) for b in profile.blocks}
     times = _block_times(profile)
     for b in profile.blocks:
-        for k in ("fwd_s", "bwd_s"):
-            fixed[f"block:{b.name}:{k}"] = BLOCK_TIME_FIXED_SHARE * times[b.name][k == "bwd_s"]
+        shares = time_fixed_share(b)
+        for i, k in enumerate(("fwd_s", "bwd_s")):
+            fixed[f"block:{b.name}:{k}"] = shares[i] * times[b.name][i]
     fixed["outside_s"] = (1 - OUTSIDE_BATCH_SHARE) * _split_time(profile)[1]
     return fixed
 
@@ -271,6 +282,8 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
             param_bytes=float(sum(b.param_bytes.values())),
             grad_bytes=float(b.trainable_param_bytes),  # a gradient has its parameter's dtype and shape
             autocast_copy_bytes=min(val[k + "act"], _autocast_fixed_bytes(profile, b)),
+            autocast_cached_bytes=min(val[k + "act"], _autocast_fixed_bytes(profile, b),
+                                      float(b.trainable_param_bytes) / 2.0),
         ))
     sim.param_bytes = float(profile.param_bytes)
     sim.buffer_bytes = float(profile.buffer_bytes)

@@ -39,6 +39,9 @@ class BlockSim:
     # part of act_bytes that is autocast's 16-bit copies of fp32 weights (batch-independent); a strategy
     # that makes the weights 16-bit removes it with `drop_autocast_copies(sim)`
     autocast_copy_bytes: float = 0.0
+    # the part of those copies autocast's cache holds until its region ends: casts of weights that require
+    # grad (it caches only leaf tensors that do) [amp]; a frozen weight's copy goes with its block's graph
+    autocast_cached_bytes: float = 0.0
 
     @property
     def kept(self) -> float:

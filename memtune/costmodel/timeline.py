@@ -69,7 +69,8 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
 
 def _loss_forward(rec, name: str, sim: SimStep, kept: float, grads: float) -> None:
     """The loss event less the measured forward-to-loss gap, plus the weight copies only the cache holds."""
-    copies = sum(min(b.autocast_copy_bytes, max(0.0, b.act_bytes - b.kept)) for b in sim.blocks)
+    copies = sum(min(b.autocast_cached_bytes, b.autocast_copy_bytes, max(0.0, b.act_bytes - b.kept))
+                 for b in sim.blocks)
     gap = sim.loss_fwd_gap_bytes or 0.0
     transient = sim.loss_transient_bytes - gap
     output = sim.output_bytes + min(0.0, transient)  # a gap wider than the transient comes off the output,

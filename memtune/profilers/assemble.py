@@ -65,7 +65,7 @@ def _jsonable(v: Any) -> Any:
 def assemble(p: Profiler, s: Session, prof: Profile) -> None:
     model = s.model
     prof.model_cls = f"{type(model).__module__}.{type(model).__qualname__}"
-    prof.device = s.device.type
+    prof.device = p.device.type  # where it ran (a script may move it back when it ends: Lightning)
     models = s.models or [model]
     seen_storages: set[int] = set()
     stats = [mem.param_stats(m, seen_storages) for m in models]  # each storage once (tied, shared)

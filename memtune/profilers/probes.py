@@ -85,7 +85,8 @@ def saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, de
 
 # --- what-ifs of the block modes ------------------------------------------------------------------------
 
-PROBED_MODES = ("keep", "recompute", "selective", "compress", "offload")
+PROBED_MODES = ("keep", "recompute", "selective", "compress", "offload", "half")
+# "half": kept as it is, at half the batch (inputs sliced along the batch): how the block's time scales
 
 
 def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
@@ -96,7 +97,7 @@ def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.device, autocast: str | None,
-                modes: tuple[str, ...] = PROBED_MODES, reps: int = 3) -> dict[str, WhatIf]:
+                modes: tuple[str, ...] = PROBED_MODES, reps: int = 3, batch: int | None = None) -> dict[str, WhatIf]:
     """Run `module` forward and backward alone in each block mode, with the strategies' own mechanisms
     (checkpoint's wrapper, compress's codec, offload's transport), and read the CUDA allocator and events.
 
@@ -120,7 +121,15 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
         t = h.t.to(device)
         return t.requires_grad_(True) if h.requires_grad and t.is_floating_point() else t
 
-    args, kwargs = map_tensors(inputs, to_device)
+    full = map_tensors(inputs, to_device)
+    half = None
+    if batch and batch >= 2:
+        def cut(h: HostTensor) -> torch.Tensor:
+            t = h.t[: batch // 2] if h.t.dim() >= 1 and h.t.shape[0] == batch else h.t
+            t = t.to(device)
+            return t.requires_grad_(True) if h.requires_grad and t.is_floating_point() else t
+
+        half = map_tensors(inputs, cut)
     amp = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast and hasattr(torch, autocast)
            else contextlib.nullcontext())
     storages = mem.state_ptrs(model)
@@ -145,8 +154,8 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
             return forward, hooks, off
         return forward, contextlib.nullcontext, None
 
-    out: dict[str, WhatIf] = {}
-    for mode in modes:
+    def _one_mode(mode: str) -> WhatIf:
+        args, kwargs = half if mode == "half" else full
         fwd, ctx, off = runner(mode)
         times_f, times_b = [], []
         w = WhatIf()
@@ -188,7 +197,20 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
             for x in mem.iter_tensors((args, kwargs)):
                 x.grad = None
         w.fwd_s, w.bwd_s = statistics.median(times_f), statistics.median(times_b)
-        out[mode] = w
+        return w
+
+
+
+    out: dict[str, WhatIf] = {}
+    for mode in modes:
+        if mode == "half" and half is None:
+            continue
+        try:
+            out[mode] = _one_mode(mode)
+        except Exception:
+            if mode == "keep":
+                raise
+            cuda.synchronize(device)  # one mode the block does not take costs its what-if, not the others'
     return out
 
 

@@ -94,6 +94,7 @@ class Profiler:
         self.mem_forward_done = False
         self.clip_grad_norm: float | None = None  # max_norm of the script's global-norm clipping, if any
         self.memory_timeline = False  # record the allocator's history over the memory step (CUDA)
+        self.device = torch.device("cpu")
         self.recording = False
         self.snapshot: dict[str, Any] | None = None
         # bf16-weights what-if probe: class -> (module, host copy of its first call's args/kwargs) taken in
@@ -116,11 +117,15 @@ class Profiler:
         return {0: "memory", 1: "timing"}.get(k, "clean")
 
     # --- session callbacks ---------------------------------------------------------------------------
-    def ready(self, s: Session) -> None:
-        model = s.model
-        self.cuda = s.device.type == "cuda"
+    def _set_device(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
         self.clock = Clock(self.cuda)
         self.peaks = mem.PeakTracker(self.cuda)
+
+    def ready(self, s: Session) -> None:
+        model = s.model
+        self._set_device(s.device)
         self.counter = mem.SavedTensorCounter(lambda: self.stack[-1] if self.stack else None, self.state_ptrs)
         if s.compiled or getattr(model, "_compiled_call_impl", None) is not None:
             self.undo_compile = _run_eagerly(s)
@@ -158,6 +163,11 @@ class Profiler:
         nxt = self.mode_for(i + 1)
         if nxt != self.mode:
             self.set_mode(nxt)
+        if s.target_steps is not None and s.steps_done >= s.target_steps:
+            # the last measured step: probe now, while the model is where it ran (a framework may move it
+            # back to the CPU when the script ends: Lightning's teardown)
+            self._close_saved_hooks()
+            self._probe(s)
 
     def before_run(self, s: Session) -> Callable[[], None] | None:
         """torch.compile'd code runs eagerly while profiling: per-module hooks and saved-tensor hooks must see
@@ -243,13 +253,15 @@ class Profiler:
         for cls, (module, inputs) in stash.items():
             if has_fp32_weights(module):
                 try:
-                    self.probe_bytes[cls] = saved_bytes_bf16_params(s.model, module, inputs, s.device, self.autocast)
+                    self.probe_bytes[cls] = saved_bytes_bf16_params(s.model, module, inputs, self.device,
+                                                                    self.autocast)
                 except Exception as e:  # the probe is an extra: a failure costs its number, not the profile
                     self.notes.append(f"bf16-weights probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
                                       "estimates of bf16 parameters fall back to dropping autocast's weight copies")
-            if self.cuda:
+            if self.cuda and next(module.parameters()).device == self.device:
                 try:
-                    self.mode_probes[cls] = probe_modes(s.model, module, inputs, s.device, self.autocast)
+                    self.mode_probes[cls] = probe_modes(s.model, module, inputs, self.device, self.autocast,
+                                                        batch=self.batch_size)
                 except Exception as e:
                     self.notes.append(f"block-mode probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
                                       "its modes are estimated by formula")
@@ -278,6 +290,9 @@ class Profiler:
     def model_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.mode == "off":
             return
+        if not self.inputs_seen and self.s.device != self.device:
+            # moved after its optimizer was built (accelerate's prepare, Lightning): measure where it runs
+            self._set_device(self.s.device)
         self._begin_step()
         rec = self.step
         rec.forwards += 1
@@ -334,7 +349,7 @@ class Profiler:
             self.state_ptrs.update(mem.state_ptrs(m))
         self.grads_persist = any(p.grad is not None for m in self.s.models or [model] for p in m.parameters()
                                  if p.requires_grad)
-        self.other_modules = mem.other_module_bytes(self.s.models or [model], self.s.device)
+        self.other_modules = mem.other_module_bytes(self.s.models or [model], self.device)
         self.counter.reset()
         self.counter.active = True
         self.io_bytes.clear()
@@ -357,6 +372,8 @@ class Profiler:
             if rec is None:
                 return
             self.stack.append(name)
+            if self.autocast is None and rec.forwards == 1:
+                self._see_autocast()
             calls = rec.block_calls.get(name, 0)
             rec.block_calls[name] = calls + 1
             if rec.mode in ("memory", "both") and calls == 0:
@@ -386,13 +403,18 @@ class Profiler:
                 t.register_hook(on_grad)
         return hook
 
-    def observe_inputs(self, args: tuple, kwargs: dict) -> None:
-        dev = self.s.device.type
+    def _see_autocast(self) -> None:
+        """The autocast in effect: at the model's input, or (accelerate, HF Trainer wrap the forward in it)
+        inside its first block."""
+        dev = self.device.type
         try:
             if torch.is_autocast_enabled(dev):
                 self.autocast = str(torch.get_autocast_dtype(dev)).replace("torch.", "")
         except (TypeError, RuntimeError, AttributeError):
             pass
+
+    def observe_inputs(self, args: tuple, kwargs: dict) -> None:
+        self._see_autocast()
         cands = [kwargs[k] for k in ("input_ids", "inputs_embeds", "pixel_values", "x", "input", "inputs")
                  if isinstance(kwargs.get(k), torch.Tensor)]
         cands += [a for a in mem.iter_tensors(args)]

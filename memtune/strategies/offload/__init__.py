@@ -118,23 +118,23 @@ class Offload(Strategy):
     def effect(self, profile: Any, config: OffloadConfig, sim: Any) -> None:
         """Offloaded blocks keep only what the transport leaves on the device [offl]; their copies run on the
         copy engines at the measured pinned bandwidth (the simulator hides what the compute covers). What a
-        block's saved tensors really send, and the transport's own cost beyond the copies, come from the
-        profiler's measurement of this block's class offloaded [whatif] when it has one. The optimizer update
+        block's saved tensors really send comes from the profiler's measurement of this block's class
+        offloaded [whatif] when it has one. The optimizer update
         runs on the host at the profile's measured rate for the script's optimizer, else a default rate."""
         if config.activations:
             names = set(profile.resolve_blocks(config.activations, "offload.activations"))
             measured, formula = [], []
-            h2d_bw = max(sim.h2d_gbps, 1e-3) * 1e9
             for b in sim.blocks:
                 if b.name not in names:
                     continue
                 m = measured_mode(profile, b, "offload")
                 moved = b.kept  # compressed size when compress ran first
                 if m is not None and m.block.activation_bytes > 0:
+                    # what the transport really moves (small tensors stay); its time alone is not used: a block
+                    # offloaded on its own cannot hide its copies, and the first pinned allocations of a
+                    # process dominate it (H200, the zoo, 2026-12-01: 100-1000 ms against +10-60 ms in the run)
                     measured.append(b.name)
-                    moved *= min(1.0, m.mode.moved_bytes / m.block.activation_bytes)  # small tensors stay
-                    b.extra_fwd_s += m.extra_fwd_s()
-                    b.extra_bwd_s += m.extra_bwd_s(minus_s=m.mode.moved_bytes / h2d_bw)
+                    moved *= min(1.0, m.mode.moved_bytes / m.block.activation_bytes)
                 else:
                     formula.append(b.name)
                 b.mode = "compress+offload" if b.mode == "compress" else "offload"
