@@ -124,6 +124,7 @@ class Offload(Strategy):
         if config.activations:
             names = set(profile.resolve_blocks(config.activations, "offload.activations"))
             measured, formula = [], []
+            prev_moved = 0.0
             for b in sim.blocks:
                 if b.name not in names:
                     continue
@@ -140,7 +141,10 @@ class Offload(Strategy):
                 b.mode = "compress+offload" if b.mode == "compress" else "offload"
                 b.d2h_bytes = b.h2d_bytes = moved
                 b.kept_bytes = max(0.0, b.kept - moved)
-                b.bwd_extra_bytes = max(b.bwd_extra_bytes, moved)
+                # in its backward its tensors are back, and so are those of the offloaded block before it,
+                # prefetched one block ahead (activations.py)
+                b.bwd_extra_bytes = max(b.bwd_extra_bytes, moved + prev_moved)
+                prev_moved = moved
             note_sources(sim, "offload (activations)", measured, formula, "formula: every saved byte moves, no overhead")
         if config.optimizer_state:
             n_params = sum(o.n_params for o in profile.optimizers) or profile.trainable_param_bytes / 4
