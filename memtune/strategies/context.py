@@ -82,6 +82,7 @@ class ApplyContext:
     # which offload's host gradients accumulate, unscale and clip in
     reference_grad_dtypes: dict[int, Any] | None = None
     param_streamer: Any = None  # set by offload (params): the blocks whose weights are streamed from the host
+    master_weights: list[Any] = field(default_factory=list)  # set by precision: fp32 masters updated on the device
     loss_stats: dict[str, Any] | None = None  # set by loss: fused calls and materializations
     sharding: ShardingState | None = None  # set by sharding
     run_over: bool = False  # the script has ended: undo need not restore what it moved off the device

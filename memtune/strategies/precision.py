@@ -65,6 +65,10 @@ class MasterWeights:
         self.ver = {id(p): p._version for p in self.params}
         self.undo = wrap_step(opt, self._step)
 
+    def sync_versions(self) -> None:
+        """The parameters' data were replaced on purpose (placement moved them): not a change to follow."""
+        self.ver = {id(p): p._version for p in self.params}
+
     @torch.no_grad()
     def _step(self, opt, closure=None):
         loss = run_closure(closure)
@@ -177,6 +181,9 @@ class Precision(Strategy):
         if autocast == "none" and params == "fp32":
             return None
         return {"autocast": autocast, "params": params, "master_weights": True}
+
+    def memory_seed(self, profile: Any, opts: Any) -> dict[str, Any]:
+        return {"precision.cast_autocast": True}  # proposed only under the script's bf16 autocast (lossless)
 
     def effect(self, profile: Any, config: PrecisionConfig, sim: Any) -> None:
         if config.matmul_only:
@@ -303,6 +310,7 @@ class Precision(Strategy):
                             opt.state[p][k] = v.to(dtype)
             elif not offload:
                 wrapped.append(MasterWeights(opt, masters))
+                ctx.master_weights.append(wrapped[-1])
         if offload and masters:
             ctx.master_params = masters
         fp32_grads = ""

@@ -194,6 +194,11 @@ class Offload(Strategy):
             section["schedule"] = "delayed"
         return section
 
+    def memory_seed(self, profile: Any, opts: Any) -> dict[str, Any]:
+        """Everything on the host the exact schedule allows: state, gradients, the recomputed blocks' weights."""
+        return {"offload.optimizer_state": True, "offload.gradients": True, "offload.params": True,
+                "offload.prefetch": 1, "offload.schedule": "exact"}
+
     def effect(self, profile: Any, config: OffloadConfig, sim: Any) -> None:
         """Offloaded blocks keep only what the transport leaves on the device [offl]; their copies run on the
         copy engines at the measured pinned bandwidth (the simulator hides what the compute covers). What a
@@ -285,9 +290,11 @@ class Offload(Strategy):
     def _optimizer_state(self, ctx: ApplyContext, transport: Any, undos: Undos, config: OffloadConfig) -> None:
         masters = ctx.master_params
         undos.add(install_clip_patch())  # no-op when `install` already patched it
+        order = self._forward_order(ctx) if config.gradients and config.schedule == "exact" else None
         for opt in ctx.optimizers:
             o = OptimizerOffload(opt, transport, masters, gradients=config.gradients,
-                                 ref_dtypes=ctx.reference_grad_dtypes, schedule=config.schedule)
+                                 ref_dtypes=ctx.reference_grad_dtypes, schedule=config.schedule,
+                                 update_order=order)
             undos.add(lambda o=o: o.undo(restore_state=not ctx.run_over), "offload")
             ctx.optimizer_offloads.append(o)
             n = sum(p.numel() for p in o.params)
@@ -297,10 +304,47 @@ class Offload(Strategy):
                                 + ("; fp32 master weights on the host" if masters else "")
                                 + ("; clip_grad_norm_'s coefficient applied to the host copy"
                                    if o.clip_on_host and not config.gradients else ""))
+        if order is not None:
+            undos.add(self._forward_waits(ctx), "offload")
+            ctx.note(self.name, "the exact host update overlaps the next forward: weights outside the repeated "
+                                "blocks first, then block by block, each block's forward waiting for its own")
         if config.gradients:
             undos.add(self._model_zero_grad(ctx), "offload")
             ctx.note(self.name, "gradients copied to pinned host memory as backward produces them and dropped on "
                                 "the device; accumulated, unscaled and clipped on the host")
+
+    @staticmethod
+    def _forward_order(ctx: ApplyContext) -> list[list[torch.Tensor]]:
+        """The update's groups in forward order: the weights outside the repeated blocks (the model's own
+        forward waits for them), then each repeated block's."""
+        blocks = [ctx.module(n) for n in ctx.repeated]
+        inside = {id(p) for m in blocks for p in m.parameters()}
+        return [[p for p in ctx.model.parameters() if id(p) not in inside]] + [list(m.parameters()) for m in blocks]
+
+    @staticmethod
+    def _forward_waits(ctx: ApplyContext) -> Undo:
+        """Forward pre-hooks: the model waits for group 0, each repeated block for its group; state_dict
+        waits for all."""
+        offs = [o for o in ctx.optimizer_offloads if o.order is not None]
+
+        def wait(i: int, *_: Any) -> None:
+            for o in offs:
+                o.wait_group(i)
+
+        def wait_all(*_: Any) -> None:
+            for o in offs:
+                o.wait_all()
+
+        hs = [ctx.model.register_forward_pre_hook(lambda m, a: wait(0))]
+        hs += [ctx.module(n).register_forward_pre_hook(lambda m, a, i=i + 1: wait(i))
+               for i, n in enumerate(ctx.repeated)]
+        hs.append(ctx.model.register_state_dict_pre_hook(wait_all))
+
+        def undo() -> None:
+            for h in hs:
+                h.remove()
+
+        return undo
 
     @staticmethod
     def _model_zero_grad(ctx: ApplyContext) -> Undo:
@@ -324,7 +368,15 @@ class Offload(Strategy):
             raise PlanError(f"offload.params streams the weights of recomputed blocks only; {bad[:3]} "
                             f"{'are' if len(bad) > 1 else 'is'} not checkpointed (a block keeping its activations "
                             "keeps views of its weights until its backward): add them to `checkpoint.blocks`")
-        streamer = ParamStreamer([(n, ctx.module(n)) for n in names], transport, ctx.device, config.prefetch)
+        group = {n: i + 1 for i, n in enumerate(ctx.repeated)}
+        offs = [o for o in ctx.optimizer_offloads if o.order is not None]
+
+        def gate(name: str) -> None:  # a fetch reads the host copy: after the update wrote it
+            for o in offs:
+                o.wait_group(group[name], stream=False)
+
+        streamer = ParamStreamer([(n, ctx.module(n)) for n in names], transport, ctx.device, config.prefetch,
+                                 gate=gate if offs else None)
         for o in ctx.optimizer_offloads:
             o.host_params.update({k: v for k, v in streamer.store.items() if k in o.ps})
             o.sync_versions()

@@ -18,7 +18,13 @@ next forward fetches (`host_params`).
 Schedules. `exact` (default, lossless): the update runs inside `optimizer.step()`, each chunk as soon as its
 gradients have arrived (the CPU runs ahead of the GPU, so this overlaps the end of the backward; with
 clipping or GradScaler nothing can start before the backward ends, the coefficient needs every gradient);
-updated weights are copied back chunk by chunk before `step()` returns. `delayed` (ZeRO-Offload's one-step
+updated weights are copied back chunk by chunk before `step()` returns. With `update_order` (what offload
+sets with streamed gradients) the exact update overlaps the next forward instead: `step()` hands the update
+to a host thread, which updates in forward order (the weights outside the repeated blocks, then block by
+block) and copies each group up (or into the streamed weights' host copy) as it is done; the forward waits,
+block by block, only for the weights it is about to use (`wait_group`). The same numbers; what reads a
+block's weights outside that block's forward before then (the optimizer's or the model's state_dict
+waits for the whole update) would see them not yet updated. `delayed` (ZeRO-Offload's one-step
 delayed parameter update, Ren et al. 2021 sec. 5; changes the numbers: labelled lossy): `step()` copies the
 previous update's weights up and hands this step's gradients to a host thread, which updates while the GPU
 runs the next forward and backward; each weight is one update behind.
@@ -87,7 +93,7 @@ class OptimizerOffload:
 
     def __init__(self, opt: torch.optim.Optimizer, transport, masters: dict[int, torch.Tensor] | None = None, *,
                  gradients: bool = False, ref_dtypes: dict[int, torch.dtype] | None = None,
-                 schedule: str = "exact"):
+                 schedule: str = "exact", update_order: list[list[torch.Tensor]] | None = None):
         check_elementwise(opt, "offload.optimizer_state")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule {schedule!r}: one of {SCHEDULES}")
@@ -125,9 +131,26 @@ class OptimizerOffload:
         self._undo_zero = self._wrap_zero_grad() if self.hg is not None else None
         self.last_h2d = None
         # delayed schedule: the host thread running the update, and the update it is running
-        self._bg = HostWorker(limit_bytes=1 << 62) if schedule == "delayed" else None
+        overlapped = schedule == "exact" and update_order is not None
+        self._bg = HostWorker(limit_bytes=1 << 62) if schedule == "delayed" or overlapped else None
         self._pending: Any = None  # threading.Event of the update in flight
         self._pending_params: list[torch.Tensor] = []
+        # exact, overlapping the next forward: groups of parameters in forward order, each group's
+        # "updated and copied up" event, and its last copy's CUDA event
+        self.order: list[list[torch.Tensor]] | None = None
+        if overlapped:
+            mine = {id(p) for p in self.params}
+            seen: set[int] = set()
+            order = []
+            for g in update_order:
+                grp = [p for p in g if id(p) in mine and id(p) not in seen]
+                seen |= {id(p) for p in grp}
+                order.append(grp)
+            order[0] = order[0] + [p for p in self.params if id(p) not in seen]  # the rest: before the forward
+            self.order = order
+        self.group_of = {id(p): i for i, g in enumerate(self.order or []) for p in g}
+        self._group_done: list[Any] = []
+        self._group_ev: list[Any] = []
         self.undo_step = wrap_step(opt, self._step)
         _LIVE.add(self)
 
@@ -263,6 +286,9 @@ class OptimizerOffload:
         if self.schedule == "delayed":
             self._step_delayed()
             return loss
+        if self.order is not None:
+            self._step_overlapped()
+            return loss
         self.t.sync(self.last_h2d)  # the previous step's copies out of the host buffers are done
         todo = self._todo()
         self.t.h2d_fence()
@@ -350,6 +376,70 @@ class OptimizerOffload:
         st.p_ver = p._version
         return ev
 
+    # exact, overlapping the next forward --------------------------------------------------------------------
+    def _shadow(self):
+        """The update's own view of the optimizer: the script's LR scheduler changes the live one's groups
+        while the host thread updates."""
+        shadow = object.__new__(type(self.opt))
+        shadow.__dict__.update(self.opt.__dict__)
+        shadow.param_groups = [dict(g) for g in self.opt.param_groups]
+        return shadow
+
+    def _step_overlapped(self) -> None:
+        import threading
+
+        self.wait_all()
+        todo = self._todo()
+        have = {id(p) for p in todo}
+        groups = [[p for p in g if id(p) in have] for g in self.order]
+        self._group_done = [threading.Event() for _ in groups]
+        self._group_ev = [None] * len(groups)
+        if not todo:
+            for e in self._group_done:
+                e.set()
+            return
+        if self.hg is not None:
+            self.hg.hand_over(todo)
+        self.t.h2d_fence()  # copies into the live weights start after the GPU's queued work (the backward)
+        self._pending = self._bg.submit(functools.partial(self._update_groups, self._shadow(), groups))
+        self.stats["steps"] += 1
+
+    def _update_groups(self, shadow, groups: list[list[torch.Tensor]]) -> None:
+        done = 0
+        try:
+            for i, g in enumerate(groups):
+                if g:
+                    self._group_ev[i] = self._update(shadow, g, copy_up=True)
+                    if self.hg is not None:
+                        self.hg.release(g)  # the next backward may write these host gradients
+                done = i + 1
+                self._group_done[i].set()
+        finally:
+            if done < len(groups):  # a failure: release the rest, wake the waiters (they raise it)
+                if self.hg is not None:
+                    self.hg.release([p for g in groups[done:] for p in g])
+                for e in self._group_done[done:]:
+                    e.set()
+
+    def wait_group(self, i: int, stream: bool = True) -> None:
+        """(forward) group i's weights are updated and (`stream`) copied up for the compute stream."""
+        if i >= len(self._group_done):
+            return
+        self._group_done[i].wait()
+        self._bg.raise_error()
+        if stream:
+            self.t.use(self._group_ev[i])
+
+    def wait_all(self) -> None:
+        if self._pending is None:
+            return
+        self._pending.wait()
+        self._pending = None
+        self._bg.raise_error()
+        for ev in self._group_ev:
+            self.t.use(ev)
+        self.last_h2d = next((ev for ev in reversed(self._group_ev) if ev is not None), None)
+
     # delayed schedule ----------------------------------------------------------------------------------------
     def _step_delayed(self) -> None:
         """Copy the previous update's weights up, then update with this step's gradients on the host thread
@@ -358,9 +448,7 @@ class OptimizerOffload:
         todo = self._todo()
         if not todo:
             return
-        shadow = object.__new__(type(self.opt))  # the update's own view of the optimizer: the script's LR
-        shadow.__dict__.update(self.opt.__dict__)  # scheduler changes the live one's groups meanwhile
-        shadow.param_groups = [dict(g) for g in self.opt.param_groups]
+        shadow = self._shadow()
         if self.hg is not None:
             self.hg.hand_over(todo)  # the next backward may write p's host gradient once the update read it
         self._pending_params = todo
@@ -375,7 +463,10 @@ class OptimizerOffload:
                 self.hg.release(todo)
 
     def finish_pending(self, copy_up: bool = True) -> None:
-        """(delayed) wait for the update in flight and copy its weights up after the GPU's queued work."""
+        """Wait for the update in flight; (delayed) copy its weights up after the GPU's queued work."""
+        if self.order is not None:
+            self.wait_all()
+            return
         if self._pending is None:
             return
         self._pending.wait()

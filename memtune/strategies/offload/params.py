@@ -47,8 +47,9 @@ class ParamStreamer:
     """Streams the parameters of `blocks` ([(name, module)] in forward order); see the module docstring."""
 
     def __init__(self, blocks: list[tuple[str, torch.nn.Module]], transport, device: torch.device,
-                 prefetch: int = 1):
+                 prefetch: int = 1, gate: Any = None):
         self.t = transport
+        self.gate = gate  # gate(block name): waits until the host copy of its weights is updated
         self.device = device
         self.prefetch = max(0, int(prefetch))
         self.store: dict[int, torch.Tensor] = {}  # id(param) -> its pinned host copy
@@ -92,6 +93,8 @@ class ParamStreamer:
         """Start copying b's weights to the device (no-op when they are there or coming)."""
         if b.devs is not None:
             return
+        if self.gate is not None:
+            self.gate(b.name)
         devs, last = [], None
         for p in b.params:
             d, last = self.t.h2d_new(self.store[id(p)], self.device)
