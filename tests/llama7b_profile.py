@@ -45,7 +45,7 @@ def llama7b_profile(batch: int = 1, clip: float | None = 1.0, host_ram_gib: floa
     params = n * 4
     step = LAYERS * 3 * fwd_s + 0.02 * batch + 0.06
     prof = Profile(
-        script="examples/zoo/llama7b_full.py", argv=["--preset", "7b"], device="cuda",
+        script="examples/zoo/llama7b_full.py", argv=["--size", "7b"], device="cuda",
         hardware=Hardware(device="cuda", gpu_name="NVIDIA H200 (hand-built profile)", gpu_total_bytes=int(141 * GB),
                           host_ram_bytes=int(host_ram_gib * 2**30), cpu_cores=16, h2d_gbps=55.0, d2h_gbps=55.0,
                           d2d_gbps=4000.0, matmul_tflops={"bf16": 700.0, "fp32": 50.0},
