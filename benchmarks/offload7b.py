@@ -290,7 +290,7 @@ def main() -> None:
     p.add_argument("--plan", default=str(PLAN), help="the memtune plan (default: the tuned 24 GiB plan)")
     p.add_argument("--batch-size", type=int, help="--plan mode: the batch size (default: the plan's)")
     p.add_argument("--only", help="comma-separated configuration names, or 'memtune' / 'torchao' / 'fsdp2'")
-    p.add_argument("--timeout", type=float, default=170.0, help="seconds per configuration")
+    p.add_argument("--timeout", type=float, default=200.0, help="seconds per configuration")
     p.add_argument("--budget-s", type=float, default=470.0, help="start no configuration after this many seconds")
     p.add_argument("--out", help="write all numbers as JSON here")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -340,7 +340,9 @@ def main() -> None:
                    "--lr", str(args.lr), "--clip", str(args.clip), "--device", args.device, "--plan", args.plan]
             t0 = time.perf_counter()
             peak_rss = [0.0]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # its own process group: a timeout ends `memtune apply`'s process too, which would hold the GPU
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
             watcher = threading.Thread(target=_watch_rss, args=(proc, peak_rss), daemon=True)
             watcher.start()
             limit = min(args.timeout, left)
@@ -349,7 +351,9 @@ def main() -> None:
                 r = json.loads(res_file.read_text()) if res_file.exists() else {
                     "error": f"exit {proc.returncode}: {(log or '').strip().splitlines()[-1:]}"}
             except subprocess.TimeoutExpired:
-                proc.kill()
+                import signal
+
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
                 r = {"error": f"timeout after {limit:.0f} s"}
             watcher.join(timeout=2)

@@ -243,11 +243,14 @@ def run_apply(
             result.peak_reserved_bytes = int(torch.cuda.max_memory_reserved(dev))
         applied = state.get("applied")
         if applied is not None:
-            state["ctx"].run_over = True  # the script has ended: undo need not restore what it moved
+            ctx = state["ctx"]
+            ctx.run_over = True  # the script has ended: undo need not restore what it moved
+            seen = len(ctx.notes)
             try:
                 applied()
             except RuntimeError as e:  # the run's numbers still count; say what could not be undone
                 result.notes.append(("patcher", str(e)))
+            result.notes += ctx.notes[seen:]  # what strategies measured over the run (said at undo)
     if "error" in state:
         raise state["error"]
     if "applied" not in state and session.failure is None:

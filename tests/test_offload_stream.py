@@ -407,3 +407,48 @@ def test_the_tuned_7b_plan_on_the_tiny_script_gives_its_losses(tmp_path):
     assert max(abs(a - b) for a, b in zip(base, got, strict=True)) < 1e-3, (base, got)  # its fp32 rounding
     notes = " ".join(n for _, n in res.notes)
     assert "streamed in" in notes and "pinned host memory as backward produces them" in notes
+
+
+@pytest.mark.parametrize("plan", [{**CAST, **GRADS}, {**CAST, **STREAM}], ids=["resident", "streamed"])
+def test_sliced_fused_update_is_the_fused_update(monkeypatch, plan):
+    """The fused CPU AdamW a slice at a time (conversions in cache) gives what one call per parameter gives,
+    to fp32 rounding (the kernel's vectorized and scalar paths round differently, and where one ends
+    depends on where a range starts: a whole-tensor call differs across thread counts the same way). On the
+    GPU machine the host update takes the fused kernel; here it is forced."""
+    from memtune.strategies.offload import optimizer_state
+
+    def run(slice_elements):
+        monkeypatch.setattr(optimizer_state, "SLICE_ELEMENTS", slice_elements)
+        monkeypatch.setattr(optimizer_state, "fused_cpu_overrides", lambda opt: {"fused": True, "foreach": False})
+        orig = optimizer_state.OptimizerOffload.__init__
+
+        def init(self, *a, **k):
+            orig(self, *a, **k)
+            self.overrides = {"fused": True, "foreach": False}  # (CloneTransport: no fused kernel by default)
+
+        monkeypatch.setattr(optimizer_state.OptimizerOffload, "__init__", init)
+        with simulate_host():
+            out = train(plan, autocast=True, accum=2, steps=6)
+        monkeypatch.setattr(optimizer_state.OptimizerOffload, "__init__", orig)
+        return out
+
+    whole = run(0)
+    sliced = run(97)  # slices that split every weight, none aligned
+    assert sliced[2] is not whole[2]
+    (off,) = sliced[4].ctx.optimizer_offloads
+    assert off.stats.get("sliced", 0) > 0
+    assert_same(whole, sliced, tol=1e-5)
+
+
+def test_pinned_arena_carves_exact_views():
+    from memtune.strategies.offload.transport import PinnedArena
+
+    a = PinnedArena(segment=1 << 16, pin=False)
+    x = a.empty((100, 3), torch.bfloat16)
+    y = a.empty((7,), torch.float32)
+    big = a.empty((1 << 15,), torch.float32)  # larger than a segment: its own allocation
+    x.fill_(1)
+    y.fill_(2)
+    assert x.shape == (100, 3) and y.shape == (7,) and big.numel() == 1 << 15
+    assert bool((x == 1).all()) and bool((y == 2).all())  # no overlap
+    assert y.data_ptr() % PinnedArena.ALIGN == 0 and len(a.segments) == 1

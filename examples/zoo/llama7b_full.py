@@ -1,6 +1,6 @@
 """Full fine-tune of a Llama-2-7B-shaped model (transformers `LlamaConfig`, random init): the usual script.
 
-    python examples/zoo/llama7b_full.py --size tiny --steps 5            # CPU, seconds
+    python examples/zoo/llama7b_full.py --steps 5                        # tiny (the default), CPU, seconds
     python examples/zoo/llama7b_full.py --size 7b --steps 20             # one GPU: ~128 GiB as written
     memtune profile examples/zoo/llama7b_full.py -- --size 7b --steps 8  # then `memtune tune ... --budget 24GiB`
 
@@ -45,7 +45,7 @@ def build(size: str, seq_len: int | None = None) -> tuple[LlamaForCausalLM, dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=sorted(SIZES), default="7b")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="tiny (CPU) | 1b | 3b | 7b")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -61,6 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model, cfg = build(args.size, args.seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -68,7 +69,6 @@ def main() -> None:
     warm = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    n_params = sum(p.numel() for p in model.parameters())
     print(f"Llama {args.size}: {n_params / 1e9:.2f}B parameters, batch {args.batch_size} x {cfg['seq_len']} "
           f"x {args.grad_accum} micro-batches on {device}", flush=True)
 

@@ -295,7 +295,11 @@ class Offload(Strategy):
             o = OptimizerOffload(opt, transport, masters, gradients=config.gradients,
                                  ref_dtypes=ctx.reference_grad_dtypes, schedule=config.schedule,
                                  update_order=order)
-            undos.add(lambda o=o: o.undo(restore_state=not ctx.run_over), "offload")
+            def undo(o=o) -> None:
+                ctx.note(self.name, o.summary())
+                o.undo(restore_state=not ctx.run_over)
+
+            undos.add(undo, "offload")
             ctx.optimizer_offloads.append(o)
             n = sum(p.numel() for p in o.params)
             how = "fused CPU kernel" if o.overrides else f"{type(opt).__name__}'s own CPU code"
@@ -371,9 +375,12 @@ class Offload(Strategy):
         group = {n: i + 1 for i, n in enumerate(ctx.repeated)}
         offs = [o for o in ctx.optimizer_offloads if o.order is not None]
 
-        def gate(name: str) -> None:  # a fetch reads the host copy: after the update wrote it
+        def gate(name: str, wait: bool) -> bool:  # a fetch reads the host copy: after the update wrote it
+            if not wait:
+                return all(o.group_ready(group[name]) for o in offs)
             for o in offs:
                 o.wait_group(group[name], stream=False)
+            return True
 
         streamer = ParamStreamer([(n, ctx.module(n)) for n in names], transport, ctx.device, config.prefetch,
                                  gate=gate if offs else None)

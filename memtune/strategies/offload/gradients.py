@@ -189,11 +189,13 @@ class HostGradients:
         self.t.sync(s.ev)
         return s.acc if s.acc_valid else s.buf
 
-    def update_grad(self, p: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    def update_grad(self, p: torch.Tensor, out: torch.Tensor | None, src: torch.Tensor | None = None) -> torch.Tensor:
         """p's gradient as the update consumes it, pending factors applied in the reference dtype: `out` (a
-        scratch buffer in the update's dtype, p's shape) or the host copy itself when nothing converts."""
+        scratch buffer in the update's dtype, p's shape) or the host copy itself when nothing converts.
+        `src`: a slice of the host copy (`source(p)`, flattened) to convert instead of all of it."""
         s = self.g[id(p)]
-        src = self.source(p)
+        if src is None:
+            src = self.source(p)
         if out is not None and s.ref == out.dtype and src.dtype != out.dtype:
             out.copy_(src)  # upcast first: the script's gradient is in this dtype
             for f in s.scales:

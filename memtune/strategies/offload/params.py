@@ -49,7 +49,8 @@ class ParamStreamer:
     def __init__(self, blocks: list[tuple[str, torch.nn.Module]], transport, device: torch.device,
                  prefetch: int = 1, gate: Any = None):
         self.t = transport
-        self.gate = gate  # gate(block name): waits until the host copy of its weights is updated
+        # gate(block name, wait) -> whether the host copy of its weights is updated (waiting for it if `wait`)
+        self.gate = gate
         self.device = device
         self.prefetch = max(0, int(prefetch))
         self.store: dict[int, torch.Tensor] = {}  # id(param) -> its pinned host copy
@@ -89,12 +90,13 @@ class ParamStreamer:
         return self._placeholders[dtype]
 
     # moving weights ------------------------------------------------------------------------------------------
-    def fetch(self, b: _Block) -> None:
-        """Start copying b's weights to the device (no-op when they are there or coming)."""
+    def fetch(self, b: _Block, wait: bool = True) -> None:
+        """Start copying b's weights to the device (no-op when they are there or coming); `wait=False`
+        (a prefetch) leaves a block whose host copy is still being updated for its own turn."""
         if b.devs is not None:
             return
-        if self.gate is not None:
-            self.gate(b.name)
+        if self.gate is not None and not self.gate(b.name, wait):
+            return
         devs, last = [], None
         for p in b.params:
             d, last = self.t.h2d_new(self.store[id(p)], self.device)
@@ -132,7 +134,7 @@ class ParamStreamer:
         for k in range(1, self.prefetch + 1):
             j = i + step * k
             if 0 <= j < len(self.blocks):
-                self.fetch(self.blocks[j])
+                self.fetch(self.blocks[j], wait=False)
 
     # hooks ---------------------------------------------------------------------------------------------------
     def before_forward(self, i: int) -> None:

@@ -48,13 +48,20 @@ class PinnedArena:
     ALIGN = 512
 
     def __init__(self, segment: int = 1 << 30, pin: bool = True):
+        import threading
+
         self.segment = segment
         self.pin = pin
+        self._lock = threading.Lock()  # backward's hooks, the host-update thread and the main thread allocate
         self.segments: list[torch.Tensor] = []
         self.offset = segment  # no segment yet
         self.used = 0  # bytes handed out
 
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            return self._empty(shape, dtype)
+
+    def _empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = max(1, torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
         self.used += n
         if n > self.segment:  # its own allocation (rounded up by the allocator: rare, a huge embedding)
