@@ -336,6 +336,8 @@ class Precision(Strategy):
                 undos_mm()
             for w in wrapped:
                 w.undo()
+            if ctx.run_over and offload:  # the script has ended: the fp32 masters need not go back to the device
+                return
             with torch.no_grad():
                 for p in params:
                     m = masters.get(id(p))
