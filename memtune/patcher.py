@@ -44,6 +44,17 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def run_device(plan: Plan, model: torch.nn.Module) -> torch.device:
+    """The device the plan is applied for: where a strategy deferred the script's move to (placement's
+    `target_device`), else where the model is."""
+    for name, section in ordered_sections(plan):
+        target = getattr(get_strategy(name), "target_device", None)
+        d = target(section, model) if target is not None else None
+        if d is not None:
+            return d
+    return _model_device(model)
+
+
 # --- applying --------------------------------------------------------------------------------------
 
 
@@ -110,6 +121,8 @@ class ApplyResult:
     step_times: list[float] = field(default_factory=list)
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
+    # allocated before the plan was applied, model construction included (the steps' peak is reset after it)
+    load_peak_bytes: int | None = None
     device: str = "cpu"
     failure: dict[str, str] | None = None
     stopped: bool = False
@@ -202,7 +215,7 @@ def run_apply(
 
     def ready(sess) -> None:
         model = sess.model
-        dev = _model_device(model)
+        dev = run_device(plan, model)
         try:
             ctx = make_context(model, sess.optimizers, sess.blocks, dev, plan, models=sess.models)
             state["ctx"] = ctx
@@ -215,6 +228,7 @@ def run_apply(
         result.device = str(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+            result.load_peak_bytes = int(torch.cuda.max_memory_allocated(dev))
             torch.cuda.reset_peak_memory_stats(dev)
         if on_notes:
             on_notes(result.notes)
@@ -243,11 +257,14 @@ def run_apply(
             result.peak_reserved_bytes = int(torch.cuda.max_memory_reserved(dev))
         applied = state.get("applied")
         if applied is not None:
-            state["ctx"].run_over = True  # the script has ended: undo need not restore what it moved
+            ctx = state["ctx"]
+            ctx.run_over = True  # the script has ended: undo need not restore what it moved
+            seen = len(ctx.notes)
             try:
                 applied()
             except RuntimeError as e:  # the run's numbers still count; say what could not be undone
                 result.notes.append(("patcher", str(e)))
+            result.notes += ctx.notes[seen:]  # what strategies measured over the run (said at undo)
     if "error" in state:
         raise state["error"]
     if "applied" not in state and session.failure is None:

@@ -36,6 +36,7 @@ RUNS = {
     "ddp_torchrun.py": ["--steps", "3"],
     "lstm_lm.py": ["--steps", "3", "--log-interval", "1"],
     "moe.py": ["--steps", "3"],
+    "llama7b_full.py": ["--steps", "3"],
 }
 LOSS = re.compile(r"loss[^0-9\-]{0,12}-?\d+\.\d+", re.IGNORECASE)
 TIMEOUT_S = 240

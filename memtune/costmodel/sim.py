@@ -58,8 +58,15 @@ class SimStep:
     grad_bytes: float = 0.0  # all gradients, if they all coexist before the optimizer step
     grads_persist: bool = False  # gradients allocated for the whole step (set_to_none=False, accumulation)
     grads_freed_in_backward: bool = False  # update in backward: each gradient consumed at once
+    # precision `cast: autocast`: bytes of fp32 gradients (the script's) of weights that compute in 16 bits;
+    # their 16-bit values (half) are what an offload streaming gradients sends down
+    cast_grad_bytes: float = 0.0
     opt_state_bytes: float = 0.0  # on device
     opt_state_host_bytes: float = 0.0  # optimizer state offloaded to pinned host memory
+    host_bytes: float = 0.0  # other host memory a plan holds: gradient buffers, masters, streamed weights
+    # on the device when the plan is applied (the model as the script placed it, before the first step):
+    # the whole run's peak counts it; 0 = not modelled (placement sets it)
+    load_bytes: float = 0.0
     opt_transient_bytes: float = 0.0  # extra live bytes during optimizer.step()
     opt_s: float = 0.0  # optimizer step seconds not hidden behind anything
     opt_overlap_s: float = 0.0  # optimizer work that overlaps the backward (offloaded CPU update)

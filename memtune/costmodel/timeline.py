@@ -32,6 +32,8 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
                   "autocast weight copies": copies})
         events.append((name, phase, where, c))
 
+    if sim.load_bytes > 0:  # the model as placed when the plan is applied, before the first step
+        events.append(("model load", "load", None, {k: 0.0 for k in COMPONENTS} | {"parameters": sim.load_bytes}))
     for m in range(sim.micro_batches):
         pre = f"mb{m}/" if sim.micro_batches > 1 else ""
         # After the first micro-batch the accumulated gradients stay allocated [alloc].
@@ -158,7 +160,7 @@ def simulate(sim: SimStep) -> Estimate:
         throughput, unit = (samples / step_s if step_s > 0 else 0.0), "samples/s"
     else:
         throughput, unit = (1.0 / step_s if step_s > 0 else 0.0), "steps/s"
-    host = sim.opt_state_host_bytes + sum(b.d2h_bytes for b in sim.blocks)
+    host = sim.opt_state_host_bytes + sim.host_bytes + sum(b.d2h_bytes for b in sim.blocks)
     return Estimate(
         peak_bytes=timeline[i][1], peak_phase=phase, peak_where=where, step_s=step_s,
         throughput=throughput, throughput_unit=unit,

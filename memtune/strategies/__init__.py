@@ -22,7 +22,8 @@ from memtune.strategies.base import _REGISTRY, Strategy, register
 from memtune.strategies.context import ApplyContext, PlanFacts, SearchOptions
 
 # module names under memtune.strategies (append yours)
-_MODULES: list[str] = ["precision", "checkpoint", "offload", "sharding", "optimizers", "loss", "compress", "weights"]
+_MODULES: list[str] = ["precision", "checkpoint", "offload", "sharding", "optimizers", "loss", "compress", "weights",
+                       "placement"]
 
 __all__ = ["ApplyContext", "PlanFacts", "SearchOptions", "Strategy", "all_strategies", "check_plan", "describe_plan",
            "get_strategy", "load_plan", "make_context", "ordered_sections", "plan_facts", "plan_from_dict", "register",

@@ -16,6 +16,9 @@ with `@register`. It reads one plan section:
 - `effect(profile, config, sim)`: change the cost model's simulated step (memtune.costmodel.SimStep). Where
   the profile measured a what-if for a block in this mode (`BlockProfile.what_ifs`), the measurement wins
   over a formula, and `sim.source(name, how)` records which one was used.
+- `memory_seed(profile, opts) -> {trial parameter: value}`: optional, its choices that save the most memory
+  without changing the numbers; the tuner evaluates all strategies' together (with every block recomputed)
+  as a starting point, since memory-bound plans need several sections at once (a 7B model in 24 GiB).
 - `install(config, session)`: optional global patch made before the script starts (take over the script's
   DDP wrapping, guard clip_grad_norm_); returns an undo. Most strategies need none.
 - `apply(ctx, config)`: patch the live run (ApplyContext) and return an undo. The patcher calls it once the
@@ -61,6 +64,9 @@ class Strategy:
 
     def effect(self, profile: Profile, config: Any, sim: SimStep) -> None:
         pass
+
+    def memory_seed(self, profile: Profile, opts: SearchOptions) -> dict[str, Any]:
+        return {}
 
     def install(self, config: Any, session: Any) -> Undo:
         return noop

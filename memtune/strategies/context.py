@@ -47,6 +47,9 @@ class PlanFacts:
     master_weights: bool = False  # precision keeps fp32 master copies of low-precision params
     optimizer: str | None = None  # optimizer.name
     sharding_stage: int | None = None
+    grads_on_host: bool = False  # offload.gradients: each gradient goes to the host as produced, none stay
+    params_streamed: bool = False  # offload.params: some blocks' weights live on the host between uses
+    cast_scope: str | None = None  # precision.cast when params are cast: "all" or "autocast" (matmul weights)
 
 
 @dataclass
@@ -75,6 +78,11 @@ class ApplyContext:
     master_params: dict[int, torch.Tensor] | None = None
     activation_offloader: Any = None  # set by offload
     optimizer_offloads: list[Any] = field(default_factory=list)  # set by offload
+    # set by precision (`cast: autocast`): id(param) -> the dtype of its gradient in the script as written,
+    # which offload's host gradients accumulate, unscale and clip in
+    reference_grad_dtypes: dict[int, Any] | None = None
+    param_streamer: Any = None  # set by offload (params): the blocks whose weights are streamed from the host
+    master_weights: list[Any] = field(default_factory=list)  # set by precision: fp32 masters updated on the device
     loss_stats: dict[str, Any] | None = None  # set by loss: fused calls and materializations
     sharding: ShardingState | None = None  # set by sharding
     run_over: bool = False  # the script has ended: undo need not restore what it moved off the device

@@ -249,6 +249,9 @@ class Loss(Strategy):
     def space(self, trial: Any, profile, layout: Any, opts: SearchOptions) -> dict[str, Any] | None:
         return {"fused": True} if trial.suggest_categorical("loss.fused", [False, True]) else None
 
+    def memory_seed(self, profile: Any, opts: Any) -> dict[str, Any]:
+        return {"loss.fused": True}
+
     def effect(self, profile, config: LossConfig, sim) -> None:
         from memtune.kernels.linear_cross_entropy import CHUNK_BYTES, LOW_CHUNK_BYTES
 

@@ -26,7 +26,7 @@ from memtune.errors import BudgetTooSmall, InputError, MemtuneError, Verificatio
 from memtune.tune.evaluate import OBJECTIVES, Tuner
 from memtune.tune.margin import parse_margin
 from memtune.tune.records import Candidate, pareto_front, rank
-from memtune.tune.space import canon, parse_batch_knob
+from memtune.tune.space import KNOB_PARAM, canon, parse_batch_knob
 from memtune.tune.study import candidates, default_storage, default_study_name, flush, make_study, record
 from memtune.tune.verify import verify_best
 from memtune.units import format_bytes
@@ -125,14 +125,27 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
     baseline = tuner.probe({})
     if not baseline.valid and tuner.errors:
         raise MemtuneError(f"the cost model cannot evaluate the unchanged run: {tuner.errors[0]}")
-    smallest = tuner.coordinate({}, tuner.memory_key)
-    greedy = tuner.coordinate(smallest.params if smallest.valid else {}, tuner.sort_key)
-    seeds = [baseline.params]
     n_rep = len(profile.repeated_blocks)
+    # every strategy's most memory-saving lossless choices at once, every block recomputed: plans for models
+    # that do not fit need several sections together, which one change at a time from the baseline misses
+    floor = tuner.probe(memory_seed(profile, tuner.sopts, n_rep))
+    smallest = min([tuner.coordinate(start, tuner.memory_key) for start in
+                    ([{}, floor.params] if floor.valid else [{}])], key=tuner.memory_key)
+    greedy = tuner.coordinate(smallest.params if smallest.valid else {}, tuner.sort_key)
+    if floor.valid and opts.batch_flag:
+        # from the floor at each batch size that fits: one change at a time from batch 1 relaxes the plan
+        # for that batch first and never reaches the large batches the floor makes room for
+        for b in opts.batch_values:
+            start = tuner.probe({**floor.params, KNOB_PARAM: b})
+            if start.valid and start.peak_bytes <= tuner.limit:
+                greedy = min(greedy, tuner.coordinate(start.params, tuner.sort_key), key=tuner.sort_key)
+    seeds = [baseline.params]
     if n_rep:  # checkpoint everything
         every = tuner.probe({"blocks.recompute": n_rep, "blocks.recompute.mode": "full"})
         if every.valid:
             seeds.append(every.params)
+    if floor.valid:
+        seeds.append(floor.params)
     seeds += [smallest.params, greedy.params]
 
     name = opts.study_name or default_study_name(profile, opts)
@@ -247,6 +260,16 @@ def _candidates(study: Any, tuner: Tuner) -> list[Candidate]:
         if c.family is None:  # a study written before families were recorded
             c.family = plan_family(tuner.plan_for(c.params))
     return cands
+
+
+def memory_seed(profile: Profile, sopts: Any, n_rep: int) -> dict[str, Any]:
+    """The registered strategies' `memory_seed` choices together, with every repeated block recomputed."""
+    from memtune.strategies import all_strategies
+
+    seed: dict[str, Any] = {"blocks.recompute": n_rep, "blocks.recompute.mode": "full"} if n_rep else {}
+    for s in all_strategies():
+        seed.update(s.memory_seed(profile, sopts))
+    return seed
 
 
 def _error_summary(tuner: Tuner) -> list[str]:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 OBJECTIVES = ("throughput", "memory")
 # A lossy section must lower the predicted peak or step time by more than this to be proposed at all.
 LOSSY_MIN_GAIN = 0.02
+# Host memory a plan may hold (optimizer state, masters, gradient buffers, offloaded tensors): this share of
+# the profiled host's RAM; the rest is the OS, the CUDA driver, the Python process, the script's data.
+HOST_RAM_SHARE = 0.85
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Tuner:
                 raise InputError(f"--margin {opts.margin:.0%}: give a fraction of the budget between 0% and 50%")
             self.margin, self.margin_source = opts.margin, "--margin"
         self.limit = opts.budget_bytes * (1 - self.margin)
+        ram = profile.hardware.host_ram_bytes
+        self.host_limit = ram * HOST_RAM_SHARE if ram else None  # None: the profile did not say
         run: dict[str, Any] = {}
         if profile.module:
             run["module"] = profile.module
@@ -110,6 +115,11 @@ class Tuner:
             msg = f"cost model failed: {type(e).__name__}: {e}"
             self.errors.append(msg)
             return Eval(False, msg)
+        if self.host_limit is not None and est.host_bytes > self.host_limit:
+            from memtune.units import format_bytes
+
+            return Eval(False, f"host RAM: the plan needs {format_bytes(est.host_bytes)} of host memory, over "
+                               f"{HOST_RAM_SHARE:.0%} of the profiled host's {format_bytes(self.profile.hardware.host_ram_bytes)}")
         lossy = sorted(set(lossy) | set(est.lossy))
         if self.opts.lossless_only and lossy:
             return Eval(False, f"lossy {lossy} excluded by --lossless-only")

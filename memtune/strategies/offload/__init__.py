@@ -1,12 +1,26 @@
-"""Offload to host memory: the saved activations of chosen blocks, and the optimizer state (ZeRO-Offload style).
+"""Offload to host memory: saved activations, the optimizer state and its update (ZeRO-Offload style),
+gradients as they are produced, and whole blocks' weights between their uses.
 
-Plan section: `offload: {activations: [0, 1, "2-5"] | all, optimizer_state: true | false}`.
+Plan section:
+
+```yaml
+offload:
+  activations: [0, 1, "2-5"] | all   # saved tensors of these blocks go to the host in forward
+  optimizer_state: true              # optimizer state (and fp32 masters) on the host, the update on the CPU
+  gradients: true                    # each gradient to the host as backward produces it, none kept (needs optimizer_state)
+  params: all | [blocks]             # these (recomputed) blocks' weights live on the host, streamed in (needs gradients)
+  prefetch: 1                        # blocks of weights fetched ahead (params)
+  schedule: exact | delayed          # delayed: one-step-delayed update overlapped with the next step (LOSSY)
+```
 
 - `transport.py`: how bytes move (pinned buffers, one side stream per direction; a CPU stand-in for tests).
 - `activations.py`: the transport stage of the saved-tensor pipeline for offloaded blocks; a block that
   `compress` also handles is packed by the codec first, then its compressed bytes go to the host.
 - `optimizer_state.py`: optimizer state on the host, the update on the CPU, gradients down and parameters
-  back overlapped with compute.
+  back overlapped with compute; the exact and the delayed schedule.
+- `gradients.py`: gradients streamed to the host in backward, accumulated, unscaled and clipped there.
+- `params.py`: weights of recomputed blocks streamed from the host, prefetched ahead in forward and backward.
+- `costs.py`: what these mechanisms do to the simulated step (bytes, PCIe traffic, exposed time, host RAM).
 
 Needs a CUDA GPU; `simulate_host()` (tests) runs the same logic on CPU with plain clones as "host" copies.
 """
@@ -18,22 +32,26 @@ from typing import Any
 
 import torch
 
-from memtune.blocks import refs_to_yaml, validate_block_refs
+from memtune.blocks import refs_to_yaml, resolve_block_refs, validate_block_refs
 from memtune.costmodel import measured_mode, note_sources
 from memtune.errors import EnvironmentNotSupported, PlanError
-from memtune.plan import SectionConfig, check_bool, check_keys
+from memtune.plan import SectionConfig, check_bool, check_choice, check_keys
 from memtune.strategies.base import ApplyContext, PlanFacts, Strategy, register
 from memtune.strategies.checkpoint import hf_checkpointing_off
-from memtune.strategies.layout import COMPRESSED, OFFLOADED, compact
+from memtune.strategies.layout import COMPRESSED, OFFLOADED, RECOMPUTE, compact
+from memtune.strategies.offload import costs as _costs
 from memtune.strategies.offload import transport as _transport
 from memtune.strategies.offload.activations import ActivationOffloader
+from memtune.strategies.offload.gradients import HostGradients
 from memtune.strategies.offload.optimizer_state import (
     CHUNK_BYTES,
     CLIP_ON_HOST,
     HOST_UPDATE_GBPS,
+    SCHEDULES,
     OptimizerOffload,
     install_clip_patch,
 )
+from memtune.strategies.offload.params import ParamStreamer
 from memtune.strategies.offload.transport import (
     NO_GPU,
     CloneTransport,
@@ -41,31 +59,62 @@ from memtune.strategies.offload.transport import (
     make_transport,
     simulate_host,
 )
-from memtune.undo import Undo, Undos, noop
+from memtune.undo import Undo, Undos, noop, replace_on_instance
 
 __all__ = ["CHUNK_BYTES", "CLIP_ON_HOST", "HOST_UPDATE_GBPS", "ActivationOffloader", "CloneTransport",
-           "CudaTransport", "Offload", "OffloadConfig", "OptimizerOffload", "install_clip_patch", "make_transport",
-           "simulate_host"]
+           "CudaTransport", "HostGradients", "Offload", "OffloadConfig", "OptimizerOffload", "ParamStreamer",
+           "install_clip_patch", "make_transport", "simulate_host"]
 
 KEYS = {"activations": "blocks whose saved activations go to host memory (all, indices, 'a-b', paths)",
-        "optimizer_state": "true: optimizer state on the host, update on the CPU"}
+        "optimizer_state": "true: optimizer state on the host, update on the CPU",
+        "gradients": "true: each gradient to pinned host memory as backward produces it (needs optimizer_state)",
+        "params": "recomputed blocks whose weights live on the host and are streamed in (needs gradients)",
+        "prefetch": "blocks of weights fetched ahead when params are streamed (0-4, default 1)",
+        "schedule": "exact (default) | delayed: one-step-delayed host update overlapped with the next step (lossy)"}
+MAX_PREFETCH = 4
 
 
 @dataclass(frozen=True)
 class OffloadConfig(SectionConfig):
     activations: tuple[int | str, ...] | str = ()
     optimizer_state: bool = False
+    gradients: bool = False
+    params: tuple[int | str, ...] | str = ()
+    prefetch: int = 1
+    schedule: str = "exact"
+
+    @property
+    def lossy(self) -> bool:
+        return self.schedule == "delayed"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"activations": refs_to_yaml(self.activations), "optimizer_state": self.optimizer_state}
+        out: dict[str, Any] = {"activations": refs_to_yaml(self.activations), "optimizer_state": self.optimizer_state}
+        if self.gradients:  # (the keys a plan of the first two kinds has stay as they were)
+            out["gradients"] = True
+        if self.params:
+            out["params"] = refs_to_yaml(self.params)
+            out["prefetch"] = self.prefetch
+        if self.schedule != "exact":
+            out["schedule"] = self.schedule
+        return out
+
+    @property
+    def new_path(self) -> bool:
+        """Uses a mechanism beyond activations + the original optimizer-state offload."""
+        return self.gradients or bool(self.params) or self.schedule != "exact"
 
     def describe(self) -> str:
         parts = []
         if self.activations:
             parts.append(f"activations of blocks {refs_to_yaml(self.activations)}")
         if self.optimizer_state:
-            parts.append("optimizer state (CPU update)")
-        return "offload " + " and ".join(parts)
+            parts.append("optimizer state (CPU update" + (", delayed one step" if self.schedule == "delayed" else "")
+                         + ")")
+        if self.gradients:
+            parts.append("gradients as produced")
+        if self.params:
+            parts.append(f"weights of blocks {refs_to_yaml(self.params)} (prefetch {self.prefetch})")
+        return "offload " + ", ".join(parts)
 
 
 @register
@@ -82,15 +131,35 @@ class Offload(Strategy):
         acts = validate_block_refs(acts, "offload.activations") if acts not in (None, [], False) else ()
         opt = section.get("optimizer_state", False)
         check_bool(opt, "offload.optimizer_state")
+        grads = section.get("gradients", False)
+        check_bool(grads, "offload.gradients")
+        params = section.get("params", [])
+        params = validate_block_refs(params, "offload.params") if params not in (None, [], False) else ()
+        prefetch = check_choice(section.get("prefetch", 1), tuple(range(MAX_PREFETCH + 1)), "offload.prefetch")
+        schedule = check_choice(section.get("schedule", "exact"), SCHEDULES, "offload.schedule")
         if not acts and not opt:
             raise PlanError("offload: nothing to offload; give `activations` blocks and/or `optimizer_state: true`")
-        return OffloadConfig(activations=acts, optimizer_state=opt)
+        if grads and not opt:
+            raise PlanError("offload.gradients needs `optimizer_state: true`: the host gradients feed the host "
+                            "update (a device update would need them back)")
+        if params and not grads:
+            raise PlanError("offload.params needs `gradients: true` (and `optimizer_state: true`): a streamed "
+                            "block's weights are updated on the host, from its gradients there")
+        if schedule != "exact" and not opt:
+            raise PlanError("offload.schedule applies to the host update: add `optimizer_state: true`")
+        if schedule == "delayed" and params:
+            raise PlanError("offload.schedule delayed updates the host weights while the next step reads "
+                            "them; streamed weights (offload.params) would need a second host copy: drop one")
+        return OffloadConfig(activations=acts, optimizer_state=opt, gradients=grads, params=params,
+                             prefetch=prefetch, schedule=schedule)
 
     def block_modes(self, config: OffloadConfig) -> dict[str, Any]:
         return {"offload": config.activations} if config.activations else {}
 
     def declare(self, config: OffloadConfig, facts: PlanFacts) -> None:
         facts.update_on_host = facts.update_on_host or config.optimizer_state
+        facts.grads_on_host = facts.grads_on_host or config.gradients
+        facts.params_streamed = facts.params_streamed or bool(config.params)
 
     def conflicts(self, config: OffloadConfig, facts: PlanFacts) -> list[str]:
         oname = facts.optimizer
@@ -113,7 +182,22 @@ class Offload(Strategy):
         opt_state = trial.suggest_categorical("offload.optimizer_state", [False, True])
         if not acts and not opt_state:
             return None
-        return {"activations": acts, "optimizer_state": opt_state}
+        section: dict[str, Any] = {"activations": acts, "optimizer_state": opt_state}
+        if opt_state and trial.suggest_categorical("offload.gradients", [False, True]):
+            section["gradients"] = True
+            recomputed = compact(layout.blocks("recompute"), len(profile.repeated_blocks))
+            if recomputed and trial.suggest_categorical("offload.params", [False, True]):
+                section["params"] = recomputed  # the recomputed blocks (the last ones checkpoint takes)
+                section["prefetch"] = trial.suggest_int("offload.prefetch", 1, 2)
+        if opt_state and not section.get("params") and not opts.lossless_only \
+                and trial.suggest_categorical("offload.schedule", ["exact", "delayed"]) == "delayed":
+            section["schedule"] = "delayed"
+        return section
+
+    def memory_seed(self, profile: Any, opts: Any) -> dict[str, Any]:
+        """Everything on the host the exact schedule allows: state, gradients, the recomputed blocks' weights."""
+        return {"offload.optimizer_state": True, "offload.gradients": True, "offload.params": True,
+                "offload.prefetch": 1, "offload.schedule": "exact"}
 
     def effect(self, profile: Any, config: OffloadConfig, sim: Any) -> None:
         """Offloaded blocks keep only what the transport leaves on the device [offl]; their copies run on the
@@ -146,7 +230,9 @@ class Offload(Strategy):
                 b.bwd_extra_bytes = max(b.bwd_extra_bytes, moved + prev_moved)
                 prev_moved = moved
             note_sources(sim, "offload (activations)", measured, formula, "formula: every saved byte moves, no overhead")
-        if config.optimizer_state:
+        if config.optimizer_state and config.new_path:
+            _costs.host_update(profile, config, sim)
+        elif config.optimizer_state:
             n_params = sum(o.n_params for o in profile.optimizers) or profile.trainable_param_bytes / 4
             sim.opt_state_host_bytes += sim.opt_state_bytes + sim.master_bytes
             sim.opt_state_bytes = 0.0
@@ -180,7 +266,9 @@ class Offload(Strategy):
             if config.activations:
                 self._activations(ctx, transport, undos)
             if config.optimizer_state:
-                self._optimizer_state(ctx, transport, undos)
+                self._optimizer_state(ctx, transport, undos, config)
+            if config.params:
+                self._params(ctx, transport, undos, config)
         return undos
 
     def _activations(self, ctx: ApplyContext, transport: Any, undos: Undos) -> None:
@@ -203,16 +291,118 @@ class Offload(Strategy):
             ctx.note(self.name, f"transformers' gradient checkpointing switched off on the {hf} offloaded "
                                 "block(s) (a block is recomputed or offloaded, not both)")
 
-    def _optimizer_state(self, ctx: ApplyContext, transport: Any, undos: Undos) -> None:
+    def _optimizer_state(self, ctx: ApplyContext, transport: Any, undos: Undos, config: OffloadConfig) -> None:
         masters = ctx.master_params
         undos.add(install_clip_patch())  # no-op when `install` already patched it
+        order = self._forward_order(ctx) if config.gradients and config.schedule == "exact" else None
         for opt in ctx.optimizers:
-            o = OptimizerOffload(opt, transport, masters)
-            undos.add(lambda o=o: o.undo(restore_state=not ctx.run_over), "offload")
+            o = OptimizerOffload(opt, transport, masters, gradients=config.gradients,
+                                 ref_dtypes=ctx.reference_grad_dtypes, schedule=config.schedule,
+                                 update_order=order)
+            def undo(o=o) -> None:
+                ctx.note(self.name, o.summary())
+                o.undo(restore_state=not ctx.run_over)
+
+            undos.add(undo, "offload")
             ctx.optimizer_offloads.append(o)
             n = sum(p.numel() for p in o.params)
             how = "fused CPU kernel" if o.overrides else f"{type(opt).__name__}'s own CPU code"
             ctx.note(self.name, f"{type(opt).__name__} state of {n / 1e6:.1f}M params on the host, update on "
-                                f"the CPU ({how})" + ("; fp32 master weights on the host" if masters else "")
+                                f"the CPU ({how}, {config.schedule} schedule)"
+                                + ("; fp32 master weights on the host" if masters else "")
                                 + ("; clip_grad_norm_'s coefficient applied to the host copy"
-                                   if o.clip_on_host else ""))
+                                   if o.clip_on_host and not config.gradients else ""))
+        if order is not None:
+            undos.add(self._forward_waits(ctx), "offload")
+            ctx.note(self.name, "the exact host update overlaps the next forward: weights outside the repeated "
+                                "blocks first, then block by block, each block's forward waiting for its own")
+        if config.gradients:
+            undos.add(self._model_zero_grad(ctx), "offload")
+            ctx.note(self.name, "gradients copied to pinned host memory as backward produces them and dropped on "
+                                "the device; accumulated, unscaled and clipped on the host")
+
+    @staticmethod
+    def _forward_order(ctx: ApplyContext) -> list[list[torch.Tensor]]:
+        """The update's groups in forward order: the weights outside the repeated blocks (the model's own
+        forward waits for them), then each repeated block's."""
+        blocks = [ctx.module(n) for n in ctx.repeated]
+        inside = {id(p) for m in blocks for p in m.parameters()}
+        return [[p for p in ctx.model.parameters() if id(p) not in inside]] + [list(m.parameters()) for m in blocks]
+
+    @staticmethod
+    def _forward_waits(ctx: ApplyContext) -> Undo:
+        """Forward pre-hooks: the model waits for group 0, each repeated block for its group; state_dict
+        waits for all."""
+        offs = [o for o in ctx.optimizer_offloads if o.order is not None]
+
+        def wait(i: int, *_: Any) -> None:
+            for o in offs:
+                o.wait_group(i)
+
+        def wait_all(*_: Any) -> None:
+            for o in offs:
+                o.wait_all()
+
+        hs = [ctx.model.register_forward_pre_hook(lambda m, a: wait(0))]
+        hs += [ctx.module(n).register_forward_pre_hook(lambda m, a, i=i + 1: wait(i))
+               for i, n in enumerate(ctx.repeated)]
+        hs.append(ctx.model.register_state_dict_pre_hook(wait_all))
+
+        def undo() -> None:
+            for h in hs:
+                h.remove()
+
+        return undo
+
+    @staticmethod
+    def _model_zero_grad(ctx: ApplyContext) -> Undo:
+        """model.zero_grad() empties the host gradients too (it would empty the device ones)."""
+        model, offs = ctx.model, list(ctx.optimizer_offloads)
+        orig = model.zero_grad
+
+        def zero_grad(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            for o in offs:
+                if o.hg is not None:
+                    o.hg.reset()
+            return out
+
+        return replace_on_instance(model, "zero_grad", zero_grad)
+
+    def _params(self, ctx: ApplyContext, transport: Any, undos: Undos, config: OffloadConfig) -> None:
+        names = resolve_block_refs(config.params, ctx.repeated, ctx.block_names, "offload.params")
+        bad = [n for n in names if ctx.layout.mode(n) not in RECOMPUTE]
+        if bad:
+            raise PlanError(f"offload.params streams the weights of recomputed blocks only; {bad[:3]} "
+                            f"{'are' if len(bad) > 1 else 'is'} not checkpointed (a block keeping its activations "
+                            "keeps views of its weights until its backward): add them to `checkpoint.blocks`")
+        group = {n: i + 1 for i, n in enumerate(ctx.repeated)}
+        offs = [o for o in ctx.optimizer_offloads if o.order is not None]
+
+        def gate(name: str, wait: bool) -> bool:  # a fetch reads the host copy: after the update wrote it
+            if not wait:
+                return all(o.group_ready(group[name]) for o in offs)
+            for o in offs:
+                o.wait_group(group[name], stream=False)
+            return True
+
+        streamer = ParamStreamer([(n, ctx.module(n)) for n in names], transport, ctx.device, config.prefetch,
+                                 gate=gate if offs else None)
+        for o in ctx.optimizer_offloads:
+            o.host_params.update({k: v for k, v in streamer.store.items() if k in o.ps})
+            o.sync_versions()
+        ctx.param_streamer = streamer
+
+        def undo() -> None:
+            if ctx.run_over:  # the script has ended: the weights stay on the host
+                for h in streamer.handles:
+                    h.remove()
+                return
+            streamer.remove()
+            for o in ctx.optimizer_offloads:
+                o.sync_versions()
+
+        undos.add(undo, "offload")
+        ctx.note(self.name, f"weights of {len(names)} recomputed block(s) ({streamer.bytes / 2**30:.2f} GiB) in "
+                            f"pinned host memory, streamed in {config.prefetch} block(s) ahead in forward and "
+                            "backward")

@@ -3,6 +3,11 @@
 `CudaTransport` copies on one side stream per direction through the caching host allocator's pinned buffers;
 the compute stream waits on events, so results are right whatever the timing. `CloneTransport` is the CPU
 stand-in the tests use (`simulate_host()`): the same bookkeeping, copies are clones, no streams.
+
+Buffers that live for the whole run (streamed gradients' landing buffers, the host copy of streamed
+parameters, the bf16 staging of updated weights) come from `host_buffer`, which carves them out of 1 GiB
+pinned segments (`PinnedArena`): the caching host allocator rounds every pinned allocation up to a power of
+two, so a Llama-7B MLP weight in bf16 (86 MiB) would take 128 MiB, and 13 GB of such buffers ~17 GB.
 """
 
 from __future__ import annotations
@@ -35,6 +40,45 @@ def simulate_host() -> Iterator[None]:
         _simulated -= 1
 
 
+class PinnedArena:
+    """Long-lived pinned host buffers carved out of `segment`-byte pinned allocations (a power of two, so the
+    caching host allocator rounds nothing); a buffer that does not fit the current segment's rest starts a
+    new one (the rest is lost, at most one buffer's size per segment)."""
+
+    ALIGN = 512
+
+    def __init__(self, segment: int = 1 << 30, pin: bool = True):
+        import threading
+
+        self.segment = segment
+        self.pin = pin
+        self._lock = threading.Lock()  # backward's hooks, the host-update thread and the main thread allocate
+        self.segments: list[torch.Tensor] = []
+        self.offset = segment  # no segment yet
+        self.used = 0  # bytes handed out
+
+    def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            return self._empty(shape, dtype)
+
+    def _empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = max(1, torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        self.used += n
+        if n > self.segment:  # its own allocation (rounded up by the allocator: rare, a huge embedding)
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        if self.offset + n > self.segment:
+            self.segments.append(torch.empty(self.segment, dtype=torch.uint8, pin_memory=self.pin))
+            self.offset = 0
+        seg = self.segments[-1]
+        out = seg[self.offset:self.offset + n].view(dtype)[:torch.Size(shape).numel()].view(shape)
+        self.offset += (n + self.ALIGN - 1) // self.ALIGN * self.ALIGN
+        return out
+
+    @property
+    def reserved(self) -> int:
+        return len(self.segments) * self.segment
+
+
 class CloneTransport:
     """CPU stand-in used by tests: same bookkeeping, copies are clones, no streams."""
 
@@ -43,6 +87,10 @@ class CloneTransport:
 
     def host_like(self, t: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(t)
+
+    def host_buffer(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer kept for the run (pinned on CUDA: `PinnedArena`)."""
+        return torch.empty(shape, dtype=dtype)
 
     def d2h(self, dst: torch.Tensor, src: torch.Tensor):
         dst.copy_(src)
@@ -84,10 +132,15 @@ class CudaTransport:
         self.device = device
         self.d2h_stream = torch.cuda.Stream(device)
         self.h2d_stream = torch.cuda.Stream(device)
+        self.arena = PinnedArena()
 
     def host_like(self, t: torch.Tensor) -> torch.Tensor:
         # preserve_format keeps the strides of a dense tensor: backward sees the very same layout
         return torch.empty_like(t, device="cpu", pin_memory=True)
+
+    def host_buffer(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host buffer kept for the run, from the arena (no power-of-two rounding)."""
+        return self.arena.empty(shape, dtype)
 
     def d2h(self, dst: torch.Tensor, src: torch.Tensor):
         s = self.d2h_stream
