@@ -290,7 +290,8 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
     sim.other_model_bytes = float(profile.other_module_bytes)
     # the whole run's peak counts the model as the script placed it on the device before the plan could
     # change it (strategies/placement.py defers that move)
-    sim.load_bytes = float(profile.param_bytes + profile.buffer_bytes)
+    # (on a GPU: a CPU profile's "peak" is the sum of the step's parts, and nothing is loaded onto a device)
+    sim.load_bytes = float(profile.param_bytes + profile.buffer_bytes) if profile.device == "cuda" else 0.0
     sim.grad_bytes = float(profile.grad_bytes or profile.trainable_param_bytes)
     sim.grads_persist = bool(profile.grads_persist)
     sim.opt_state_bytes = float(profile.optimizer_state_bytes)
