@@ -253,6 +253,7 @@ def tune(
     """Search plans that fit a memory budget at the highest throughput (cost model + Optuna), write plan.yaml."""
     from memtune.render import pareto_table, progress_bars
     from memtune.tune import tune_files
+    from memtune.tune.study import shown_url
     from memtune.units import format_bytes
 
     with user_errors(), progress_bars(err_console, enabled=not json_out and err_console.is_terminal) as progress:
@@ -276,7 +277,7 @@ def tune(
     console.print(f"wrote [bold]{escape(str(res.output))}[/] ({peak}, {thr}){lossy}; "
                   f"{res.new_trials} trials in {res.search_s:.1f} s of search"
                   + (f" + {res.elapsed_s - res.search_s:.1f} s of verification" if res.verified else "")
-                  + f", study {res.study_name!r} in {res.storage}",
+                  + f", study {res.study_name!r} in {shown_url(res.storage or '')}",
                   soft_wrap=True, highlight=False)
     console.print(f"run it: memtune apply {res.output}", highlight=False, markup=False)
 

@@ -315,7 +315,7 @@ CASES: list[Case] = [
          "the script raised ValueError", script_raises=True, subprocess=True),
     Case("runs", "Ctrl-C during tune: the study is kept",
          ["tune", "profile.json", "--budget", "2GiB", "-o", "new.yaml", "--trials", "100000", "--timeout", "10m"],
-         "trials kept in study", code=130, subprocess=True, interrupt_after_s=3.0),
+         "trials kept in study", code=130, subprocess=True, interrupt_after_s=1.5),
 ]
 for i, c in enumerate(CASES, 1):
     c.id = f"{i:02d}-{c.group}"

@@ -180,8 +180,8 @@ def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any])
     n_before = len(study.get_trials(deepcopy=False))
     if n_before and opts.notify:
         opts.notify(f"resuming {n_before} trials of study {name!r} from {shown_url(opts.storage or '')}")
+    done: list[str] = []
     if not any(ft.user_attrs.get("memtune_kind") == "search" for ft in study.get_trials(deepcopy=False)):
-        done: list[str] = []
         for p in seeds:
             k = json.dumps(canon(p), default=str)
             if k not in done:
@@ -205,9 +205,8 @@ def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any])
         done_trials[0] += 1
         if opts.progress:
             opts.progress("searching plans on the cost model", done_trials[0], opts.trials)
-        # the seed plans run whatever the clock says: without them there is nothing to choose from
-        seeds_left = any(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
-        if writer.after_trial() and not seeds_left:
+        # the seed plans (enqueued, so run first) run whatever the clock says: without them nothing to choose from
+        if writer.after_trial() and done_trials[0] >= len(done):
             study.stop()
 
     with sigint_stops(study.stop) as sig:
@@ -268,8 +267,8 @@ def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any])
         "predicted": {"peak_bytes": int(chosen.peak_bytes), "peak": format_bytes(chosen.peak_bytes),
                       "step_s": chosen.step_s, "throughput": chosen.throughput, "unit": chosen.unit},
         "measured": _measured_summary(chosen.measured),
-        "study": {"name": name, "storage": opts.storage, "trial": chosen.number, "seed": opts.seed,
-                  "trials": len(cands)},
+        "study": {"name": name, "storage": shown_url(opts.storage) if opts.storage else None,  # no password
+                  "trial": chosen.number, "seed": opts.seed, "trials": len(cands)},
     }
     return TuneResult(
         plan=plan, chosen=chosen, pareto=pareto_front(cands), smallest=smallest_c, verified=verified,

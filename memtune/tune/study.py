@@ -42,6 +42,8 @@ def shown_url(url: str) -> str:
     """A storage URL as messages show it: the password masked."""
     from sqlalchemy.engine import make_url
 
+    if url.startswith("sqlite:"):  # a file path, no password: exactly as given (the report reopens it)
+        return url
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy parses: show it as given

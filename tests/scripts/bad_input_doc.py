@@ -31,6 +31,15 @@ The table is generated: `python tests/scripts/bad_input_doc.py` runs every case 
 `tests/bad_input_cases.py` and writes this file; `tests/test_bad_input.py` runs the same cases (checking the
 exit code, the single line, no traceback, no changed file) and fails when this table is not what they print.
 
+What is not a one-line refusal is tested in `tests/test_robustness.py`: a relative `run.script` or
+`provenance.profile` is read beside the plan file first (then from the current folder, where tune's
+verification runs); `report` takes the plan's profile from beside the plan, never a same-named file of the
+current folder; a resumed `tune` says `resuming N trials of study ...` on stderr and its `--timeout` bounds the
+whole search, writes to the study included (verification comes on top); Ctrl-C inside the search keeps every
+trial run so far and the same command resumes them; as root, `--force` onto a character device node (as
+`/dev/full`) is refused; without root, a folder without write permission is refused before the run; every
+option of every command has help.
+
 """
 
 
