@@ -347,7 +347,7 @@ def tune_one(prof: Path, b: int, w: dict, out: Path, name: str, args, lossless: 
     knob = f"--batch-size={','.join(map(str, w['batches']))}"
     t0 = time.perf_counter()
     try:
-        r = tune_files(str(prof), str(b), str(plan_out), trials=args.trials, timeout=f"{args.search_s}s",
+        r = tune_files(str(prof), b, str(plan_out), trials=args.trials, timeout=f"{args.search_s}s",
                               verify=args.verify, verify_steps=args.verify_steps, batch_knob=knob,
                               lossless_only=lossless, force=True, seed=0)
         return r, None, time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """The `memtune` command: a thin Typer app. Each command parses, calls one library function, renders.
 
-Library code raises `MemtuneError`; `user_errors()` turns it into one line on stderr and exit code 1.
+Library code raises `MemtuneError`; `user_errors()` turns it into one line on stderr and exit code 1 (130 for
+a Ctrl-C). Every output path is checked by the library before the work starts.
 """
 
 from __future__ import annotations
@@ -14,11 +15,38 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from memtune import __version__
-from memtune.errors import InputError, MemtuneError
+from memtune.errors import InputError, Interrupted, MemtuneError
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type, a missing argument) as one line on stderr
+    and exit 1, like every other error memtune reports; the command's --help is named for the details."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # click's errors (typer vendors click; this is their public base)
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `memtune`: the help, as before
+                typer.echo(e.ctx.get_help())
+                sys.exit(0)
+            ctx = getattr(e, "ctx", None)
+            where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            msg = " ".join(e.format_message().split()).rstrip(".")
+            err_console.print(f"[bold red]error:[/] {escape(msg)}{escape(where)}", soft_wrap=True, highlight=False)
+            sys.exit(1)
+        except typer.Abort:
+            err_console.print("interrupted", highlight=False)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="memtune",
     help="Fit a PyTorch training run into a GPU memory budget at the highest throughput, "
     "without editing the training script.",
@@ -36,6 +64,9 @@ def user_errors():
     """A MemtuneError is the user's to fix: print its message on one line and exit 1, no traceback."""
     try:
         yield
+    except Interrupted as e:  # Ctrl-C: what was kept, on one line, exit 130
+        err_console.print(" ".join(str(e).split()), soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(e.exit_code) from None
     except MemtuneError as e:
         msg = " ".join(str(e).split())
         # escape: a message may hold brackets, e.g. pip install 'memtune[report]'
@@ -112,10 +143,10 @@ def env(json_out: JsonOpt = False) -> None:
 def profile(
     args: Annotated[list[str] | None, typer.Argument(metavar="SCRIPT [-- SCRIPT_ARGS...]", help="The training script, then its own arguments after `--`.")] = None,
     module: Annotated[str | None, typer.Option("-m", "--module", help="Run a module as `python -m` does (all arguments go to it).")] = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the profile JSON.")] = "profile.json",
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the profile JSON (checked before the script runs; an existing file needs --force).")] = "profile.json",
     steps: Annotated[int, typer.Option("--steps", help="Measured optimizer steps (3+: one memory, one timing, the rest clean).")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", help="Optimizer steps run first and not measured.")] = 1,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (only a regular file: never a link, device or folder).")] = False,
     stop: Annotated[bool, typer.Option("--stop/--no-stop", help="Stop the script after the measured steps (--no-stop: let it finish).")] = True,
     blocks: Annotated[str | None, typer.Option("--blocks", help="Glob over module paths for the repeated blocks, e.g. 'model.layers.*'.")] = None,
     memory_timeline: Annotated[bool, typer.Option("--memory-timeline", help="On a GPU, record the allocator's history over the memory step beside the profile (PROFILE.memory.pickle), for `memtune report`.")] = False,
@@ -153,7 +184,7 @@ def profile(
 def estimate(
     profile: Annotated[str, typer.Argument(help="profile.json written by `memtune profile`.")],
     plan: Annotated[str | None, typer.Option("--plan", "-p", help="plan.yaml to estimate; none: the baseline.")] = None,
-    budget: Annotated[str | None, typer.Option("--budget", "-b", help="GPU memory budget, e.g. 16GiB, 16GB, 16000MiB.")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", "-b", help="GPU memory budget with its unit, e.g. 16GiB, 16GB, 16000MiB (a bare number is refused).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Estimate at this batch size (scaled from the profile).")] = None,
     profile2: Annotated[str | None, typer.Option("--profile2", help="A profile of the same run at another batch size: fit batch scaling through both.")] = None,
     json_out: JsonOpt = False,
@@ -176,10 +207,10 @@ def report(
     out: Annotated[str, typer.Option("--out", "-o", help="HTML file to write (self-contained, opens offline).")] = "report.html",
     png: Annotated[str | None, typer.Option("--png", help="Also write each plot as a PNG into this directory.")] = None,
     csv: Annotated[str | None, typer.Option("--csv", help="Also write each table as a CSV into this directory (columns: docs/report.md).")] = None,
-    profile: Annotated[str | None, typer.Option("--profile", help="The profile a plan or study was tuned on, when it does not say.")] = None,
-    budget: Annotated[str | None, typer.Option("--budget", "-b", help="Budget line to draw, e.g. 16GiB (default: the plan's or study's).")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="The profile to draw a plan or study against (default: the one its provenance names, looked up beside it; a profile whose digest differs from the plan's is then refused, while one given here is drawn with a note).")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", "-b", help="Budget line to draw, with its unit, e.g. 16GiB (default: the plan's or study's).")] = None,
     study: Annotated[str | None, typer.Option("--study", help="Study name, when the storage holds several.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing output files (only regular files: never a link, device or folder).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Write an HTML report (plots and tables) of a profile, a plan or a tuning study."""
@@ -203,32 +234,34 @@ def report(
 @app.command()
 def tune(
     profile: Annotated[str, typer.Argument(help="profile.json written by `memtune profile`.")],
-    budget: Annotated[str, typer.Option("--budget", "-b", help="GPU memory budget for PyTorch's allocations (max_memory_allocated), e.g. 16GiB, 16GB, 16000MiB; the CUDA context and allocator caching come on top.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the plan.")] = "plan.yaml",
+    budget: Annotated[str, typer.Option("--budget", "-b", help="GPU memory budget for PyTorch's allocations (max_memory_allocated), with its unit, e.g. 16GiB, 16GB, 16000MiB; the CUDA context and allocator caching come on top.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the plan (checked before the search; an existing file needs --force). The study goes beside it as PLAN.study.db unless --storage says otherwise.")] = "plan.yaml",
     trials: Annotated[int, typer.Option("--trials", help="Plans to evaluate on the cost model (more on a resumed study).")] = 300,
-    timeout: Annotated[str, typer.Option("--timeout", help="Stop searching after this long, e.g. 60s, 2m.")] = "60s",
+    timeout: Annotated[str, typer.Option("--timeout", help="Time for the whole search, resumed study or not (seed plans, trials, writing them to the study), e.g. 60s, 2m; --verify runs come on top of it.")] = "60s",
     verify: Annotated[int, typer.Option("--verify", help="Run the k best predicted plans for real and pick on measurements.")] = 0,
     verify_steps: Annotated[int, typer.Option("--verify-steps", help="Steps per verification run.")] = 8,
     objective: Annotated[str, typer.Option("--objective", help="throughput (fastest plan that fits) or memory (smallest peak).")] = "throughput",
     lossless_only: Annotated[bool, typer.Option("--lossless-only", help="Leave out every choice that changes the numbers.")] = False,
     batch_knob: Annotated[str | None, typer.Option("--batch-knob", help="Search the script's batch flag too, e.g. --batch-size=8,16,32 (objective: samples/s).")] = None,
-    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL; default: SQLite next to the plan (resumes; opens in optuna-dashboard).")] = None,
+    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL, e.g. sqlite:///study.db (other databases need their driver installed); default: SQLite next to the plan. An existing study resumes (a line on stderr says so); it opens in optuna-dashboard.")] = None,
     study_name: Annotated[str | None, typer.Option("--study-name", help="Study to create or resume; default from the profile, budget and options.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampler seed: the same seed gives the same study.")] = 0,
     margin: Annotated[str | None, typer.Option("--margin", help="Share of the budget kept free, e.g. 5%; default: the cost model's measured error.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite the output plan.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing plan file (only a regular file: never a link, device or folder).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Search plans that fit a memory budget at the highest throughput (cost model + Optuna), write plan.yaml."""
     from memtune.render import pareto_table, progress_bars
     from memtune.tune import tune_files
+    from memtune.tune.study import shown_url
     from memtune.units import format_bytes
 
-    with user_errors(), progress_bars(err_console, enabled=not json_out) as progress:
+    with user_errors(), progress_bars(err_console, enabled=not json_out and err_console.is_terminal) as progress:
         res = tune_files(profile, budget, output, trials=trials, timeout=timeout, verify=verify,
                          verify_steps=verify_steps, objective=objective, lossless_only=lossless_only,
                          batch_knob=batch_knob, storage=storage, study_name=study_name, seed=seed, margin=margin,
-                         force=force, progress=progress)
+                         force=force, progress=progress,
+                         notify=lambda line: err_console.print(line, soft_wrap=True, highlight=False, markup=False))
     for w in res.warnings:
         err_console.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
     if json_out:
@@ -241,10 +274,12 @@ def tune(
             else f"predicted peak {format_bytes(c.peak_bytes)}")
     thr = f"{m['throughput']:.4g} {c.unit} measured" if m else f"{c.throughput:.4g} {c.unit} predicted"
     lossy = f" [bold yellow]LOSSY: {', '.join(c.lossy)}[/]" if c.lossy else ""
-    console.print(f"wrote [bold]{res.output}[/] ({peak}, {thr}){lossy}; "
-                  f"{res.new_trials} trials in {res.elapsed_s:.1f} s, study {res.study_name!r} in {res.storage}",
+    console.print(f"wrote [bold]{escape(str(res.output))}[/] ({peak}, {thr}){lossy}; "
+                  f"{res.new_trials} trials in {res.search_s:.1f} s of search"
+                  + (f" + {res.elapsed_s - res.search_s:.1f} s of verification" if res.verified else "")
+                  + f", study {res.study_name!r} in {shown_url(res.storage or '')}",
                   soft_wrap=True, highlight=False)
-    console.print(f"run it: memtune apply {res.output}", highlight=False)
+    console.print(f"run it: memtune apply {res.output}", highlight=False, markup=False)
 
 
 @app.command(name="apply", context_settings={"allow_interspersed_args": True})
@@ -252,8 +287,8 @@ def apply_cmd(
     plan: Annotated[str, typer.Argument(help="plan.yaml (from `memtune tune`, or written by hand).")],
     args: Annotated[list[str] | None, typer.Argument(metavar="[SCRIPT] [-- SCRIPT_ARGS...]", help="The script and its arguments; default: the plan's `run` section.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Stop after N optimizer steps (default: let the script finish).")] = None,
-    report_out: Annotated[str | None, typer.Option("--report", help="Write what was applied and the measured peak and step time as JSON.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --report file.")] = False,
+    report_out: Annotated[str | None, typer.Option("--report", help="Write what was applied and the measured peak and step time as JSON (checked before the run).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --report file (only a regular file).")] = False,
     blocks: Annotated[str | None, typer.Option("--blocks", help="Glob over module paths for the repeated blocks, e.g. 'model.layers.*'.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -282,7 +317,7 @@ def apply_cmd(
     with user_errors():
         p = load_plan(plan)
         if report_out:
-            check_writable(report_out, force)
+            check_writable(report_out, force, "--report")
         redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
         with redirect:
             res = run_apply(p, script, args or None, steps=steps, blocks_pattern=blocks, on_notes=show)

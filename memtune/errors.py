@@ -36,3 +36,9 @@ class BudgetTooSmall(MemtuneError):
 
 class VerificationFailed(MemtuneError):
     """Every verified plan failed for real (out of memory, over budget, or crashed)."""
+
+
+class Interrupted(MemtuneError):
+    """The user pressed Ctrl-C; the message says what was kept. Exit code 130, as a shell gives SIGINT."""
+
+    exit_code = 130

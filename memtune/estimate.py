@@ -100,10 +100,11 @@ class EstimateReport:
 
 def estimate_files(profile_path: str | Path, plan_path: str | Path | None = None, budget: str | int | None = None,
                    batch_size: int | None = None, profile2_path: str | Path | None = None) -> EstimateReport:
-    """Load a profile (and optionally a plan and a second profile for the batch fit) and estimate."""
-    from memtune.units import parse_size
+    """Load a profile (and optionally a plan and a second profile for the batch fit) and estimate. `budget` is a
+    size with its unit (an int: bytes)."""
+    from memtune.units import parse_budget
 
-    budget_bytes = parse_size(budget) if budget is not None else None
+    budget_bytes = parse_budget(budget) if budget is not None else None
     profile = Profile.load(profile_path)
     if profile2_path:
         profile = fit_batch(profile, Profile.load(profile2_path))

@@ -167,7 +167,7 @@ def resolve_run(plan: Plan, script: str | None, argv: Sequence[str] | None) -> t
     then the profile the plan's provenance names."""
     run = dict(plan.run or {})
     if not run.get("script") and not run.get("module"):
-        prof = (plan.provenance or {}).get("profile")
+        prof = plan.beside((plan.provenance or {}).get("profile"))
         if isinstance(prof, str) and Path(prof).is_file():
             from memtune.profile import Profile
 
@@ -177,7 +177,8 @@ def resolve_run(plan: Plan, script: str | None, argv: Sequence[str] | None) -> t
             run.setdefault("argv", pr.argv)
     module = None
     if script is None:
-        script, module = run.get("script"), run.get("module")
+        # a relative script the plan names: beside the plan file when it is there, else the current folder
+        script, module = plan.beside(run.get("script")), run.get("module")
         if argv is None or len(argv) == 0:
             argv = [str(a) for a in (run.get("argv") or [])]
     if script is None and module is None:

@@ -16,8 +16,10 @@ turns a document into a validated Plan. An absent section means "leave this as t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -70,6 +72,16 @@ class Plan:
     sections: dict[str, SectionConfig] = field(default_factory=dict)  # strategy name -> validated section
     run: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # the file it was read from (relative paths in `run` and `provenance` are looked up beside it first)
+    source: str | None = field(default=None, compare=False, repr=False)
+
+    def beside(self, path: str | None) -> str | None:
+        """A relative path the plan names, resolved against the plan file's folder when it exists there;
+        otherwise as written (the current folder)."""
+        if not isinstance(path, str) or not path or self.source is None or Path(path).is_absolute():
+            return path
+        cand = Path(self.source).parent / path
+        return str(cand) if cand.exists() else path
 
     def get(self, name: str) -> Any:
         return self.sections.get(name)
@@ -104,17 +116,75 @@ class Plan:
         return write_text_atomic(path, self.to_yaml())
 
 
-def read_plan_file(path: str | Path) -> Any:
-    """The YAML of a plan file, parsed (not validated)."""
-    p = Path(path)
-    if not p.is_file():
-        raise PlanError(f"plan {p} not found: check the path, or write one with `memtune tune`")
+class _PlanLoader(yaml.SafeLoader):
+    """Safe YAML that also refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+def _mapping(loader: _PlanLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for k_node, _ in node.value:
+        if k_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults` may override keys on purpose
+        key = loader.construct_object(k_node, deep=True)
+        with contextlib.suppress(TypeError):  # an unhashable key: construct_mapping says so
+            if key in seen:
+                raise _DuplicateKey(key, k_node.start_mark.line + 1, seen[key])
+            seen[key] = k_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_PlanLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_plan_text(text: str, source: str = "plan") -> Any:
+    """Plan YAML -> Python data (not validated), or one PlanError naming the line."""
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.load(text, Loader=_PlanLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as e:
+        raise PlanError(f"{source}: key {e.key!r} is given twice (line {e.first} and line {e.line}): keep one") from None
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}" if mark else ""
+        tag = str(getattr(e, "problem", "") or "")
+        m = re.search(r"tag '([^']*)'", tag)
+        name = m.group(1).replace("tag:yaml.org,2002:", "!!") if m else "?"
+        if "python/" in name:
+            raise PlanError(f"{source}: the tag {name}{at} is refused as unsafe (it would build Python objects): "
+                            "a plan is plain YAML; remove the tag") from None
+        raise PlanError(f"{source}: {' '.join(str(e).split())[:200]}; a plan is plain YAML without tags") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
-        raise PlanError(f"{p} is not valid YAML{at}: fix the syntax") from None
+        problem = getattr(e, "problem", None)
+        why = f" ({problem})" if problem else ""
+        raise PlanError(f"{source} is not valid YAML{at}{why}: fix the syntax") from None
+
+
+def read_plan_file(path: str | Path) -> Any:
+    """The YAML of a plan file, parsed (not validated)."""
+    p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"plan {p} is a directory: give the plan file, e.g. {p / 'plan.yaml'}")
+    if not p.is_file():
+        raise PlanError(f"plan {p} not found: check the path, or write one with `memtune tune`")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise PlanError(f"cannot read plan {p} ({e.strerror}): check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise PlanError(f"{p} is not a text file (binary content): give a plan.yaml written by `memtune tune` "
+                        "or by hand")
+    return parse_plan_text(text, str(p))
 
 
 def split_document(data: Any, source: str = "plan") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -123,15 +193,53 @@ def split_document(data: Any, source: str = "plan") -> tuple[dict[str, Any], dic
         data = {}
     if not isinstance(data, dict):
         raise PlanError(f"{source} must be a YAML mapping of sections, e.g. `checkpoint: {{blocks: all}}`")
+    for k in data:
+        if not isinstance(k, str):
+            raise PlanError(f"{source}: section names are words, got {k!r}")
     version = data.get("memtune_plan", PLAN_VERSION)
-    if version != PLAN_VERSION:
-        raise PlanError(f"{source} is plan version {version}; this memtune reads version {PLAN_VERSION}")
+    if version != PLAN_VERSION or isinstance(version, bool):
+        raise PlanError(f"{source} is plan version {version!r}; this memtune reads version {PLAN_VERSION}")
     run = data.get("run") or {}
     if not isinstance(run, dict):
         raise PlanError(f"{source}: `run` must be a mapping with keys {', '.join(RUN_KEYS)}")
     check_keys(run, RUN_KEYS, f"{source}: run")
+    check_run(run, f"{source}: run")
+    prov = data.get("provenance") or {}
+    if not isinstance(prov, dict):
+        raise PlanError(f"{source}: `provenance` must be a mapping (memtune tune writes it; it can be left out)")
     sections = {k: v for k, v in data.items() if k not in RESERVED}
-    return sections, dict(run), dict(data.get("provenance") or {})
+    return sections, dict(run), dict(prov)
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+
+def check_run(run: dict[str, Any], where: str) -> None:
+    """The `run` section's values have the types it says: a script or module name, argv a list of arguments,
+    knobs a mapping of flags to values."""
+    for k in ("script", "module"):
+        v = run.get(k)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise PlanError(f"{where}.{k} must be a {RUN_KEYS[k]} (a string), got {v!r}")
+    if run.get("script") and run.get("module"):
+        raise PlanError(f"{where}: give script or module, not both")
+    argv = run.get("argv")
+    if argv is not None:
+        if isinstance(argv, str):
+            raise PlanError(f"{where}.argv must be a list of arguments, e.g. [--steps, '20'], not a string "
+                            f"({argv!r}): write each argument as an item")
+        if not isinstance(argv, list) or not all(_scalar(a) for a in argv):
+            raise PlanError(f"{where}.argv must be a list of arguments (strings or numbers), e.g. [--steps, '20'], "
+                            f"got {argv!r}")
+    knobs = run.get("knobs")
+    if knobs is not None:
+        if not isinstance(knobs, dict):
+            raise PlanError(f"{where}.knobs must be a mapping of flag to value, e.g. {{--batch-size: 16}}, got {knobs!r}")
+        for flag, v in knobs.items():
+            if not isinstance(flag, str) or not _scalar(v):
+                raise PlanError(f"{where}.knobs: {flag!r}: {v!r} must be a flag (string) and a value (string or "
+                                "number), e.g. {--batch-size: 16}")
 
 
 # --- checks sections are made of ---------------------------------------------------------------------

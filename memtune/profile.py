@@ -1,7 +1,12 @@
 """The Profile: what `memtune profile` measured, as a versioned JSON document (schema: docs/profile.md).
 
-Everything downstream (cost model, search, patcher, reports) reads this. Add fields only with defaults,
-never rename one without bumping SCHEMA_VERSION.
+Everything downstream (cost model, search, patcher, reports) reads this. Add fields only with defaults (and
+`metadata=OPTIONAL`, so that profiles written before them still load), never rename one without bumping
+SCHEMA_VERSION.
+
+The dataclasses below are the schema, in one place: loading validates a document against their type hints
+(`_build`), every field required unless marked `OPTIONAL` (provenance, notes, fields added later), and a
+wrong or missing field is one line naming it.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,8 @@ from memtune.blocks import resolve_block_refs
 from memtune.errors import ProfileError
 
 SCHEMA_VERSION = 1
+# a field a profile may leave out: informational, or added to the schema after its first profiles
+OPTIONAL = {"optional": True}
 
 
 @dataclass
@@ -34,7 +43,7 @@ class Hardware:
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # by dtype name: "bf16", "fp32"
     # optimizer-state offload's host update: parameters per second with the script's optimizer (measured on
     # GPU profiles by profilers/probes.py `host_update_rate`; None: not measured)
-    host_update_params_per_s: float | None = None
+    host_update_params_per_s: float | None = field(default=None, metadata=OPTIONAL)
     world_size: int = 1
     allgather_gbps: float | None = None  # measured when distributed (bus bandwidth)
     reduce_scatter_gbps: float | None = None
@@ -46,12 +55,12 @@ class WhatIf:
     it had in the memory step, at the profile's batch size, alone (nothing before or after it). Bytes are
     CUDA allocator readings relative to the block's own start; times are CUDA-event medians."""
 
-    kept_bytes: int = 0  # allocated from the end of its forward to its backward, its output excluded
-    fwd_peak_bytes: int = 0  # highest allocation above the start during its forward (output included)
-    bwd_peak_bytes: int = 0  # highest allocation above the backward's start, weight gradients excluded
-    fwd_s: float = 0.0
-    bwd_s: float = 0.0
-    moved_bytes: int = 0  # offload: bytes its saved tensors sent to the host
+    kept_bytes: int = field(default=0, metadata=OPTIONAL)  # allocated from the end of its forward to its backward, its output excluded
+    fwd_peak_bytes: int = field(default=0, metadata=OPTIONAL)  # highest allocation above the start during its forward (output included)
+    bwd_peak_bytes: int = field(default=0, metadata=OPTIONAL)  # highest allocation above the backward's start, weight gradients excluded
+    fwd_s: float = field(default=0.0, metadata=OPTIONAL)
+    bwd_s: float = field(default=0.0, metadata=OPTIONAL)
+    moved_bytes: int = field(default=0, metadata=OPTIONAL)  # offload: bytes its saved tensors sent to the host
 
 
 @dataclass
@@ -77,10 +86,10 @@ class BlockProfile:
     calls_per_step: int = 1  # forward calls per optimizer step (gradient accumulation multiplies this)
     # what-if probe: saved bytes of this block's class with its floating parameters and inputs in bf16,
     # under the script's autocast (what precision `params: bf16` makes of it); None when not probed
-    activation_bytes_bf16_params: int | None = None
+    activation_bytes_bf16_params: int | None = field(default=None, metadata=OPTIONAL)
     # what-if probes: this block's class measured in each mode the plan space can give it ("keep",
-    # "recompute", "selective", "compress", "offload"); empty when not probed (CPU profiles, older ones)
-    what_ifs: dict[str, WhatIf] = field(default_factory=dict)
+    # "recompute", "selective", "compress", "offload", "half"); empty when not probed (CPU profiles, older ones)
+    what_ifs: dict[str, WhatIf] = field(default_factory=dict, metadata=OPTIONAL)
 
 
 @dataclass
@@ -107,9 +116,9 @@ class Peak:
 @dataclass
 class Profile:
     schema_version: int = SCHEMA_VERSION
-    memtune_version: str = ""
-    torch_version: str = ""
-    created: str = ""
+    memtune_version: str = field(default="", metadata=OPTIONAL)
+    torch_version: str = field(default="", metadata=OPTIONAL)
+    created: str = field(default="", metadata=OPTIONAL)
     script: str | None = None  # path as given
     module: str | None = None  # for `memtune profile -m pkg.mod`
     argv: list[str] = field(default_factory=list)  # the script's own arguments
@@ -124,7 +133,7 @@ class Profile:
     grad_bytes: int = 0
     optimizer_state_bytes: int = 0
     buffer_bytes: int = 0
-    other_module_bytes: int = 0  # parameters and buffers of modules no optimizer trains (EMA copy, teacher)
+    other_module_bytes: int = field(default=0, metadata=OPTIONAL)  # parameters and buffers of modules no optimizer trains (EMA copy, teacher)
     other_activation_bytes: int = 0  # saved for backward outside every block (loss, glue code)
     loss_transient_bytes: int = 0  # largest transient between the last block's forward and backward start
     step_start_bytes: int = 0  # allocated when a step's first forward starts
@@ -146,8 +155,8 @@ class Profile:
     world_size: int = 1
     rank: int = 0
     ddp: bool = False  # the script wraps its model in DistributedDataParallel
-    notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # anything a later component wants to keep
+    notes: list[str] = field(default_factory=list, metadata=OPTIONAL)
+    extra: dict[str, Any] = field(default_factory=dict, metadata=OPTIONAL)  # anything a later component keeps
 
     # --- derived -------------------------------------------------------------------------------
     @property
@@ -181,13 +190,10 @@ class Profile:
             raise ProfileError(f"{source} is not a memtune profile: write one with `memtune profile SCRIPT`")
         if data["schema_version"] != SCHEMA_VERSION:
             raise ProfileError(
-                f"{source} has profile schema {data['schema_version']}, this memtune reads {SCHEMA_VERSION}: "
+                f"{source} has profile schema {data['schema_version']!r}, this memtune reads {SCHEMA_VERSION}: "
                 "profile the script again with this version"
             )
-        try:
-            return _build(cls, data)
-        except (TypeError, KeyError, ValueError) as e:
-            raise ProfileError(f"{source} is malformed ({e}): profile the script again") from None
+        return _build(cls, data, source, "")
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -201,21 +207,91 @@ class Profile:
         return write_text_atomic(path, self.to_json())
 
 
-_NESTED = {"hardware": Hardware, "peak": Peak}
-_LISTS = {"blocks": BlockProfile, "optimizers": OptimizerProfile}
+# --- validation against the dataclasses' type hints ----------------------------------------------------
 
 
-def _build(klass, data: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(klass)}
+def _bad(source: str, where: str, what: str) -> ProfileError:
+    return ProfileError(f"{source}: field {where} {what}: profile the script again with `memtune profile`, "
+                        "or fix the field")
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    if origin is dict or tp is dict:
+        return "an object"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _got(v: Any) -> str:
+    if v is None:
+        return "null"
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)
+    shown = repr(v) if not isinstance(v, (list, dict)) else ""
+    return f"{kind} ({shown[:40]})" if shown else kind
+
+
+def _value(tp: Any, v: Any, source: str, where: str) -> Any:
+    """`v` checked against the type hint `tp` (dataclasses built); a mismatch is one ProfileError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return v
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _value(a, v, source, where)
+            except ProfileError:
+                continue
+        raise _bad(source, where, f"must be {_describe(tp)}, got {_got(v)}")
+    ok: bool
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(v, dict):
+            raise _bad(source, where, f"must be an object, got {_got(v)}")
+        return _build(tp, v, source, where + ".")
+    if origin is list:
+        if not isinstance(v, list):
+            raise _bad(source, where, f"must be {_describe(tp)}, got {_got(v)}")
+        return [_value(args[0], x, source, f"{where}[{i}]") for i, x in enumerate(v)] if args else v
+    if origin is dict or tp is dict:
+        if not isinstance(v, dict):
+            raise _bad(source, where, f"must be an object, got {_got(v)}")
+        if not args:
+            return v
+        return {k: _value(args[1], x, source, f"{where}.{k}") for k, x in v.items()}
+    if tp is bool:
+        ok = isinstance(v, bool)
+    elif tp is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif tp is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    elif tp is type(None):
+        ok = v is None
+    else:
+        ok = isinstance(v, tp)
+    if not ok:
+        raise _bad(source, where, f"must be {_describe(tp)}, got {_got(v)}")
+    return v
+
+
+def _build(klass: Any, data: dict[str, Any], source: str = "profile", prefix: str = "") -> Any:
+    """A dataclass from a JSON object, every value checked against the field's type hint; a field without
+    `OPTIONAL` metadata must be present. Unknown fields are ignored (written by a newer memtune of the same
+    schema)."""
+    hints = typing.get_type_hints(klass)
     kwargs = {}
-    for k, v in data.items():
-        if k not in names:
-            continue  # tolerate fields written by a newer memtune of the same schema
-        if klass is Profile and k in _NESTED:
-            v = _build(_NESTED[k], v)
-        elif klass is Profile and k in _LISTS:
-            v = [_build(_LISTS[k], x) for x in v]
-        elif klass is BlockProfile and k == "what_ifs":
-            v = {mode: _build(WhatIf, x) for mode, x in (v or {}).items()}
-        kwargs[k] = v
+    for f in dataclasses.fields(klass):
+        where = f"{prefix}{f.name}"
+        if f.name not in data:
+            if f.metadata.get("optional"):
+                continue
+            raise ProfileError(f"{source}: required field {where} ({_describe(hints[f.name])}) is missing: "
+                               "profile the script again with `memtune profile`")
+        kwargs[f.name] = _value(hints[f.name], data[f.name], source, where)
     return klass(**kwargs)

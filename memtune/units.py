@@ -29,6 +29,22 @@ def parse_size(text: str | int | float) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_budget(text: str | int, option: str = "--budget") -> int:
+    """A memory budget: a positive size with its unit (`16GiB`; a bare `16` would be 16 bytes, so it is
+    refused). An int is bytes already (a plan's `budget_bytes`, a library caller)."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise InputError(f"{option} {text!r}: write a size with a unit, e.g. 16GiB")
+    if isinstance(text, str):
+        m = _SIZE_RE.match(text)
+        if m and m.group(2) == "":
+            raise InputError(f"{option} {text.strip()}: a size needs a unit (a bare number would be bytes): "
+                             f"write e.g. {text.strip()}GiB, {text.strip()}GB or {text.strip()}B")
+    n = parse_size(text)
+    if n <= 0:
+        raise InputError(f"{option} {text}: a budget must be positive, e.g. 16GiB")
+    return n
+
+
 def format_bytes(n: float) -> str:
     """Binary units, 3 significant figures: 17179869184 -> '16.0 GiB'."""
     sign = "-" if n < 0 else ""

@@ -41,7 +41,7 @@ def test_tune_cli_writes_plan_with_provenance(tmp_path, prof_file, fake_strategi
     p, path = prof_file
     budget = int(estimate(p).peak_bytes * 0.8)
     out = tmp_path / "plan.yaml"
-    args = ["tune", str(path), "--budget", str(budget), "-o", str(out), "--trials", "30", "--seed", "3"]
+    args = ["tune", str(path), "--budget", f"{budget}B", "-o", str(out), "--trials", "30", "--seed", "3"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "★" in r.stdout and "Pareto front" in r.stdout

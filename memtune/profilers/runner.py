@@ -49,6 +49,8 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
     from memtune.io import check_writable
 
     out_path = check_writable(output, force) if output is not None else None
+    if memory_timeline and out_path is not None and torch.cuda.is_available():  # the snapshot goes beside it
+        check_writable(out_path.with_name(out_path.stem + ".memory.pickle"), force)
     session = Session(script, module=module, argv=argv, steps=steps, warmup=warmup, stop=stop,
                       blocks_pattern=blocks_pattern)
     prof_state = Profiler(session, on_progress=on_progress)

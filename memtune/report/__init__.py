@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memtune.errors import InputError
 from memtune.io import write_bytes_atomic
 from memtune.report.data import CSV_COLUMNS, build_tables, load_report_data, snapshot_timeline
 from memtune.report.figures import _mpl, build_figures
@@ -39,19 +38,22 @@ def write_report(source: str | os.PathLike, out: str | os.PathLike = "report.htm
                  force: bool = False, profile: str | os.PathLike | None = None, budget: str | int | None = None,
                  study_name: str | None = None) -> ReportResult:
     """Render the report of a profile, plan or study: HTML, and PNGs/CSVs when asked."""
-    from memtune.io import check_writable
+    from memtune.io import check_output_dir, check_writable
+    from memtune.units import parse_budget
 
-    check_writable(out, force)
-    for d in (png_dir, csv_dir):
-        if d is not None and Path(d).exists() and not Path(d).is_dir():
-            raise InputError(f"{d} is a file: give a directory for --png/--csv")
+    check_writable(out, force, "-o")
+    for d, opt in ((png_dir, "--png"), (csv_dir, "--csv")):
+        if d is not None:
+            check_output_dir(d, opt)
+    if budget is not None:
+        parse_budget(budget)  # before any reading: a bare number or 0 is refused
     _mpl()  # fail on a missing matplotlib before reading anything
     data = load_report_data(source, profile=profile, budget=budget, study_name=study_name)
     tables = build_tables(data)
     figures = build_figures(data, tables)
     # Check every target before writing any, so a refused overwrite leaves nothing half-written.
-    pngs = [check_writable(Path(png_dir) / f"{f.name}.png", force) for f in figures] if png_dir is not None else []
-    csvs = [check_writable(Path(csv_dir) / f"{n}.csv", force) for n in tables] if csv_dir is not None else []
+    pngs = [check_writable(Path(png_dir) / f"{f.name}.png", force, "--png") for f in figures] if png_dir is not None else []
+    csvs = [check_writable(Path(csv_dir) / f"{n}.csv", force, "--csv") for n in tables] if csv_dir is not None else []
     for f, p in zip(figures, pngs, strict=False):
         write_bytes_atomic(p, f.png)
     for (name, df), p in zip(tables.items(), csvs, strict=False):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from memtune.errors import InputError
 from memtune.tune.records import SEARCH, VERIFY, Candidate, TrialRecord, chosen, pareto_front
-from memtune.units import parse_size
+from memtune.units import parse_budget, parse_size
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,6 +130,14 @@ def load_report_data(source: str | os.PathLike, *, profile: str | os.PathLike | 
             raise InputError(f"{source} does not say which profile it was tuned on: pass --profile profile.json")
         data.profile = _load_profile(prof_path)
         data.profile_source = str(prof_path)
+        want = data.plan.provenance.get("profile_digest")
+        if want and data.profile.digest() != str(want):
+            if profile is None:
+                raise InputError(f"{prof_path} is not the profile {source} was tuned on (digest "
+                                 f"{data.profile.digest()}, the plan's provenance says {want}): pass --profile "
+                                 "PROFILE to draw the plan against another profile anyway")
+            data.notes.append(f"{prof_path} is not the profile this plan was tuned on (digest "
+                              f"{data.profile.digest()}, the plan says {want}): the plan is drawn against it as asked.")
         _study_of_plan(data, Path(source).parent, study_name)
     else:
         _load_study(data, str(source), study_name)
@@ -145,7 +153,7 @@ def load_report_data(source: str | os.PathLike, *, profile: str | os.PathLike | 
             data.notes.append("The study does not name its profile file: pass --profile profile.json to add the "
                               "memory and block sections.")
     if budget is not None:
-        data.budget, data.budget_label = float(parse_size(budget)), "budget"
+        data.budget, data.budget_label = float(parse_budget(budget)), "budget"
     elif data.budget is None and data.plan is not None:
         b = _first(data.plan.provenance, ("budget_bytes", "budget"))
         if b is not None:
@@ -166,7 +174,7 @@ def _study_of_plan(data: ReportData, base: Path, study_name: str | None) -> None
     storage = str(st["storage"])
     if "://" not in storage or storage.startswith("sqlite:///"):
         path = Path(storage.removeprefix("sqlite:///"))
-        path = path if path.is_file() else base / path
+        path = base / path if (base / path).is_file() else path  # beside the plan first, then as written
         if not path.is_file():
             data.notes.append(f"The plan's study {storage} is not found here: the study section is left out.")
             return
@@ -189,7 +197,7 @@ def _profile_from_provenance(prov: dict[str, Any], base: Path) -> str | None:
         v = _first(v, ("path", "file"))
     if not isinstance(v, str):
         return None
-    for cand in (Path(v), base / v):
+    for cand in (base / v, Path(v)):  # beside the plan first: never a same-named file of the current folder
         if cand.is_file():
             return str(cand)
     raise InputError(f"the plan was tuned on profile {v}, which is not found: pass --profile profile.json")
@@ -354,7 +362,7 @@ def _load_study(data: ReportData, source: str, study_name: str | None, chosen_tr
         data.limit = float(sattrs["limit_bytes"])
     prof = _first(sattrs, ("profile_path", "profile"))
     if isinstance(prof, str) and data.profile_source is None:
-        cands = [Path(prof)] + ([Path(source).parent / prof] if "://" not in source else [])
+        cands = ([Path(source).parent / prof] if "://" not in source else []) + [Path(prof)]
         found = next((c for c in cands if c.is_file()), None)
         if found is not None:
             data.profile_source = str(found)

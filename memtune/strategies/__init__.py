@@ -104,7 +104,9 @@ def load_plan(plan: Plan | dict | str | Path) -> Plan:
         return plan
     if isinstance(plan, dict):
         return plan_from_dict(plan)
-    return plan_from_dict(read_plan_file(plan), source=str(plan))
+    p = plan_from_dict(read_plan_file(plan), source=str(plan))
+    p.source = str(plan)
+    return p
 
 
 def describe_plan(plan: Plan, knob: str | None = None) -> str:

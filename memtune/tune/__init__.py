@@ -20,14 +20,27 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memtune.errors import BudgetTooSmall, InputError, MemtuneError, VerificationFailed
+from memtune.errors import BudgetTooSmall, InputError, Interrupted, MemtuneError, VerificationFailed
 from memtune.tune.evaluate import OBJECTIVES, Tuner
 from memtune.tune.margin import parse_margin
 from memtune.tune.records import Candidate, pareto_front, rank
 from memtune.tune.space import KNOB_PARAM, canon, parse_batch_knob
-from memtune.tune.study import candidates, default_storage, default_study_name, flush, make_study, record
+from memtune.tune.study import (
+    Writer,
+    candidates,
+    check_storage,
+    default_storage,
+    default_study_name,
+    flush,
+    kept_trials,
+    make_study,
+    record,
+    shown_url,
+    sigint_stops,
+)
 from memtune.tune.verify import verify_best
 from memtune.units import format_bytes
 
@@ -42,6 +55,8 @@ __all__ = ["OBJECTIVES", "BudgetTooSmall", "Candidate", "TuneOptions", "TuneResu
 RESEARCH_S = 20.0
 # progress(description, done, total): called as work advances; the CLI draws it (memtune/render.py)
 ProgressFn = Callable[[str, int, "int | None"], None]
+# notify(line): something the user should know as it happens (a resumed study); the CLI prints it on stderr
+NotifyFn = Callable[[str], None]
 
 
 @dataclass
@@ -49,7 +64,7 @@ class TuneOptions:
     budget_bytes: int
     objective: str = "throughput"
     trials: int = 300
-    timeout_s: float | None = 60.0
+    timeout_s: float | None = 60.0  # the whole search: seed plans, trials and writing them; not verification
     verify: int = 0
     verify_steps: int = 8
     verify_timeout_s: float = 300.0
@@ -62,6 +77,7 @@ class TuneOptions:
     margin: float | None = None  # None = from the cost model's measured error
     profile_path: str | None = None
     progress: ProgressFn | None = None
+    notify: NotifyFn | None = None
 
 
 @dataclass
@@ -83,6 +99,8 @@ class TuneResult:
     elapsed_s: float
     warnings: list[str] = field(default_factory=list)
     output: str | None = None  # where plan.yaml was written
+    resumed_trials: int = 0  # trials the study held before this run
+    search_s: float = 0.0  # seconds of search (what --timeout bounds); verification comes on top
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,7 +109,8 @@ class TuneResult:
             "budget_bytes": self.budget_bytes, "limit_bytes": self.limit_bytes, "margin": self.margin,
             "margin_source": self.margin_source, "objective": self.objective, "study_name": self.study_name,
             "storage": self.storage, "n_trials": self.n_trials, "new_trials": self.new_trials,
-            "elapsed_s": self.elapsed_s, "warnings": self.warnings, "plan": self.plan.to_dict(),
+            "elapsed_s": self.elapsed_s, "search_s": self.search_s, "resumed_trials": self.resumed_trials,
+            "warnings": self.warnings, "plan": self.plan.to_dict(),
         }
 
 
@@ -104,10 +123,32 @@ def _reserved_ratio(profile: Profile) -> float | None:
 
 
 def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
-    """Search plans on the cost model, optionally verify the best for real; returns the chosen plan and the front."""
+    """Search plans on the cost model, optionally verify the best for real; returns the chosen plan and the front.
+
+    `opts.timeout_s` bounds the search from this call on (seed plans, trials and writing them to storage, for a
+    new study or a resumed one); verification is not counted. A Ctrl-C keeps the trials written so far and
+    raises `Interrupted`."""
+    t0 = time.perf_counter()
+    state: dict[str, Any] = {"store": None, "name": opts.study_name}
+    try:
+        return _tune(profile, opts, t0, state)
+    except KeyboardInterrupt:
+        raise _interrupted(opts, state) from None
+
+
+def _interrupted(opts: TuneOptions, state: dict[str, Any]) -> Interrupted:
+    store, name = state["store"], state["name"]
+    if store is None:
+        return Interrupted("interrupted before the study was opened: nothing kept")
+    where = " during verification" if state.get("verifying") else ""
+    return Interrupted(f"interrupted{where}: {kept_trials(store)} trials kept in study {name!r} "
+                       f"({shown_url(opts.storage or '')}); the same command resumes it")
+
+
+def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any]) -> TuneResult:
     import optuna
 
-    t0 = time.perf_counter()
+    deadline = t0 + opts.timeout_s if opts.timeout_s is not None else None
     tuner = Tuner(profile, opts)
     warn: list[str] = []
     gpu = profile.hardware.gpu_total_bytes
@@ -149,10 +190,14 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
     seeds += [smallest.params, greedy.params]
 
     name = opts.study_name or default_study_name(profile, opts)
+    state["name"] = name
     study, store = make_study(tuner, opts, name)
+    state["store"] = store
     n_before = len(study.get_trials(deepcopy=False))
+    if n_before and opts.notify:
+        opts.notify(f"resuming {n_before} trials of study {name!r} from {shown_url(opts.storage or '')}")
+    done: list[str] = []
     if not any(ft.user_attrs.get("memtune_kind") == "search" for ft in study.get_trials(deepcopy=False)):
-        done: list[str] = []
         for p in seeds:
             k = json.dumps(canon(p), default=str)
             if k not in done:
@@ -170,18 +215,26 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
         return tuner.objective_value(e)
 
     done_trials = [0]
+    writer = Writer(study, store, n_before, deadline)
 
     def cb(study, ft):
         done_trials[0] += 1
         if opts.progress:
             opts.progress("searching plans on the cost model", done_trials[0], opts.trials)
+        # the seed plans (enqueued, so run first) run whatever the clock says: without them nothing to choose from
+        if writer.after_trial() and done_trials[0] >= len(done):
+            study.stop()
 
-    try:
-        study.optimize(objective, n_trials=opts.trials, timeout=opts.timeout_s, callbacks=[cb],
-                       gc_after_trial=False, show_progress_bar=False)
-    finally:  # an interrupted search still keeps what it found
-        flush(study, store, n_before)
+    with sigint_stops(study.stop) as sig:
+        try:
+            study.optimize(objective, n_trials=opts.trials, callbacks=[cb], gc_after_trial=False,
+                           show_progress_bar=False)
+        finally:  # an interrupted search still keeps what it found
+            writer.write()
+    if sig["interrupted"]:
+        raise KeyboardInterrupt
     new_trials = len(study.get_trials(deepcopy=False)) - n_before
+    search_s = time.perf_counter() - t0
 
     cands = _candidates(study, tuner)
     valid_smallest = min([c for c in cands], key=lambda c: (c.peak_bytes, -c.throughput), default=None)
@@ -202,6 +255,8 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
     verified: list[Candidate] = []
     chosen = rank(feasible, opts.objective)[0]
     if opts.verify > 0:
+        state["verifying"] = True
+
         def research() -> list[Candidate]:
             """More trials under the corrected model (its constraint uses the corrected peaks)."""
             n0 = len(study.get_trials(deepcopy=False))
@@ -238,8 +293,8 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
         "predicted": {"peak_bytes": int(chosen.peak_bytes), "peak": format_bytes(chosen.peak_bytes),
                       "step_s": chosen.step_s, "throughput": chosen.throughput, "unit": chosen.unit},
         "measured": _measured_summary(chosen.measured),
-        "study": {"name": name, "storage": opts.storage, "trial": chosen.number, "seed": opts.seed,
-                  "trials": len(cands)},
+        "study": {"name": name, "storage": shown_url(opts.storage) if opts.storage else None,  # no password
+                  "trial": chosen.number, "seed": opts.seed, "trials": len(cands)},
     }
     return TuneResult(
         plan=plan, chosen=chosen, pareto=pareto_front(cands), smallest=smallest_c, verified=verified,
@@ -247,6 +302,7 @@ def tune(profile: Profile, opts: TuneOptions) -> TuneResult:
         objective=opts.objective, study_name=name, storage=opts.storage,
         n_trials=sum(1 for ft in study.get_trials(deepcopy=False) if ft.user_attrs.get("memtune_kind") == "search"),
         new_trials=new_trials, elapsed_s=time.perf_counter() - t0, warnings=warn + _error_summary(tuner),
+        resumed_trials=n_before, search_s=search_s,
     )
 
 
@@ -288,32 +344,53 @@ def _measured_summary(m: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+def _path_from(plan: Path, profile: str) -> str:
+    """The profile's path as the plan records it: relative to the plan's folder when the profile is inside it
+    (the pair moves together and reads the same from any current folder), else absolute."""
+    import os
+
+    prof = Path(profile).resolve()
+    base = plan.resolve().parent
+    return os.path.relpath(prof, base) if prof.is_relative_to(base) else str(prof)
+
+
 def tune_files(profile_path: str, budget: str, output: str = "plan.yaml", *, trials: int = 300,
                timeout: str | None = "60s", verify: int = 0, verify_steps: int = 8, objective: str = "throughput",
                lossless_only: bool = False, batch_knob: str | None = None, storage: str | None = None,
                study_name: str | None = None, seed: int = 0, margin: str | None = None, force: bool = False,
-               progress: ProgressFn | None = None) -> TuneResult:
-    """What `memtune tune` does: parse, search (and verify), write plan.yaml with its provenance."""
+               progress: ProgressFn | None = None, notify: NotifyFn | None = None) -> TuneResult:
+    """What `memtune tune` does: check every argument and output, search (and verify), write plan.yaml with its
+    provenance. `budget` is a size with its unit (an int: bytes)."""
     from memtune.io import check_writable
     from memtune.profile import Profile
-    from memtune.units import parse_duration, parse_size
+    from memtune.units import parse_budget, parse_duration
 
     out = check_writable(output, force)
     if trials < 1:
         raise InputError("--trials must be at least 1")
     if verify < 0 or verify_steps < 1:
         raise InputError("--verify takes a number of plans >= 0 and --verify-steps a number of steps >= 1")
+    budget_bytes = parse_budget(budget)
+    timeout_s = parse_duration(timeout) if timeout is not None else None
+    if timeout_s is not None and timeout_s <= 0:
+        raise InputError(f"--timeout {timeout}: the search needs a positive time, e.g. 60s or 2m")
+    if objective not in OBJECTIVES:
+        raise InputError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     flag, values = parse_batch_knob(batch_knob)
+    mg = parse_margin(margin)
+    if mg is not None and not 0 <= mg < 1:
+        raise InputError(f"--margin {margin}: the share of the budget kept free must be at least 0% and below 100%")
+    store_url = storage or default_storage(out)
+    check_storage(store_url)
     prof = Profile.load(profile_path)
     if flag and not prof.batch_size:
         raise InputError(f"--batch-knob {flag}: the profile does not know its batch size, so its memory cannot be "
                          "scaled; profile a script whose inputs show the batch")
     opts = TuneOptions(
-        budget_bytes=parse_size(budget), objective=objective, trials=trials,
-        timeout_s=parse_duration(timeout) if timeout else None, verify=verify, verify_steps=verify_steps,
-        lossless_only=lossless_only, batch_flag=flag, batch_values=values,
-        storage=storage or default_storage(out), study_name=study_name, seed=seed, margin=parse_margin(margin),
-        profile_path=str(profile_path), progress=progress,
+        budget_bytes=budget_bytes, objective=objective, trials=trials, timeout_s=timeout_s, verify=verify,
+        verify_steps=verify_steps, lossless_only=lossless_only, batch_flag=flag, batch_values=values,
+        storage=store_url, study_name=study_name, seed=seed, margin=mg, profile_path=_path_from(out, profile_path),
+        progress=progress, notify=notify,
     )
     result = tune(prof, opts)
     result.plan.save(out)
