@@ -217,6 +217,18 @@ def run_apply(
     def ready(sess) -> None:
         model = sess.model
         dev = run_device(plan, model)
+        if dev.type == "cpu" and want_cuda and "deferred" not in state:
+            # built on the CPU with its optimizer and moved later (accelerate's prepare, Lightning): apply
+            # where it runs, at its first forward (a wrapper of the model's own forward takes effect from the
+            # second call; block-level changes from the first)
+            state["deferred"] = True
+
+            def first_forward(module, args):
+                handle.remove()
+                ready(sess)
+
+            handle = model.register_forward_pre_hook(first_forward, prepend=True)
+            return
         try:
             ctx = make_context(model, sess.optimizers, sess.blocks, dev, plan, models=sess.models)
             state["ctx"] = ctx

@@ -88,3 +88,32 @@ def test_plan_not_matching_the_model_stops_script_with_one_line(tmp_path, exampl
     r = runner.invoke(app, ["apply", str(plan)])
     assert r.exit_code == 1 and "block 7 is out of range" in r.output
     assert "step    0" not in r.output  # stopped before the first step
+
+
+def test_a_model_moved_after_its_optimizer_is_patched_at_its_first_forward(monkeypatch, tmp_path):
+    """accelerate's prepare and Lightning move the model after its optimizer is built: on a GPU machine the
+    plan is applied when the model first runs, where it runs (CPU stand-in: CUDA said available)."""
+    import textwrap
+
+    import torch
+
+    from memtune.patcher import run_apply
+
+    script = tmp_path / "moved.py"
+    flags = tmp_path / "flags"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        m = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()) for _ in range(3)])
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        before = "forward" in m[1].__dict__  # (the script would move the model here)
+        for i in range(3):
+            m(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        open({str(flags)!r}, "w").write(f"{{before}} {{'forward' in m[1].__dict__}}")
+    """))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    res = run_apply({"checkpoint": {"blocks": "all"}}, str(script), [], steps=None)
+    assert res.failure is None and res.steps == 3
+    assert flags.read_text() == "False True"  # not patched at the optimizer: at the first forward
+    assert any("checkpointing on 3 block(s)" in n for _, n in res.notes)
