@@ -392,7 +392,14 @@ def error_bound(w: torch.Tensor, q: NF4Weight) -> torch.Tensor:
 
 # Tiles of the fused GEMMs: (BM, BN, BK, num_warps, num_stages). Untuned defaults; benchmarks/weights.py
 # measures them against dequantize + cuBLAS.
-FUSED_CONFIG = (128, 128, 64, 8, 3)
+# 128x128x64 tiles at 3 stages asked for 240 KiB of shared memory on the H200 (limit 227 KiB; bf16 and fp32
+# alike, `pytest -m gpu`, 2026-12-01): a quarter of the tile and two stages; not re-run on a GPU yet
+FUSED_CONFIG = (64, 128, 64, 4, 2)
+FUSED_CONFIG_FP32 = (64, 64, 64, 4, 2)
+
+
+def _config(dtype: torch.dtype, config: tuple[int, int, int, int, int] | None) -> tuple[int, int, int, int, int]:
+    return config or (FUSED_CONFIG_FP32 if dtype == torch.float32 else FUSED_CONFIG)
 
 
 def _fp32_dot(dtype: torch.dtype) -> bool:
@@ -418,7 +425,7 @@ def fused_matmul(x2: torch.Tensor, q: NF4Weight, dtype: torch.dtype, backend: st
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=dtype, device=x2.device)
     if m and n:
-        bm, bn, bk, warps, stages = config or FUSED_CONFIG
+        bm, bn, bk, warps, stages = _config(dtype, config)
         args, dq = _weight_args(q)
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
         _fused_fwd_kernel[grid](x2, *args, y, m, n, k, BM=bm, BN=bn, BK=bk, HALF=HALF, GROUP2=GROUP2, DQ=dq,
@@ -436,7 +443,7 @@ def fused_matmul_t(dy2: torch.Tensor, q: NF4Weight, dtype: torch.dtype, backend:
     m = dy2.shape[0]
     dx = torch.empty(m, k, dtype=dtype, device=dy2.device)
     if m and k:
-        bm, bn, bk, warps, stages = config or FUSED_CONFIG
+        bm, bn, bk, warps, stages = _config(dtype, config)
         args, dq = _weight_args(q)
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
         _fused_bwd_kernel[grid](dy2, *args, dx, m, n, k, BM=bm, BN=bn, BK=bk, HALF=HALF, GROUP2=GROUP2, DQ=dq,
