@@ -468,7 +468,7 @@ def main() -> None:
                     "run the rest")
     ap.add_argument("--jobs", type=int, default=1, help="plans started at once (they take turns on the GPU)")
     ap.add_argument("--zoo-size", default="gpu", help="the zoo scripts' --size (tiny: a CPU smoke test)")
-    ap.add_argument("--model-jobs", type=int, default=1, help="models measured side by side (with --jobs > 1, "
+    ap.add_argument("--model-jobs", type=int, default=1, help="models measured side by side (their waiting processes load the host: on the H200 it made optimizer-state offload steps 5-12x longer, docs/accuracy-zoo.md; with --jobs > 1, "
                     "set --jobs to how many processes may wait for the GPU per model)")
     ap.add_argument("--work", help="folder for profiles, plans and reports (default: inside --out)")
     ap.add_argument("--deadline", type=float, help="seconds: plans not started by then are recorded as not run")
