@@ -184,24 +184,42 @@ def _precision(o: _Out, c: Any) -> None:
               note=f"{o.fw} also scales the loss with a GradScaler; memtune's fp16 autocast does not")
 
 
+def _hf_checkpointing_name() -> str:
+    """TrainingArguments' checkpointing keyword in the installed transformers: 5.x renamed
+    `gradient_checkpointing` to `activation_checkpointing` (5.24 takes both; the old name warns until v6). Read
+    from its source, not imported (importing TrainingArguments takes seconds); the new name without transformers."""
+    import importlib.metadata
+
+    try:
+        src = importlib.metadata.distribution("transformers").locate_file("transformers/training_args.py")
+        text = Path(str(src)).read_text(encoding="utf-8")
+    except (importlib.metadata.PackageNotFoundError, OSError, UnicodeDecodeError):
+        return "activation_checkpointing"
+    return "activation_checkpointing" if "activation_checkpointing:" in text else "gradient_checkpointing"
+
+
 def _checkpoint(o: _Out, c: Any) -> None:
     value = {"blocks": c.to_dict()["blocks"], "mode": c.mode}
     others = _block_sections(o.plan)
     if o.t.name == "hf":
         if c.blocks == "all" and c.mode == "full" and not others:
-            o.set("gradient_checkpointing", True, "checkpoint",
+            name = _hf_checkpointing_name()
+            other = ("older transformers spell it gradient_checkpointing" if name.startswith("activation")
+                     else "newer transformers spell it activation_checkpointing")
+            o.set(name, True, "checkpoint",
                   note="recomputes the model's checkpointable layers (a PreTrainedModel's decoder layers: the "
-                       "repeated blocks memtune finds there)")
-            o.set("gradient_checkpointing_kwargs", {"use_reentrant": False}, "checkpoint",
-                  note="non-reentrant, as memtune's")
+                       f"repeated blocks memtune finds there); {other}")
+            o.set(f"{name}_kwargs", {"use_reentrant": False}, "checkpoint", note="non-reentrant, as memtune's")
             return
         if others:
             why = (f"the plan also gives blocks to {' and '.join(others)}, which composes with memtune's own "
                    "checkpointing only")
         elif c.mode != "full":
-            why = "gradient_checkpointing has no selective mode (keep the matmul outputs, recompute the rest)"
+            why = ("TrainingArguments' activation checkpointing has no selective mode (keep the matmul outputs, "
+                   "recompute the rest)")
         else:
-            why = "gradient_checkpointing recomputes every layer; this plan recomputes only some blocks"
+            why = ("TrainingArguments' activation checkpointing recomputes every layer; this plan recomputes chosen "
+                   "blocks")
     elif o.t.name == "lightning":
         why = ("lightning.Trainer has no activation-checkpointing setting outside FSDPStrategy's "
                "activation_checkpointing_policy (for a transformers model inside the LightningModule, "
