@@ -22,7 +22,7 @@ runner = CliRunner()
 # --- transformers ---------------------------------------------------------------------------------------
 
 
-def _hf_run(tmp_path, callbacks):
+def _hf_run(tmp_path, callbacks, **training_args):
     tr = pytest.importorskip("transformers")
 
     class Tokens(torch.utils.data.Dataset):
@@ -48,7 +48,7 @@ def _hf_run(tmp_path, callbacks):
     model = tr.LlamaForCausalLM(cfg)
     args = tr.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, use_cpu=True,
                                 report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-                                learning_rate=1e-2, dataloader_num_workers=0)
+                                learning_rate=1e-2, dataloader_num_workers=0, **training_args)
     seen = Seen()
     trainer = tr.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[*callbacks, seen])
     trainer.train()
@@ -79,8 +79,24 @@ def test_hf_callback_applies_at_train_begin_and_undoes_at_train_end(tmp_path):
     assert type(trainer.optimizer.optimizer) is torch.optim.AdamW
 
 
+def test_hf_exported_settings_train_as_the_plan_does(tmp_path):
+    """What `memtune export --to hf` prints for checkpoint + bf16 autocast, given to TrainingArguments, trains
+    to the same losses and weights as the plan applied by the callback."""
+    from memtune.integrations.export import export_plan
+    from memtune.integrations.transformers import MemtuneCallback
+
+    plan = plan_from_dict({"checkpoint": {"blocks": "all"}, "precision": {"autocast": "bf16"}})
+    exp = export_plan(plan, "hf")
+    assert exp.rest == {} and all(s.exact for s in exp.settings)
+    by_settings, _, _, losses_a = _hf_run(tmp_path / "a", [], **{s.name: s.value for s in exp.settings})
+    by_callback, _, modes, losses_b = _hf_run(tmp_path / "b", [MemtuneCallback(plan, log=lambda line: None)])
+    assert modes == [["full", "full"]] * 3
+    assert losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(by_settings.parameters(), by_callback.parameters(), strict=True))
+
+
 def test_unwrap_optimizer_sees_through_wrappers():
-    from memtune.integrations._common import unwrap_optimizer
+    from memtune.blocks import unwrap_optimizer
 
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
 
@@ -91,6 +107,23 @@ def test_unwrap_optimizer_sees_through_wrappers():
     assert unwrap_optimizer(Wrapper(opt, "optimizer")) is opt
     assert unwrap_optimizer(Wrapper(opt, "_optimizer")) is opt
     assert unwrap_optimizer(opt) is opt
+
+
+def test_apply_plan_changes_the_optimizer_inside_accelerates_wrapper():
+    import memtune
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    class Prepared(torch.optim.Optimizer):  # as accelerate's AcceleratedOptimizer: the real one as .optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    # the wrapper is no Adam: the swap would be refused if apply_plan did not look inside it
+    undo = memtune.apply_plan(model, Prepared(inner), {"optimizer": {"name": "adamw"}})
+    assert undo.notes == [("optimizer", "AdamW -> adamw")]
+    undo()
+    assert type(inner) is torch.optim.AdamW
 
 
 # --- Lightning ------------------------------------------------------------------------------------------

@@ -8,26 +8,9 @@ from typing import Any
 
 import torch
 
-from memtune.blocks import BlockRef, unwrap_model
+from memtune.blocks import BlockRef, unwrap_model, unwrap_optimizer
 from memtune.errors import ScriptError
 from memtune.plan import Plan
-
-
-def unwrap_optimizer(opt: Any) -> Any:
-    """The torch optimizer inside a framework's wrapper: accelerate's AcceleratedOptimizer (`.optimizer`, the
-    one HF Trainer hands to callbacks) or Lightning's LightningOptimizer (`._optimizer`). Same rule as
-    memtune's capture: the inner object is used when it is a torch.optim.Optimizer."""
-    seen: set[int] = set()
-    while id(opt) not in seen:
-        seen.add(id(opt))
-        for attr in ("optimizer", "_optimizer"):
-            inner = getattr(opt, attr, None)
-            if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
-                opt = inner
-                break
-        else:
-            break
-    return opt
 
 
 class PlanApplier:
