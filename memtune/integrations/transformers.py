@@ -52,6 +52,10 @@ class MemtuneCallback(TrainerCallback):
     def notes(self) -> list[tuple[str, str]]:
         return self._applier.notes
 
+    def undo(self) -> None:
+        """Undo the plan now, if it is applied (train end does it; after a failed run, call it yourself)."""
+        self._applier.undo()
+
     @property
     def active(self) -> bool:
         """Whether the plan is applied now (between train begin and train end)."""
