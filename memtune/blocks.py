@@ -53,6 +53,25 @@ def unwrap_model(module: nn.Module) -> nn.Module:
     return module
 
 
+def unwrap_optimizer(opt: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper: accelerate's AcceleratedOptimizer (`.optimizer`, the one
+    HF Trainer holds) or Lightning's LightningOptimizer (`._optimizer`); followed while the inner object is a
+    torch.optim.Optimizer, as capture does, so a plan changes the optimizer that really steps."""
+    import torch
+
+    seen: set[int] = set()
+    while id(opt) not in seen:
+        seen.add(id(opt))
+        for attr in ("optimizer", "_optimizer"):
+            inner = getattr(opt, attr, None)
+            if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+                opt = inner
+                break
+        else:
+            break
+    return opt
+
+
 def is_wrapper(module: Any) -> bool:
     return type(module).__name__ in _WRAPPERS
 

@@ -347,6 +347,24 @@ def apply_cmd(
         console.print(f"wrote {report_out}", highlight=False)
 
 
+@app.command(name="export")
+def export_cmd(
+    plan: Annotated[str, typer.Argument(help="plan.yaml (from `memtune tune`, or written by hand).")],
+    to: Annotated[str, typer.Option("--to", help="hf (transformers TrainingArguments), lightning (lightning.Trainer) or accelerate (Accelerator).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Print the settings a framework already has that a plan maps to; what has none is listed, for the callback."""
+    from memtune.integrations.export import export_file
+    from memtune.render import render_export
+
+    with user_errors():
+        exp = export_file(plan, to)
+    if json_out:
+        print_json(exp.to_dict())
+        return
+    render_export(exp, console)
+
+
 def main() -> None:
     app()
 

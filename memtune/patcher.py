@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memtune.blocks import BlockRef, find_blocks
+from memtune.blocks import BlockRef, find_blocks, unwrap_optimizer
 from memtune.capture import Session, StopRun
 from memtune.errors import InputError, MemtuneError, PlanError
 from memtune.plan import Plan
@@ -91,7 +91,8 @@ def apply_plan(
 ) -> Applied:
     """Change `model` and `optimizer` in place as `plan` says; return an undo (with `.notes`).
 
-    Call it after building the model and optimizer, before the first forward. `blocks` is a glob over
+    Call it after building the model and optimizer (after accelerate's `prepare`: the torch optimizer inside
+    its wrapper is the one changed), before the first forward. `blocks` is a glob over
     module paths (as `--blocks`) or the BlockRefs themselves; by default the repeated layers are found the
     same way `memtune profile` finds them.
     """
@@ -104,6 +105,7 @@ def apply_plan(
         opts = [optimizer]
     else:
         opts = list(optimizer)
+    opts = [unwrap_optimizer(o) for o in opts]  # accelerate's prepare wraps it; the inner one steps
     refs = blocks if isinstance(blocks, list) else find_blocks(model, blocks)
     return apply_to_context(make_context(model, opts, refs, device, plan, profile))
 

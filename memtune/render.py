@@ -1,4 +1,4 @@
-"""Rendering for the CLI: rich tables of a profile, an estimate, a tuning result and an apply run.
+"""Rendering for the CLI: rich tables of a profile, an estimate, a tuning result and an apply run; an export.
 
 Library modules return data; this module (beside cli.py) is the only one that draws it.
 """
@@ -15,6 +15,7 @@ from memtune.units import format_bytes, format_seconds
 
 if TYPE_CHECKING:
     from memtune.estimate import EstimateReport
+    from memtune.integrations.export import Export
     from memtune.profile import Profile
     from memtune.tune import TuneResult
 
@@ -196,3 +197,53 @@ def progress_bars(console: Any, enabled: bool = True) -> Iterator[Callable[[str,
             prog.update(tasks[description], completed=done, total=total)
 
         yield update
+
+
+def _inline(v: Any) -> str:
+    import yaml
+
+    if isinstance(v, (dict, list)):
+        return yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip()
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def render_export(exp: Export, console: Any) -> None:
+    """`memtune export`: the settings as code to paste, their notes, what has no setting, and the rest."""
+    import yaml
+
+    def say(line: str = "") -> None:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    src = exp.plan or "the plan"
+    if not exp.settings and not exp.unexpressed:
+        say(f"{src} has no strategy sections: nothing to set in {exp.framework}")
+        return
+    if exp.settings:
+        say(f"# {src} as {exp.framework} settings")
+        for line in exp.imports:
+            say(line)
+        say(f"{exp.obj}(")
+        say("    ...,  # your other settings")
+        width = min(48, max(len(s.code) for s in exp.settings) + 1)  # a long value is not aligned to
+        for s in exp.settings:
+            tags = (" LOSSY" if s.section.split(".")[0] in exp.lossy else "") + ("" if s.exact else " (approximate)")
+            say(f"    {s.code + ',':<{width}}  # {s.section}{tags}")
+        say(")")
+        notes = [s for s in exp.settings if s.note]
+        if notes:
+            say("notes:")
+            for s in notes:
+                say(f"  {s.name}: {s.note}")
+    else:
+        say(f"nothing in {src} has a setting in {exp.framework}")
+    if exp.unexpressed:
+        say(f"cannot be expressed in {exp.framework} (apply it with memtune instead: REST below, or `memtune apply`):")
+        for u in exp.unexpressed:
+            say(f"  {u.part} {_inline(u.value)}: {u.reason}")
+    if exp.rest:
+        say(f"REST, the rest of the plan, for {exp.apply_with} (a plan file or this mapping):")
+        for line in yaml.safe_dump(exp.rest, sort_keys=False, default_flow_style=None).splitlines():
+            say(f"  {line}")
+        if exp.rest_problem:
+            say(f"note: the rest is not a plan on its own ({exp.rest_problem}): apply the whole plan with the "
+                "callback instead of these settings")

@@ -300,6 +300,12 @@ CASES: list[Case] = [
     Case("plans", "another plan version", ["apply", "bad.yaml"], "plan version 2", setup=_plan("memtune_plan: 2\n")),
     Case("plans", "plan not found", ["apply", "nope.yaml"], "not found"),
     Case("plans", "plan is a directory", ["apply", "d"], "is a directory", setup=_mkdir("d")),
+    # export to a framework's settings
+    Case("export", "export --to a framework memtune does not export to", ["export", "plan.yaml", "--to", "deepspeed"],
+         "unknown export target 'deepspeed'; choose one of: hf, lightning, accelerate"),
+    Case("export", "export of a plan not found", ["export", "nope.yaml", "--to", "hf"], "not found"),
+    Case("export", "export of a plan that does not validate", ["export", "bad.yaml", "--to", "lightning"],
+         "checkpoint.mode: 'fast' is not allowed", setup=_plan(RUN + "checkpoint: {blocks: all, mode: fast}\n")),
     # report and its profile
     Case("report", "a plan whose profile beside it is another model's",
          ["report", "sub/plan.yaml", "-o", "r.html"], "is not the profile sub/plan.yaml was tuned on",
