@@ -34,12 +34,12 @@ def _restore_clip():
 
 
 def train(plan=None, steps=STEPS, accum=1, clip=True, scaler=False, autocast=False, inf_at=None, device="cpu",
-          width=32, seq=16, batch=4, sdpa_math=False):
+          width=32, seq=16, batch=4, sdpa_math=False, fused=None):
     """The usual loop: AdamW, a scheduler, accumulation, clip_grad_norm_, GradScaler; never reads p.grad
     (streamed gradients leave none on the device). Returns (losses, clip norms, model, optimizer, undo)."""
     torch.manual_seed(0)
     m = GPT(3, width, 4, seq, 64).to(device)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
     undo = memtune.apply_plan(m, opt, plan) if plan else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1))
     gs = torch.amp.GradScaler(device, init_scale=2.0**4) if scaler else None
@@ -315,14 +315,29 @@ def gpu_train(plan=None, **kw):
         return train(plan, device="cuda", width=256, seq=128, batch=8, steps=6, **kw)
 
 
+def assert_within_adamw_rounding(base, got, other):
+    """`got` (fused CPU AdamW on the host) is `base` (CUDA foreach AdamW) to rounding: losses and clip norms
+    to 2e-3, weights no further from `base` than 3x what another AdamW kernel on the same GPU (`other`, CUDA
+    fused) gives. A fixed weight tolerance does not hold at lr 1e-2: foreach and fused AdamW alone, without
+    memtune, end 4.1e-3 apart after these 6 steps on a CPU (3.6e-3 for the host update on the H200)."""
+    for i, what in ((0, "losses"), (1, "clip norms")):
+        assert all(torch.allclose(x.float(), y.float(), rtol=2e-3, atol=2e-3)
+                   for x, y in zip(base[i], got[i], strict=True)), what
+    wb, wg, wo = weights(base), weights(got), weights(other)
+    spread = max(float((x - y).abs().max()) for x, y in zip(wb, wo, strict=True))
+    diff = max(float((x - y).abs().max()) for x, y in zip(wb, wg, strict=True))
+    assert diff <= 3 * spread + 1e-4, (diff, spread)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", [GRADS, {**CAST, **STREAM}], ids=["grads", "cast+stream"])
 def test_gpu_streamed_equivalent(plan):
     # fused CPU AdamW against CUDA AdamW: rounding only
     kw = dict(accum=2, autocast=True)
     base = gpu_train(**kw)
+    other = gpu_train(fused=True, **kw)
     got = gpu_train(plan, **kw)
-    assert_same(base, got, tol=2e-3)
+    assert_within_adamw_rounding(base, got, other)
 
 
 @pytest.mark.gpu
@@ -342,10 +357,11 @@ def test_gpu_streamed_correct_with_slow_copies(monkeypatch):
         return orig_h2d(self, host, device, after)
 
     base = gpu_train(autocast=True)
+    other = gpu_train(autocast=True, fused=True)
     monkeypatch.setattr(offload.CudaTransport, "d2h", slow_d2h)
     monkeypatch.setattr(offload.CudaTransport, "h2d_new", slow_h2d)
     got = gpu_train({**CAST, **STREAM}, autocast=True)
-    assert_same(base, got, tol=2e-3)
+    assert_within_adamw_rounding(base, got, other)
 
 
 @pytest.mark.gpu
