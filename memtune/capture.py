@@ -15,6 +15,9 @@ How it gets in (no change to the script):
   scaler skips (inf/nan gradients) still counts as one step of the training loop.
 - After `warmup + steps` steps `StopRun` (a BaseException, so a script's `except Exception` cannot swallow
   it) is raised from the step hook; the runner catches it.
+- With `relaunch` (the CLI's own command), a script that starts itself again for its other ranks (Lightning's
+  `Trainer(devices=N, strategy="ddp")` runs `sys.executable sys.argv...`) starts that command instead, so every
+  rank runs under memtune and stops at the same step.
 Every global patch is undone when `run()` returns, also on failure.
 """
 
@@ -25,6 +28,7 @@ import gc
 import importlib.util
 import os
 import runpy
+import subprocess
 import sys
 import time
 import traceback
@@ -117,7 +121,7 @@ class Session:
 
     def __init__(self, script: str | None = None, *, module: str | None = None, argv: Sequence[str] = (),
                  steps: int | None = None, warmup: int = 0, stop: bool = True,
-                 blocks_pattern: str | None = None):
+                 blocks_pattern: str | None = None, relaunch: Sequence[str] | None = None):
         if (script is None) == (module is None):
             raise InputError("give a script path or -m module, not both and not neither")
         if steps is not None and steps < 1:
@@ -131,6 +135,9 @@ class Session:
         self.warmup = warmup
         self.stop = stop
         self.blocks_pattern = blocks_pattern
+        self.relaunch = list(relaunch) if relaunch is not None else None
+        self.relaunched: list[subprocess.Popen] = []  # the script's other ranks, started through `relaunch`
+        self._relaunch_error: InputError | None = None
 
         self.on_before_run: list[Callable[[Session], Callable[[], None] | None]] = []
         self.on_ready: list[Callable[[Session], None]] = []
@@ -158,6 +165,8 @@ class Session:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self._pending_model = False  # optimizer seen, model not yet found
+        self._world: tuple[int, int] | None = None  # (rank, world size) last seen on a live process group
+        self._group_before = False  # a process group existed before the script ran (the caller's)
 
     # --- facts ---------------------------------------------------------------------------------------
     @property
@@ -185,15 +194,30 @@ class Session:
     def ddp(self) -> bool:
         return self.wrapper is not None and type(self.wrapper).__name__ == "DistributedDataParallel"
 
+    def _live_world(self) -> tuple[int, int] | None:
+        d = torch.distributed
+        if d.is_available() and d.is_initialized():
+            self._world = (d.get_rank(), d.get_world_size())
+        return self._world  # a script that destroyed its group at its end keeps the rank it ran as
+
     @property
     def world_size(self) -> int:
-        d = torch.distributed
-        return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+        w = self._live_world()
+        return w[1] if w is not None else 1
 
     @property
     def rank(self) -> int:
-        d = torch.distributed
-        return d.get_rank() if d.is_available() and d.is_initialized() else 0
+        w = self._live_world()
+        return w[0] if w is not None else 0
+
+    def end_group(self) -> None:
+        """Destroy the process group the script created and left alive (it was stopped before its own
+        destroy_process_group()), after syncing the ranks; only after a run that did not fail on this rank.
+        A group that existed before the run is the caller's and stays."""
+        from memtune.distributed import release_group
+
+        if self.failure is None and not self._group_before:
+            release_group(self.device)
 
     @property
     def name(self) -> str:
@@ -213,6 +237,7 @@ class Session:
         self.blocks = find_blocks(inner, self.blocks_pattern)
 
     def _fire_ready(self) -> None:
+        self._live_world()
         self.ready = True
         self._pending_model = False
         self.ready_time = time.perf_counter()
@@ -272,6 +297,7 @@ class Session:
             self._fwd_handle = None
 
     def _after_step(self) -> None:
+        self._live_world()
         i = self.steps_done
         self.steps_done += 1
         self.step_end_times.append(self._sync_time())
@@ -285,6 +311,33 @@ class Session:
     def _primary(self, opt: Any) -> bool:
         # Count the first optimizer's steps: a script stepping two optimizers per iteration takes one step.
         return bool(self.optimizers) and opt is self.optimizers[0]
+
+    def _relaunched(self, args: Any, env: Any) -> list[str] | None:
+        """`relaunch` for a command that starts this script again as another rank, else None (the command
+        stands). Another rank: the same script with a LOCAL_RANK of its own, as Lightning's launcher starts it."""
+        if self.relaunch is None or isinstance(args, (str, bytes, os.PathLike)):
+            return None
+        try:
+            cmd = [os.fspath(a) for a in args]
+        except TypeError:
+            return None
+        local = (env if env is not None else os.environ).get("LOCAL_RANK")
+        if local is None or local == os.environ.get("LOCAL_RANK") or len(cmd) < 2 \
+                or os.path.realpath(cmd[0]) != os.path.realpath(sys.executable):
+            return None
+        if self.script is not None and os.path.abspath(cmd[1]) == os.path.abspath(self.script):
+            rest = cmd[2:]
+        elif self.module is not None and cmd[1:3] == ["-m", self.module]:
+            rest = cmd[3:]
+        else:
+            return None
+        if rest != [os.fspath(a) for a in self.argv]:
+            # e.g. Lightning under Hydra adds overrides: memtune's command would run the rank without them
+            self._relaunch_error = InputError(
+                f"{self.name} starts its other ranks itself with other arguments ({' '.join(rest)}), which "
+                "memtune cannot follow: launch it with `torchrun --nproc-per-node N -m memtune ...` instead")
+            raise self._relaunch_error
+        return list(self.relaunch)
 
     # --- run -----------------------------------------------------------------------------------------
     def _resolve(self) -> tuple[str, list[str]]:
@@ -354,6 +407,9 @@ class Session:
         step_hook_handle = None
         fwd_handle = None
         orig_scaler_step = None
+        orig_popen = subprocess.Popen
+        d = torch.distributed
+        self._group_before = d.is_available() and d.is_initialized()
         orig_init_subclass = torch.optim.Optimizer.__dict__.get("__init_subclass__")
 
         try:
@@ -397,6 +453,16 @@ class Session:
                     return out
 
                 scaler_cls.step = scaler_step
+
+            if self.relaunch is not None:
+                class Popen(orig_popen):  # a subclass: isinstance checks on the Popen class keep working
+                    def __init__(self, args, *a, **kw):
+                        new = session._relaunched(args, kw.get("env"))
+                        super().__init__(new if new is not None else args, *a, **kw)
+                        if new is not None:
+                            session.relaunched.append(self)
+
+                subprocess.Popen = Popen
 
             for cb in list(self.on_before_run):
                 u = cb(self)
@@ -444,11 +510,14 @@ class Session:
                 fwd_handle.remove()
             if orig_scaler_step is not None:
                 torch.amp.GradScaler.step = orig_scaler_step
+            subprocess.Popen = orig_popen
             try:
                 for cb in list(self.on_end):
                     cb(self)
             finally:
                 undos()
+        if self._relaunch_error is not None:
+            raise self._relaunch_error
         return self
 
 

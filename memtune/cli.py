@@ -82,6 +82,12 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _relaunch(*words: str) -> list[str]:
+    """This command as the other ranks of a script that starts them itself (Lightning) must run it: through
+    memtune, with the same options (rebuilt from them: under CliRunner sys.argv is not ours)."""
+    return [sys.executable, "-m", "memtune", *words]
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"memtune {__version__}")
@@ -163,11 +169,16 @@ def profile(
             raise InputError("give the training script: memtune profile SCRIPT [-- SCRIPT_ARGS...] (or -m MODULE)")
         # with --json the script's own prints go to stderr so stdout stays machine-readable
         redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+        relaunch = _relaunch("profile", *(["-m", module] if module else [script]), "-o", output, "--steps", str(steps),
+                             "--warmup", str(warmup), "--stop" if stop else "--no-stop",
+                             *(["--force"] if force else []), *(["--blocks", blocks] if blocks else []),
+                             *(["--memory-timeline"] if memory_timeline else []), *(["--json"] if json_out else []),
+                             "--", *args)
         try:
             with redirect:
                 prof = profile_script(script, module=module, argv=args, steps=steps, warmup=warmup, stop=stop,
                                       blocks_pattern=blocks, output=output, force=force,
-                                      memory_timeline=memory_timeline)
+                                      memory_timeline=memory_timeline, relaunch=relaunch, end_group=True)
         except ScriptFailed as e:
             sys.stderr.write(e.failure.traceback)
             raise
@@ -279,7 +290,12 @@ def tune(
                   + (f" + {res.elapsed_s - res.search_s:.1f} s of verification" if res.verified else "")
                   + f", study {res.study_name!r} in {shown_url(res.storage or '')}",
                   soft_wrap=True, highlight=False)
-    console.print(f"run it: memtune apply {res.output}", highlight=False, markup=False)
+    from memtune.distributed import launch_prefix
+
+    # the profile's ranks: a plan for a torchrun script runs under torchrun too
+    run = " ".join([*launch_prefix(res.world_size), *(["-m"] if res.world_size > 1 else []), "memtune", "apply",
+                    str(res.output)])
+    console.print(f"run it: {run}", highlight=False, markup=False)
 
 
 @app.command(name="apply", context_settings={"allow_interspersed_args": True})
@@ -295,6 +311,7 @@ def apply_cmd(
     """Run the training script unchanged with a plan applied at run time; report peak memory and step time."""
     from pathlib import Path
 
+    from memtune.distributed import is_rank0
     from memtune.errors import ScriptError
     from memtune.io import check_writable, write_json_atomic
     from memtune.patcher import run_apply
@@ -305,6 +322,8 @@ def apply_cmd(
     script = args.pop(0) if args and (args[0].endswith(".py") or Path(args[0]).is_file()) else None
 
     def show(notes: list[tuple[str, str]]) -> None:
+        if not is_rank0():  # under torchrun: rank 0 speaks for all (the script's group is live here)
+            return
         t = Table(title="memtune apply: what was applied", title_justify="left")
         t.add_column("strategy", style="bold")
         t.add_column("what")
@@ -320,13 +339,21 @@ def apply_cmd(
             check_writable(report_out, force, "--report")
         redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
         with redirect:
-            res = run_apply(p, script, args or None, steps=steps, blocks_pattern=blocks, on_notes=show)
-        if report_out:
+            relaunch = _relaunch("apply", plan, *([script] if script else []),
+                                 *(["--steps", str(steps)] if steps is not None else []),
+                                 *(["--report", report_out] if report_out else []), *(["--force"] if force else []),
+                                 *(["--blocks", blocks] if blocks else []), *(["--json"] if json_out else []),
+                                 "--", *args)
+            res = run_apply(p, script, args or None, steps=steps, blocks_pattern=blocks, on_notes=show,
+                            relaunch=relaunch, end_group=True)
+        if report_out and res.rank == 0:  # rank 0's report holds every rank's peak (res.ranks)
             write_json_atomic(report_out, res.to_dict())
         if res.failure:
             sys.stderr.write(res.failure["traceback"])
             raise ScriptError(f"the script failed under the plan ({res.failure['exc_type']}: "
                               f"{res.failure['message']}); its traceback is above")
+    if res.rank != 0:
+        return
     if json_out:
         print_json(res.to_dict())
         return
@@ -335,7 +362,8 @@ def apply_cmd(
     t.add_column("value")
     t.add_row("script", escape(" ".join([res.script or "", *res.argv])))
     t.add_row("steps", str(res.steps) + (" (stopped by --steps)" if res.stopped else ""))
-    t.add_row("peak allocated", format_bytes(res.peak_allocated_bytes) if res.peak_allocated_bytes is not None
+    over = f" (largest of {res.world_size} ranks)" if res.ranks else ""
+    t.add_row("peak allocated", format_bytes(res.peak_allocated_bytes) + over if res.peak_allocated_bytes is not None
               else "n/a (CPU run)")
     if res.peak_reserved_bytes is not None:
         t.add_row("peak reserved", format_bytes(res.peak_reserved_bytes))

@@ -3,14 +3,20 @@
 - `world()`: rank, world size and local rank, from the live process group or torchrun's environment.
 - `is_rank0()`, `rank0_print()`: under torchrun only rank 0 writes files and prints tables.
 - `require_process_group(what)`: refuse clearly when a feature needs more than one rank.
+- `gather_ints(values, device)`: every rank's few integers (apply's per-rank peaks), a collective.
+- `release_group(device)`: after `memtune profile`/`apply` stopped a script before its own
+  destroy_process_group(): sync the ranks, then destroy the group it left alive.
+- `launch_prefix(n)`: how to launch `memtune apply` for a profile taken on n ranks.
 - `measure_collectives()`: all-gather and reduce-scatter bus bandwidth (GB/s) on the live process group,
   for `Hardware.allgather_gbps` / `Hardware.reduce_scatter_gbps` when a profile runs with world_size > 1.
 
-Nothing here initializes a process group: the user's script owns it.
+Nothing here initializes a process group: the user's script owns it (release_group ends one the stopped
+script can no longer end itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -39,13 +45,22 @@ def _dist():
     return dist if dist.is_available() else None
 
 
+def _env_rank(local: int) -> int:
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    # Lightning's launcher sets LOCAL_RANK, NODE_RANK and WORLD_SIZE but no RANK: on node 0 they agree
+    if os.environ.get("WORLD_SIZE") and os.environ.get("NODE_RANK", "0") in ("", "0"):
+        return local
+    return 0
+
+
 def world() -> World:
-    """The live process group when there is one, else what torchrun put in the environment."""
+    """The live process group when there is one, else what the launcher put in the environment."""
     dist = _dist()
     local = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if dist is not None and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), local, True)
-    return World(int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1), local, False)
+    return World(_env_rank(local), int(os.environ.get("WORLD_SIZE", "1") or 1), local, False)
 
 
 def is_rank0() -> bool:
@@ -69,6 +84,55 @@ def require_process_group(what: str) -> World:
             "torch.distributed.init_process_group(), or remove the sharding section from the plan"
         )
     return w
+
+
+def launch_prefix(world_size: int) -> list[str]:
+    """The launcher words before `-m memtune apply` for a run on `world_size` ranks (none for one)."""
+    return [] if world_size <= 1 else ["torchrun", "--nproc-per-node", str(world_size)]
+
+
+def _device_for(device: Any) -> Any:
+    """Where a small collective's tensor goes: the rank's own GPU under NCCL (the model's device: the current
+    device may be another rank's when the script never called set_device), else the CPU (gloo)."""
+    import torch
+
+    dist = _dist()
+    if dist is None or str(dist.get_backend()) != "nccl":  # gloo, or a map with a CPU backend in it
+        return torch.device("cpu")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return dev if dev.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+
+
+def gather_ints(values: list[int | None], device: Any = None) -> list[list[int | None]] | None:
+    """Every rank's `values` (same length on each, None allowed), in rank order; None without a multi-rank
+    process group. Collective: every rank must call it."""
+    dist = _dist()
+    if dist is None or not dist.is_initialized() or dist.get_world_size() <= 1:
+        return None
+    import torch
+
+    t = torch.tensor([-1 if v is None else int(v) for v in values], dtype=torch.int64, device=_device_for(device))
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [[None if x < 0 else int(x) for x in o.tolist()] for o in out]
+
+
+def release_group(device: Any = None) -> None:
+    """Sync the ranks, then destroy the default process group (no-op without one).
+
+    For a script memtune stopped (StopRun) before its own destroy_process_group(): a gloo group left alive at
+    interpreter exit can abort the process (`terminate called without an active exception`, pytorch#190489),
+    and the sync keeps a rank from tearing down while another still talks to it. Call it only on a rank whose
+    run succeeded: a rank that failed may have peers blocked in the script's collectives.
+    """
+    dist = _dist()
+    if dist is None or not dist.is_initialized():
+        return
+    # the barrier, on the group's own device (dist.barrier guesses a GPU under NCCL); a peer that died after
+    # its run is torchrun's to report, this rank's results stand
+    with contextlib.suppress(RuntimeError):
+        gather_ints([0], device)
+    dist.destroy_process_group()
 
 
 def measure_collectives(nbytes: int | None = None, group: Any = None, iters: int = 5) -> dict[str, float]:

@@ -121,6 +121,7 @@ class ApplyResult:
     steps: int = 0
     step_s: float | None = None  # median of the step times after the first (warm-up) step
     step_times: list[float] = field(default_factory=list)
+    # on several ranks (run_apply's end_group): the largest over ranks, each rank's own in `ranks`
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     # allocated before the plan was applied, model construction included (the steps' peak is reset after it)
@@ -129,6 +130,9 @@ class ApplyResult:
     failure: dict[str, str] | None = None
     stopped: bool = False
     lossy: list[str] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+    ranks: list[dict[str, Any]] | None = None  # {rank, peak_allocated_bytes, peak_reserved_bytes} per rank
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -197,14 +201,21 @@ def run_apply(
     steps: int | None = None,
     blocks_pattern: str | None = None,
     on_notes: Callable[[list[tuple[str, str]]], None] | None = None,
+    relaunch: Sequence[str] | None = None,
+    end_group: bool = False,
 ) -> ApplyResult:
-    """Run the script with the plan applied at run time (what `memtune apply` does)."""
+    """Run the script with the plan applied at run time (what `memtune apply` does).
+
+    `relaunch`: the command a script that starts its own other ranks (Lightning) starts instead (`Session`).
+    `end_group` (the CLI, whose process exits next): after a run that did not fail, gather every rank's peak
+    into the result (a collective), then destroy the process group the stopped script left alive.
+    """
     plan = load_plan(plan)
     script, module, args = resolve_run(plan, script, argv)
     want_cuda = not any(a in ("--device=cpu",) for a in args) and torch.cuda.is_available()
     preflight(plan, torch.device("cuda" if want_cuda else "cpu"))
     session = Session(script, module=module, argv=args, steps=steps, warmup=0, stop=steps is not None,
-                      blocks_pattern=blocks_pattern)
+                      blocks_pattern=blocks_pattern, relaunch=relaunch)
     result = ApplyResult(script=script or f"-m {module}", argv=args, lossy=plan.lossy)
     state: dict[str, Any] = {}
 
@@ -291,8 +302,30 @@ def run_apply(
     result.step_times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     if result.step_times:
         result.step_s = statistics.median(result.step_times[1:] or result.step_times)
+    result.rank, result.world_size = session.rank, session.world_size
     if session.failure is not None:
         f = session.failure
         result.failure = {"exc_type": f.exc_type, "message": f.message, "traceback": f.traceback}
+    elif end_group:
+        _gather_peaks(result, session.device)
+        session.end_group()
     return result
 
+
+def _gather_peaks(result: ApplyResult, device: torch.device) -> None:
+    """Each rank's peak into `ranks`, the largest into the peak fields: the budget holds per GPU, so the
+    fullest rank decides (a rank holding a larger shard, or the logging rank 0, can peak higher)."""
+    from memtune.distributed import gather_ints
+
+    try:
+        got = gather_ints([result.peak_allocated_bytes, result.peak_reserved_bytes], device)
+    except RuntimeError as e:  # a peer gone (its own failure is its rank's to report): this rank's peak stands
+        result.notes.append(("patcher", f"peaks of the other ranks not gathered ({str(e)[:120]})"))
+        return
+    if got is None:
+        return
+    result.ranks = [{"rank": r, "peak_allocated_bytes": a, "peak_reserved_bytes": b} for r, (a, b) in enumerate(got)]
+    for i, key in enumerate(("peak_allocated_bytes", "peak_reserved_bytes")):
+        vals = [v[i] for v in got if v[i] is not None]
+        if vals:
+            setattr(result, key, max(vals))

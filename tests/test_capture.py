@@ -186,3 +186,31 @@ def test_before_run_undo_and_on_end_run_on_failure():
     s.on_end.append(lambda s: calls.append("end"))
     s.run()
     assert s.failure is not None and calls == ["end", "undo"]
+
+
+RELAUNCHER = """\
+import os, subprocess, sys
+# as Lightning's launcher starts rank 1: this script again, its arguments, LOCAL_RANK=1
+extra = ["--other"] if "--other-args" in sys.argv else []
+env = dict(os.environ, LOCAL_RANK="1")
+p = subprocess.Popen([sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:], *extra], env=env,
+                     stdout=subprocess.PIPE, text=True)
+print("rank 1 said:", p.communicate()[0].strip())
+q = subprocess.run([sys.executable, "-c", "print('helper')"], capture_output=True, text=True)
+print("helper said:", q.stdout.strip())
+"""
+
+
+def test_script_starting_its_own_ranks_starts_them_through_memtune(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    script = tmp_path / "launcher.py"
+    script.write_text(RELAUNCHER)
+    me = [sys.executable, "-c", "print('under memtune')"]
+    s = Session(str(script), argv=["--steps", "3"], relaunch=me).run()
+    assert s.failure is None and len(s.relaunched) == 1
+    out = capsys.readouterr().out
+    assert "rank 1 said: under memtune" in out and "helper said: helper" in out  # other commands stand
+    import subprocess
+    assert subprocess.Popen.__name__ == "Popen" and subprocess.Popen.__module__ == "subprocess"  # undone
+    with pytest.raises(InputError, match="torchrun --nproc-per-node N -m memtune"):
+        Session(str(script), argv=["--other-args"], relaunch=me).run()

@@ -2,6 +2,7 @@
 
     python examples/zoo/lightning_module.py --steps 40                 # tiny, CPU
     python examples/zoo/lightning_module.py --size gpu --steps 50      # 24 x 1024 encoder layers, bf16-mixed, one H200
+    python examples/zoo/lightning_module.py --devices 2 --device cpu   # 2 CPU ranks, DDP over gloo (Lightning starts rank 1)
 """
 
 import argparse
@@ -95,6 +96,7 @@ def main():
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=1, help="2+: strategy='ddp', Lightning launches the other ranks")
     args = p.parse_args()
     cfg = dict(SIZES[args.size])
     batch_size = args.batch_size or cfg.pop("batch_size")
@@ -108,7 +110,8 @@ def main():
     trainer = L.Trainer(
         max_steps=args.steps,
         accelerator="auto" if on_cuda else "cpu",
-        devices=1,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
         precision="bf16-mixed" if on_cuda else "32-true",
         gradient_clip_val=1.0,
         logger=False,

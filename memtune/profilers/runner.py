@@ -37,7 +37,8 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
                    steps: int = 5, warmup: int = 1, stop: bool = True, blocks_pattern: str | None = None,
                    output: str | os.PathLike | None = None, force: bool = False, measure_hardware: bool = True,
                    on_progress: Callable[[int, int | None], None] | None = None,
-                   memory_timeline: bool = False) -> Profile:
+                   memory_timeline: bool = False, relaunch: Sequence[str] | None = None,
+                   end_group: bool = False) -> Profile:
     """Run `script` (or `-m module`) with `argv` for `warmup + steps` optimizer steps and return its Profile.
 
     Writes it to `output` when given (refusing an existing file unless `force`; rank 0 only). A script that
@@ -45,6 +46,8 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
     optimizer or never steps -> `ScriptError` saying what was seen. `memory_timeline`: on a GPU, record the
     allocator's history over the memory step and write it beside `output` (PROFILE.memory.pickle, a
     `torch.cuda.memory._snapshot()`; pytorch.org/memory_viz opens it too), named in `extra.memory_timeline`.
+    `relaunch`: the command a script that starts its own other ranks (Lightning) starts instead (`Session`).
+    `end_group` (the CLI, whose process exits next): destroy the process group the stopped script left alive.
     """
     from memtune.io import check_writable
 
@@ -52,7 +55,7 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
     if memory_timeline and out_path is not None and torch.cuda.is_available():  # the snapshot goes beside it
         check_writable(out_path.with_name(out_path.stem + ".memory.pickle"), force)
     session = Session(script, module=module, argv=argv, steps=steps, warmup=warmup, stop=stop,
-                      blocks_pattern=blocks_pattern)
+                      blocks_pattern=blocks_pattern, relaunch=relaunch)
     prof_state = Profiler(session, on_progress=on_progress)
     prof_state.memory_timeline = memory_timeline
     session.on_before_run.append(prof_state.before_run)
@@ -122,6 +125,8 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
         _save_memory_timeline(prof, prof_state.snapshot, out_path if is_main else None)
     if out_path is not None and is_main:
         prof.save(out_path)
+    if end_group:
+        session.end_group()
     return prof
 
 

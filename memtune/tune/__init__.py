@@ -101,6 +101,7 @@ class TuneResult:
     output: str | None = None  # where plan.yaml was written
     resumed_trials: int = 0  # trials the study held before this run
     search_s: float = 0.0  # seconds of search (what --timeout bounds); verification comes on top
+    world_size: int = 1  # the profile's ranks: the plan runs under torchrun on as many
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,7 +111,7 @@ class TuneResult:
             "margin_source": self.margin_source, "objective": self.objective, "study_name": self.study_name,
             "storage": self.storage, "n_trials": self.n_trials, "new_trials": self.new_trials,
             "elapsed_s": self.elapsed_s, "search_s": self.search_s, "resumed_trials": self.resumed_trials,
-            "warnings": self.warnings, "plan": self.plan.to_dict(),
+            "warnings": self.warnings, "plan": self.plan.to_dict(), "world_size": self.world_size,
         }
 
 
@@ -302,7 +303,7 @@ def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any])
         objective=opts.objective, study_name=name, storage=opts.storage,
         n_trials=sum(1 for ft in study.get_trials(deepcopy=False) if ft.user_attrs.get("memtune_kind") == "search"),
         new_trials=new_trials, elapsed_s=time.perf_counter() - t0, warnings=warn + _error_summary(tuner),
-        resumed_trials=n_before, search_s=search_s,
+        resumed_trials=n_before, search_s=search_s, world_size=max(1, profile.world_size),
     )
 
 
@@ -337,7 +338,7 @@ def _error_summary(tuner: Tuner) -> list[str]:
 def _measured_summary(m: dict[str, Any] | None) -> dict[str, Any] | None:
     if not m:
         return None
-    keep = ("status", "peak_bytes", "step_s", "throughput", "detail", "wall_s")
+    keep = ("status", "peak_bytes", "step_s", "throughput", "detail", "wall_s", "ranks")
     out = {k: m[k] for k in keep if m.get(k) is not None}
     if m.get("peak_bytes") is not None:
         out["peak"] = format_bytes(m["peak_bytes"])

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,19 +51,47 @@ def read_apply_report(path: Path) -> dict[str, Any]:
     }
 
 
+def apply_command(plan_path: Path, steps: int, report: Path, world_size: int) -> list[str]:
+    """`memtune apply` launched the way the profile was: a profile taken on N ranks (torchrun, or Lightning's
+    own launcher) runs under torchrun's module form on N local ranks, --standalone so it picks a free port;
+    rank 0 writes the report (with every rank's peak)."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size)]
+                if world_size > 1 else [sys.executable])
+    return [*launcher, "-m", "memtune", "apply", str(plan_path), "--steps", str(steps), "--report", str(report)]
+
+
+def _run_group(cmd: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own, so that a timeout kills the whole group: killing torchrun
+    alone would leave its ranks running, blocked in a collective."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kw) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def verify_plan(plan: Plan, cand: Candidate, tuner: Tuner, workdir: Path, budget: int) -> dict[str, Any]:
     """Run `memtune apply` on one plan in a subprocess for a few steps; an OOM is a failed verification."""
     idx = cand.number
     plan_path = workdir / f"plan-{idx}.yaml"
     report = workdir / f"apply-{idx}.json"
     plan.save(plan_path)
-    cmd = [sys.executable, "-m", "memtune", "apply", str(plan_path), "--steps", str(tuner.opts.verify_steps),
-           "--report", str(report)]
+    world_size = max(1, tuner.profile.world_size)
+    cmd = apply_command(plan_path, tuner.opts.verify_steps, report, world_size)
     cwd = tuner.profile.cwd if tuner.profile.cwd and Path(tuner.profile.cwd).is_dir() else None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=tuner.opts.verify_timeout_s)
+        if world_size > 1:
+            proc = _run_group(cmd, tuner.opts.verify_timeout_s, cwd=cwd, env=env)
+        else:
+            proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=tuner.opts.verify_timeout_s)
         out, rc = (proc.stdout or "") + (proc.stderr or ""), proc.returncode
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -82,8 +111,14 @@ def verify_plan(plan: Plan, cand: Candidate, tuner: Tuner, workdir: Path, budget
         tail = " ".join(out.strip().splitlines()[-3:])[-400:]
         res.update(status="failed", detail=f"exit {rc}: {tail or fail_text or 'no report written'}")
         return res
+    ranks = rep.get("raw", {}).get("world_size")
+    if ranks is not None:
+        res["ranks"] = ranks
+        if ranks != world_size:  # e.g. a script that falls back to one process: not the profiled run
+            res.update(status="failed", detail=f"the plan ran on {ranks} rank(s), the profile on {world_size}")
+            return res
     step_s = float(rep["step_s"])
-    peak = rep.get("peak_bytes")
+    peak = rep.get("peak_bytes")  # the largest over the ranks (rank 0's report gathers them)
     # the allocator's peak (max_memory_allocated) on a GPU; none on a CPU run, where only time is checked
     res.update(step_s=step_s, peak_bytes=float(peak) if peak is not None else None)
     # measured throughput in the prediction's unit: predicted work per step over the measured step time
