@@ -23,6 +23,7 @@ Every global patch is undone when `run()` returns, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib.util
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,6 +412,7 @@ class Session:
         orig_popen = subprocess.Popen
         d = torch.distributed
         self._group_before = d.is_available() and d.is_initialized()
+        orig_init_pg = getattr(d, "init_process_group", None) if d.is_available() else None
         orig_init_subclass = torch.optim.Optimizer.__dict__.get("__init_subclass__")
 
         try:
@@ -454,13 +457,27 @@ class Session:
 
                 scaler_cls.step = scaler_step
 
+            if orig_init_pg is not None:
+                def init_process_group(*args, **kwargs):
+                    if not d.is_initialized():
+                        _import_world_defaults()  # before the group exists: their defaults stay None
+                    return orig_init_pg(*args, **kwargs)
+
+                functools.update_wrapper(init_process_group, orig_init_pg)
+                d.init_process_group = init_process_group
+
             if self.relaunch is not None:
+                # weakly: the launcher keeps its Popen objects (and so this class) to the end, and a strong
+                # reference would keep the script's model and its process group alive to interpreter exit
+                ref = weakref.ref(self)
+
                 class Popen(orig_popen):  # a subclass: isinstance checks on the Popen class keep working
                     def __init__(self, args, *a, **kw):
-                        new = session._relaunched(args, kw.get("env"))
+                        sess = ref()
+                        new = sess._relaunched(args, kw.get("env")) if sess is not None else None
                         super().__init__(new if new is not None else args, *a, **kw)
-                        if new is not None:
-                            session.relaunched.append(self)
+                        if new is not None and sess is not None:
+                            sess.relaunched.append(self)
 
                 subprocess.Popen = Popen
 
@@ -511,6 +528,8 @@ class Session:
             if orig_scaler_step is not None:
                 torch.amp.GradScaler.step = orig_scaler_step
             subprocess.Popen = orig_popen
+            if orig_init_pg is not None:
+                d.init_process_group = orig_init_pg
             try:
                 for cb in list(self.on_end):
                     cb(self)
@@ -519,6 +538,20 @@ class Session:
         if self._relaunch_error is not None:
             raise self._relaunch_error
         return self
+
+
+# torch modules whose function defaults are `group.WORLD`, evaluated at import: imported once a group exists
+# (DDP's constructor pulls them in through torch._dynamo), they hold the script's default group in those
+# defaults, so destroy_process_group() cannot free it and its gloo threads (pt_gloo_runloop, gloo_tcp_loop)
+# run into interpreter exit, where a rank sometimes aborts: `terminate called without an active exception`.
+_WORLD_DEFAULTS = ("torch.distributed.nn.functional", "torch.distributed.optim.zero_redundancy_optimizer",
+                   "torch.distributed.fsdp.sharded_grad_scaler")
+
+
+def _import_world_defaults() -> None:
+    for name in _WORLD_DEFAULTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 class _suppress:

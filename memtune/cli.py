@@ -159,6 +159,7 @@ def profile(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a training script unchanged for a few steps and measure what its memory and time are made of."""
+    from memtune.distributed import free_group
     from memtune.profilers.runner import ScriptFailed, profile_script
     from memtune.render import render_profile
 
@@ -179,6 +180,7 @@ def profile(
                 prof = profile_script(script, module=module, argv=args, steps=steps, warmup=warmup, stop=stop,
                                       blocks_pattern=blocks, output=output, force=force,
                                       memory_timeline=memory_timeline, relaunch=relaunch, end_group=True)
+            free_group()  # the stopped script's group and its threads, before interpreter exit
         except ScriptFailed as e:
             sys.stderr.write(e.failure.traceback)
             raise
@@ -311,7 +313,7 @@ def apply_cmd(
     """Run the training script unchanged with a plan applied at run time; report peak memory and step time."""
     from pathlib import Path
 
-    from memtune.distributed import is_rank0
+    from memtune.distributed import free_group, is_rank0
     from memtune.errors import ScriptError
     from memtune.io import check_writable, write_json_atomic
     from memtune.patcher import run_apply
@@ -346,6 +348,7 @@ def apply_cmd(
                                  "--", *args)
             res = run_apply(p, script, args or None, steps=steps, blocks_pattern=blocks, on_notes=show,
                             relaunch=relaunch, end_group=True)
+            free_group()  # the stopped script's group and its threads, before interpreter exit
         if report_out and res.rank == 0:  # rank 0's report holds every rank's peak (res.ranks)
             write_json_atomic(report_out, res.to_dict())
         if res.failure:

@@ -6,6 +6,7 @@
 - `gather_ints(values, device)`: every rank's few integers (apply's per-rank peaks), a collective.
 - `release_group(device)`: after `memtune profile`/`apply` stopped a script before its own
   destroy_process_group(): sync the ranks, then destroy the group it left alive.
+- `free_group()`: then free it (and its threads) before interpreter exit.
 - `launch_prefix(n)`: how to launch `memtune apply` for a profile taken on n ranks.
 - `measure_collectives()`: all-gather and reduce-scatter bus bandwidth (GB/s) on the live process group,
   for `Hardware.allgather_gbps` / `Hardware.reduce_scatter_gbps` when a profile runs with world_size > 1.
@@ -113,8 +114,16 @@ def gather_ints(values: list[int | None], device: Any = None) -> list[list[int |
 
     t = torch.tensor([-1 if v is None else int(v) for v in values], dtype=torch.int64, device=_device_for(device))
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
+    work = dist.all_gather(out, t, async_op=True)
+    work.wait()
+    # Kept until free_group(): a gloo worker thread that dropped the last reference to this work would free
+    # its tensors' Python objects, needing the GIL, which the main thread holds while the group's destructor
+    # joins that thread (a deadlock seen here when the group was freed right after the collective).
+    _KEPT.append((work, t, out))
     return [[None if x < 0 else int(x) for x in o.tolist()] for o in out]
+
+
+_KEPT: list[Any] = []
 
 
 def release_group(device: Any = None) -> None:
@@ -133,6 +142,20 @@ def release_group(device: Any = None) -> None:
     with contextlib.suppress(RuntimeError):
         gather_ints([0], device)
     dist.destroy_process_group()
+
+
+def free_group() -> None:
+    """After release_group() and the run: free the destroyed group now, while Python is whole.
+
+    The stopped script's DDP model, garbage in a reference cycle, holds the group (DDP's reducer does) and its
+    threads (pt_gloo_runloop, gloo_tcp_loop); left to interpreter exit they aborted a rank in about 1 run of
+    100 here (`terminate called without an active exception`). Collected here, the group's destructor joins
+    them; memtune's own collectives' works go after that, when no thread can be releasing them."""
+    import gc
+
+    gc.collect()
+    _KEPT.clear()
+    gc.collect()
 
 
 def measure_collectives(nbytes: int | None = None, group: Any = None, iters: int = 5) -> dict[str, float]:

@@ -1,9 +1,9 @@
 """The CLI on several ranks, for real: torchrun and Lightning's own launcher, 2 CPU processes over gloo.
 
 One torchrun profile of examples/zoo/ddp_torchrun.py (module fixture) serves the profile and tune tests. A
-sitecustomize on the ranks' path says at interpreter exit whether a process group is still alive: memtune
-stops the script before its own destroy_process_group(), and a gloo group left alive at exit can abort the
-process (`terminate called without an active exception`, pytorch#190489).
+sitecustomize on the ranks' path says at interpreter exit whether a process group is still alive (initialized,
+or its gloo threads still running): memtune stops the script before its own destroy_process_group(), and a
+gloo group alive at exit can abort the process (`terminate called without an active exception`).
 """
 
 import json
@@ -21,12 +21,19 @@ ZOO = ROOT / "examples" / "zoo"
 DDP = [str(ZOO / "ddp_torchrun.py"), "--steps", "30", "--device", "cpu"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 SITE = """\
-import atexit, os, sys
+import atexit, glob, os, sys
 
 def _say():
-    d = sys.modules.get("torch.distributed")
     if "RANK" in os.environ or "LOCAL_RANK" in os.environ:  # a rank, not torchrun's agent
+        names = []
+        for comm in glob.glob("/proc/self/task/*/comm"):  # native threads (Linux)
+            try:
+                names.append(open(comm).read().strip())
+            except OSError:
+                pass
+        d = sys.modules.get("torch.distributed")
         alive = bool(d is not None and d.is_available() and d.is_initialized())
+        alive = alive or any("gloo" in n for n in names)
         print(f"memtune-test: process group alive at exit: {alive}", file=sys.stderr, flush=True)
 
 atexit.register(_say)
@@ -43,7 +50,7 @@ def site_dir(tmp_path_factory):
 
 
 def _run(cmd, site_dir, cwd, timeout=240):
-    """Run in a session of its own so that a hang kills every rank, not only the launcher."""
+    """Run in a session of its own, so that a hang can be ended: the launcher and what it started."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(p for p in (str(site_dir), str(ROOT), os.environ.get("PYTHONPATH")) if p))
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -51,9 +58,12 @@ def _run(cmd, site_dir, cwd, timeout=240):
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-            pytest.fail(f"{' '.join(cmd[:8])} ... hung for {timeout} s\n{err[-3000:]}")
+            p.terminate()  # torchrun passes SIGTERM on to its ranks, which run in sessions of their own
+            try:
+                p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"{' '.join(cmd[:8])} ... hung for {timeout} s")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 

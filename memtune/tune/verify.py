@@ -61,16 +61,20 @@ def apply_command(plan_path: Path, steps: int, report: Path, world_size: int) ->
 
 
 def _run_group(cmd: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess:
-    """subprocess.run in a session of its own, so that a timeout kills the whole group: killing torchrun
-    alone would leave its ranks running, blocked in a collective."""
+    """subprocess.run for torchrun: on a timeout SIGTERM first, which torchrun passes on to its ranks (they
+    run in sessions of their own, so SIGKILL to torchrun or its group would leave them running, blocked in
+    a collective and holding the output pipes), then SIGKILL to what is left of its group."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                           **kw) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
+            p.terminate()
+            try:
+                p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
             raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
