@@ -58,3 +58,26 @@ class PlanApplier:
         for strategy, note in later:
             if log is not None:
                 log(f"memtune: {strategy}: {note}")
+
+
+class AppliesPlan:
+    """The read side both callbacks offer over their `_applier` (a PlanApplier)."""
+
+    _applier: PlanApplier
+
+    @property
+    def plan(self) -> Plan:
+        return self._applier.plan
+
+    @property
+    def notes(self) -> list[tuple[str, str]]:
+        return self._applier.notes
+
+    def undo(self) -> None:
+        """Undo the plan now, if it is applied (the end hook does it; after a failed run, call it yourself)."""
+        self._applier.undo()
+
+    @property
+    def active(self) -> bool:
+        """Whether the plan is applied now (between the framework's start and end hooks)."""
+        return self._applier.active

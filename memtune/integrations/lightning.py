@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from memtune.integrations._common import PlanApplier
+from memtune.integrations._common import AppliesPlan, PlanApplier
 from memtune.plan import Plan
 
 __all__ = ["MemtuneCallback"]
@@ -51,29 +51,12 @@ def _rank_zero_info(line: str) -> None:
     _PACKAGES[0].utilities.rank_zero_info(line)
 
 
-class _Hooks:
+class _Hooks(AppliesPlan):
     def __init__(self, plan: Plan | dict | str | Path, *, blocks: str | None = None,
                  log: Callable[[str], None] | None = None):
         super().__init__()
         self._applier = PlanApplier(plan, blocks)
         self._log = log or _rank_zero_info
-
-    @property
-    def plan(self) -> Plan:
-        return self._applier.plan
-
-    @property
-    def notes(self) -> list[tuple[str, str]]:
-        return self._applier.notes
-
-    def undo(self) -> None:
-        """Undo the plan now, if it is applied (train end does it; after a failed run, call it yourself)."""
-        self._applier.undo()
-
-    @property
-    def active(self) -> bool:
-        """Whether the plan is applied now (between fit start and train end)."""
-        return self._applier.active
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._applier.apply(pl_module, list(trainer.optimizers), self._log, "the Lightning Trainer")

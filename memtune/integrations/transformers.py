@@ -25,13 +25,13 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("memtune.integrations.transformers needs transformers: pip install 'memtune[hf]'") from e
 
-from memtune.integrations._common import PlanApplier
+from memtune.integrations._common import AppliesPlan, PlanApplier
 from memtune.plan import Plan
 
 __all__ = ["MemtuneCallback"]
 
 
-class MemtuneCallback(TrainerCallback):
+class MemtuneCallback(AppliesPlan, TrainerCallback):
     """Apply `plan` (a plan file, a dict or a Plan) when training starts; undo it when training ends.
 
     `blocks`: a glob over module paths for the repeated blocks (as `--blocks`), by default found as
@@ -43,23 +43,6 @@ class MemtuneCallback(TrainerCallback):
                  log: Callable[[str], None] | None = None):
         self._applier = PlanApplier(plan, blocks)
         self._log = log
-
-    @property
-    def plan(self) -> Plan:
-        return self._applier.plan
-
-    @property
-    def notes(self) -> list[tuple[str, str]]:
-        return self._applier.notes
-
-    def undo(self) -> None:
-        """Undo the plan now, if it is applied (train end does it; after a failed run, call it yourself)."""
-        self._applier.undo()
-
-    @property
-    def active(self) -> bool:
-        """Whether the plan is applied now (between train begin and train end)."""
-        return self._applier.active
 
     def _logger(self, state: Any) -> Callable[[str], None]:
         if self._log is not None:
