@@ -409,6 +409,30 @@ def test_gpu_model_moved_after_apply():
     applied()
 
 
+@pytest.mark.gpu
+def test_gpu_host_weights_of_a_deferred_model_are_quantized_on_the_device():
+    from memtune.kernels.frozen_linear import Workspace
+    from memtune.strategies.weights import WeightsConfig, quantize_linear
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(4096, 4096, bias=False).to(torch.bfloat16).requires_grad_(False) for _ in range(3)]
+    ref = [m.weight.detach().clone() for m in layers]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ws = Workspace()
+    for m in layers:
+        quantize_linear(m, "nf4", WeightsConfig(), ws, device=torch.device("cuda"))
+    one = 4096 * 4096 * 2
+    assert torch.cuda.max_memory_allocated() - base < 1.6 * one  # one unquantized weight at a time
+    assert torch.cuda.memory_allocated() - base <= 3 * one * 0.52 / 2 * 1.02  # the NF4 forms stay there
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    for m, w in zip(layers, ref, strict=True):
+        assert m.weight.device.type == "cuda"
+        y, y0 = m(x), x @ w.cuda().t()
+        assert (y - y0).float().norm() / y0.float().norm() < 0.12  # NF4's error on a uniform-init weight
+
+
 # --- end to end: a plain LoRA script, profiled, tuned, applied ----------------------------------------------
 
 

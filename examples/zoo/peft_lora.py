@@ -2,6 +2,7 @@
 
     python examples/zoo/peft_lora.py --steps 40                  # tiny, CPU
     python examples/zoo/peft_lora.py --size gpu --steps 50       # ~1.1B base in bf16 + fp32 adapters, one H200
+    python examples/zoo/peft_lora.py --size 7b --steps 20        # a Llama-2-7B-shaped base (13.5 GB in bf16)
 SFT-style data (loss only on the answer tokens: labels -100 on the prompt), the loss comes from the model's
 ModelOutput, AdamW over the adapters, cosine schedule with warmup from transformers.
 """
@@ -13,7 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from transformers import Qwen2Config, Qwen2ForCausalLM, get_cosine_schedule_with_warmup
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    get_cosine_schedule_with_warmup,
+)
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -24,6 +31,10 @@ SIZES = {
     # logits/loss), ~150 ms/step on an H200.
     "gpu": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
                 num_key_value_heads=2, vocab_size=32000, prompt_len=1024, batch_size=4, rank=16),
+    # Llama-2-7B's shape (untied head), random init: 13.5 GB of bf16 base weights, 1 x 2049 tokens.
+    "7b": dict(arch="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, prompt_len=1024, batch_size=1,
+               rank=16, tie_word_embeddings=False),
 }
 
 
@@ -58,9 +69,12 @@ def main():
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
-    config = Qwen2Config(**cfg, max_position_embeddings=4096, tie_word_embeddings=True, use_cache=False)
+    llama = cfg.pop("arch", "qwen2") == "llama"
+    cfg.setdefault("tie_word_embeddings", True)
+    config = (LlamaConfig if llama else Qwen2Config)(**cfg, max_position_embeddings=4096, use_cache=False)
     # the usual recipe: base weights in bf16 on the GPU, adapters kept in fp32 by peft, autocast for the math
-    base = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32)
+    base = (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config)
+    base = base.to(device=device, dtype=torch.bfloat16 if on_cuda else torch.float32)
     if args.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()

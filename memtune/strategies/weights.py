@@ -289,7 +289,7 @@ class Weights(Strategy):
         counts: Counter[str] = Counter()
         with Undos() as undos:
             for path, mod, fmt in targets:
-                undo, b0, b1 = quantize_linear(mod, fmt, config, ws, lambda: ctx.run_over)
+                undo, b0, b1 = quantize_linear(mod, fmt, config, ws, lambda: ctx.run_over, device=ctx.device)
                 undos.add(undo, path)
                 before, after = before + b0, after + b1
                 counts[fmt] += 1
@@ -492,15 +492,23 @@ def _placeholder(dtype: torch.dtype, device: torch.device, shape: torch.Size) ->
 
 
 def quantize_linear(m: torch.nn.Module, fmt: str, config: WeightsConfig, ws: Any, run_over=lambda: False,
-                    backend: str = "auto") -> tuple[Undo, int, int]:
-    """Quantize one frozen nn.Linear in place: (undo, bytes before, bytes after)."""
+                    backend: str = "auto", device: torch.device | None = None) -> tuple[Undo, int, int]:
+    """Quantize one frozen nn.Linear in place: (undo, bytes before, bytes after). A host weight of a model
+    the plan places on an accelerator (`device`: placement deferred the script's move) is quantized there, one
+    weight at a time: the device kernels instead of the host reference (minutes for a 7B base), and the
+    device never holds more than one unquantized weight."""
     from memtune.kernels.frozen_linear import frozen_linear, quantize_weight
 
     w = m._parameters["weight"]
     dtype, shape = w.dtype, w.shape
     before = w.numel() * w.element_size()
+    src = w.detach()
+    if device is not None and device.type != "cpu" and src.device.type == "cpu":
+        src = src.to(device)
     with torch.no_grad():
-        q = quantize_weight(w.detach(), fmt, config.double_quant, backend)
+        q = quantize_weight(src, fmt, config.double_quant, backend)
+    del src
+    home = q.device
     state = {"q": q}
     kernel = config.kernel_name
     dq = config.double_quant
@@ -536,7 +544,7 @@ def quantize_linear(m: torch.nn.Module, fmt: str, config: WeightsConfig, ws: Any
     with Undos() as undos:
         m._parameters["weight"] = None
         w.data = torch.empty(0, dtype=dtype, device=w.device)  # frees the weight's storage
-        m.__dict__["weight"] = _placeholder(dtype, w.device, shape)
+        m.__dict__["weight"] = _placeholder(dtype, home, shape)
 
         def restore() -> None:
             m.__dict__.pop("weight", None)
