@@ -88,6 +88,38 @@ def test_to_cuda_is_taken_and_the_plan_places_each_tensor(on_cpu):
     assert nn.Module.to.__qualname__ == "Module.to" and not hasattr(nn.Module.to, "__wrapped__")
 
 
+class _Wrapper(nn.Module):
+    """What peft's get_peft_model does after the script's move: a module around the model, adapters inside."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = model
+        self.head_adapter = nn.Linear(4, 4)
+        model.blocks[0].attn.adapter = nn.Linear(32, 4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="shows the interception through a CUDA-less torch's error")
+def test_a_wrapper_built_around_the_deferred_model_is_placed_with_it(on_cpu):
+    plan = plan_from_dict({"placement": {"defer": True, "min_mib": 0}})
+    undo, session = install(plan)
+    try:
+        m = GPT(2, 32, 4, 16, 64)
+        m.to("cuda", torch.bfloat16)
+        wrapped = _Wrapper(m)
+        assert pl.target_device_of(wrapped) == torch.device("cpu")  # (cuda, mapped): found from the wrapper
+        opt = torch.optim.AdamW([p for n, p in wrapped.named_parameters() if "adapter" in n], lr=1e-2)
+        session.ready = True
+        ctx = make_context(wrapped, [opt], find_blocks(wrapped), run_device(plan, wrapped), plan)
+        applied = apply_to_context(ctx)
+        (carried,) = on_cpu  # one move, of the wrapper: the base and both adapters
+        names = {n for n, *_ in carried}
+        assert {"head_adapter.weight", "base_model.blocks.0.attn.adapter.weight"} <= names
+        assert any("deferred" in t for s, t in applied.notes if s == "placement")
+        applied()
+    finally:
+        undo()
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="needs the CUDA-less error to tell a real move")
 def test_small_modules_and_moves_after_the_plan_go_through(on_cpu):
     plan = plan_from_dict({"placement": {"defer": True, "min_mib": 1}})

@@ -406,7 +406,9 @@ def test_real_strategies_search_recompute_with_compression(gpt_profile):
     valid, and each block gets its mode (the old per-strategy spaces discarded every such trial)."""
     from memtune.strategies.layout import profile_layout
 
-    tuner = Tuner(gpt_profile, opts(budget_bytes=10**12))
+    # objective memory: under a budget with room to spare a lower peak buys nothing, and compression would
+    # not be proposed for throughput
+    tuner = Tuner(gpt_profile, opts(budget_bytes=10**12, objective="memory"))
     e = tuner.probe({"blocks.compress": 1, "blocks.recompute": 1, "compress.dtype": "int8"})
     assert e.valid, e.error
     layout = profile_layout(e.plan, gpt_profile)

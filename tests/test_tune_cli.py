@@ -135,17 +135,23 @@ def test_verify_all_fail_is_an_error(monkeypatch, fake_strategies):
     assert 2 <= len(calls) <= 6  # the first k, then the plans the corrected model still admits
 
 
+def _tight_budget(p):
+    """Just above checkpointing every block: without 8-bit states only slower (recomputing) plans fit, so the
+    fastest plan has them (under a budget with room to spare they buy nothing and are not proposed)."""
+    return int(estimate(p, plan_from_dict({"checkpoint": {"blocks": "all"}})).peak_bytes * 1.04)
+
+
 def test_closed_loop_corrects_a_systematic_under_prediction(monkeypatch, fake_strategies):
-    """Every real run peaks 15% above its prediction: the first verified plans run over the budget, their
+    """Every real run peaks 25% above its prediction: the first verified plans run over the budget, their
     measurements correct the model for their family (and the rest), and the loop goes on to a plan that the
     corrected model fits; it ends with a verified plan inside the budget, not with "raise --margin"."""
     p = make_profile()
-    budget = int(estimate(p).peak_bytes * 0.8)
+    budget = _tight_budget(p)
     ran = []
 
     def fake_run(cmd, **kw):
         plan = plan_from_dict(yaml.safe_load(Path(cmd[cmd.index("apply") + 1]).read_text()))
-        peak = estimate(p, plan).peak_bytes * 1.15
+        peak = estimate(p, plan).peak_bytes * 1.25
         ran.append(peak)
         Path(cmd[cmd.index("--report") + 1]).write_text(json.dumps({"step_s": 0.3, "peak_allocated_bytes": peak}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
@@ -156,7 +162,7 @@ def test_closed_loop_corrects_a_systematic_under_prediction(monkeypatch, fake_st
     assert res.chosen.verified_ok and res.chosen.measured["peak_bytes"] <= budget
     assert len(res.verified) >= 2
     # the chosen plan's prediction is the corrected one
-    assert res.chosen.peak_bytes == pytest.approx(res.chosen.raw_peak_bytes * 1.15, rel=1e-6)
+    assert res.chosen.peak_bytes == pytest.approx(res.chosen.raw_peak_bytes * 1.25, rel=1e-6)
 
 
 def test_verify_avoids_a_section_every_crashed_plan_had(monkeypatch, fake_strategies):
@@ -173,7 +179,7 @@ def test_verify_avoids_a_section_every_crashed_plan_had(monkeypatch, fake_strate
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(verify.subprocess, "run", fake_run)
-    res = tuning.tune(p, opts(budget_bytes=int(estimate(p).peak_bytes * 0.8), trials=30, verify=1))
+    res = tuning.tune(p, opts(budget_bytes=_tight_budget(p), trials=30, verify=1))
     assert len(ran) == 2 and "optimizer" in ran[0] and "optimizer" not in ran[1]
     assert "optimizer" not in res.plan.sections and res.plan.provenance["measured"]["status"] == "ok"
 

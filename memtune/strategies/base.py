@@ -68,6 +68,12 @@ class Strategy:
     def memory_seed(self, profile: Profile, opts: SearchOptions) -> dict[str, Any]:
         return {}
 
+    def lossy_seed(self, profile: Profile, opts: SearchOptions) -> dict[str, Any]:
+        """(lossy strategies) the choice that saves the most where it is the only way in (a frozen base in
+        NF4): a start for the tuner's descent when lossy plans are allowed, since the lossless floor may
+        exclude it (a conflict) and one change at a time from there never reaches it."""
+        return {}
+
     def install(self, config: Any, session: Any) -> Undo:
         return noop
 

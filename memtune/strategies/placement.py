@@ -95,14 +95,20 @@ def _materialize(root: nn.Module) -> None:
         _move(root, d.device, d.non_blocking)
 
 
-def target_device_of(model: nn.Module) -> torch.device | None:
-    """Where the script asked a deferred model (or the deferred module holding it) to go."""
+def deferred_root(model: nn.Module) -> nn.Module | None:
+    """The deferred module that holds `model`, or that `model` holds: a wrapper built around the model after
+    its deferred move (peft's get_peft_model) holds it, and its adapters live inside it."""
     root = _root(model)
-    if root is None:  # the model may be inside a deferred wrapper
+    if root is None:
         for r in list(_PENDING.keys()):
-            if any(m is model for m in r.modules()):
-                root = r
-                break
+            if any(m is model for m in r.modules()) or any(m is r for m in model.modules()):
+                return r
+    return root
+
+
+def target_device_of(model: nn.Module) -> torch.device | None:
+    """Where the script asked a deferred model (or the deferred module holding it or held by it) to go."""
+    root = deferred_root(model)
     return _resolve(_PENDING[root].device) if root is not None else None
 
 
@@ -212,17 +218,15 @@ class Placement(Strategy):
         return target_device_of(model) if config.defer else None
 
     def apply(self, ctx: ApplyContext, config: PlacementConfig) -> Undo:
-        root = _root(ctx.model) if config.defer else None
-        if root is None:
-            for r in list(_PENDING.keys()):
-                if any(m is ctx.model for m in r.modules()):
-                    root = r
+        root = deferred_root(ctx.model) if config.defer else None
         if root is None:
             if config.defer:
                 ctx.note(self.name, "the model was on the device before the plan was applied: nothing deferred "
                                     "(built there, or moved by a call this patch does not see)")
             return noop
         d = _PENDING.pop(root)
+        if any(m is root for m in ctx.model.modules()):
+            root = ctx.model  # a wrapper around the deferred model (peft): its own modules move with it
         before = sum(p.numel() * p.element_size() for p in root.parameters() if p.device.type == "cpu")
         _move(root, d.device, d.non_blocking)
         for o in ctx.optimizer_offloads:

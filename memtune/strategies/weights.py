@@ -233,6 +233,17 @@ class Weights(Strategy):
             return {"blocks": ref if ref == "all" else [ref], "format": fmt}
         return {"blocks": blocks}
 
+    def lossy_seed(self, profile: Any, opts: SearchOptions) -> dict[str, Any]:
+        if opts.lossless_only:
+            return {}
+        min_bytes = max(2**20, WORTH_SHARE * _reference_bytes(profile))
+        by_cls: dict[str, list[Any]] = {}
+        for bp in profile.repeated_blocks:
+            if bp.frozen_param_bytes > 0:
+                by_cls.setdefault(bp.cls, []).append(bp)
+        return {f"weights.{cls}": "nf4" for cls, bps in by_cls.items()
+                if sum(b.frozen_param_bytes for b in bps) >= min_bytes and "nf4" in _choices(bps[0])}
+
     # --- cost model -------------------------------------------------------------------------------
     def effect(self, profile: Any, config: WeightsConfig, sim: Any) -> None:
         fmts = profile_formats(profile, config)

@@ -182,10 +182,18 @@ def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any])
             if start.valid and start.peak_bytes <= tuner.limit:
                 greedy = min(greedy, tuner.coordinate(start.params, tuner.sort_key), key=tuner.sort_key)
     seeds = [baseline.params]
+    every = None
     if n_rep:  # checkpoint everything
         every = tuner.probe({"blocks.recompute": n_rep, "blocks.recompute.mode": "full"})
         if every.valid:
             seeds.append(every.params)
+    lossy = lossy_seed(profile, tuner.sopts)
+    if lossy:  # a frozen base quantized: the lossless floor cannot reach it one change at a time
+        starts = [tuner.probe({**(every.params if every is not None and every.valid else {}), **lossy}),
+                  tuner.probe(lossy)]
+        for start in (e for e in starts if e.valid):
+            seeds.append(start.params)
+            greedy = min(greedy, tuner.coordinate(start.params, tuner.sort_key), key=tuner.sort_key)
     if floor.valid:
         seeds.append(floor.params)
     seeds += [smallest.params, greedy.params]
@@ -326,6 +334,16 @@ def memory_seed(profile: Profile, sopts: Any, n_rep: int) -> dict[str, Any]:
     seed: dict[str, Any] = {"blocks.recompute": n_rep, "blocks.recompute.mode": "full"} if n_rep else {}
     for s in all_strategies():
         seed.update(s.memory_seed(profile, sopts))
+    return seed
+
+
+def lossy_seed(profile: Profile, sopts: Any) -> dict[str, Any]:
+    """The registered strategies' `lossy_seed` choices together (empty under --lossless-only)."""
+    from memtune.strategies import all_strategies
+
+    seed: dict[str, Any] = {}
+    for s in all_strategies():
+        seed.update(s.lossy_seed(profile, sopts))
     return seed
 
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from memtune.tune import TuneOptions
 
 OBJECTIVES = ("throughput", "memory")
-# A lossy section must lower the predicted peak or step time by more than this to be proposed at all.
+# A lossy section must shorten the predicted step by more than this, or be what makes the plan fit (lower its
+# peak by more than this for --objective memory), to be proposed at all.
 LOSSY_MIN_GAIN = 0.02
 # Host memory a plan may hold (optimizer state, masters, gradient buffers, offloaded tensors): this share of
 # the profiled host's RAM; the rest is the OS, the CUDA driver, the Python process, the script's data.
@@ -136,8 +137,10 @@ class Tuner:
                     throughput=throughput, unit=unit, lossy=lossy, batch_size=bs)
 
     def _lossy_buying_nothing(self, plan: Plan, bs: int | None, est: Any) -> str | None:
-        """The first lossy section whose removal changes the predicted peak and step time by less than
-        LOSSY_MIN_GAIN each (4-bit states for 49 MiB of adapters): such a plan is not proposed."""
+        """The first lossy section that buys nothing here (4-bit states for 49 MiB of adapters): such a plan
+        is not proposed. Without it the step is within LOSSY_MIN_GAIN and the plan still fits (objective
+        throughput: a lower peak under a budget with room to spare buys nothing), or the peak is within
+        LOSSY_MIN_GAIN too (objective memory)."""
         for name, cfg in plan.sections.items():
             if not cfg.lossy:
                 continue
@@ -146,8 +149,12 @@ class Tuner:
                 without = estimate(self.profile, rest, batch_size=bs)
             except MemtuneError:
                 continue
-            if (without.peak_bytes <= est.peak_bytes * (1 + LOSSY_MIN_GAIN)
-                    and without.step_s <= est.step_s * (1 + LOSSY_MIN_GAIN)):
+            if without.step_s > est.step_s * (1 + LOSSY_MIN_GAIN):
+                continue
+            if self.opts.objective == "memory":
+                if without.peak_bytes <= est.peak_bytes * (1 + LOSSY_MIN_GAIN):
+                    return name
+            elif without.peak_bytes <= max(self.limit, est.peak_bytes * (1 + LOSSY_MIN_GAIN)):
                 return name
         return None
 

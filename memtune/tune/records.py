@@ -193,12 +193,14 @@ LOSSLESS_WINS_WITHIN = 0.02
 
 
 def _lossy_handicap(c: Candidate) -> float:
-    return 1.0 + LOSSLESS_WINS_WITHIN if c.lossy else 1.0
+    """Each lossy section counts: of two plans within the share of each other, the one changing fewer parts of
+    the numbers wins (NF4 weights alone over NF4 weights + 4-bit states + fp8 activations)."""
+    return (1.0 + LOSSLESS_WINS_WITHIN) ** len(c.lossy)
 
 
 def rank(cands: list[Candidate], objective: str) -> list[Candidate]:
     """Best predicted first: throughput (then the smaller peak), or peak for --objective memory; a lossy plan
-    counts as LOSSLESS_WINS_WITHIN worse, so a lossless one within that of it ranks first."""
+    counts as LOSSLESS_WINS_WITHIN worse per lossy section, so a lossless one within that of it ranks first."""
     if objective == "memory":
         return sorted(cands, key=lambda c: (c.peak_bytes * _lossy_handicap(c), -c.throughput, c.number))
     return sorted(cands, key=lambda c: (-c.throughput / _lossy_handicap(c), c.peak_bytes, c.number))
