@@ -424,7 +424,9 @@ def test_gpu_host_weights_of_a_deferred_model_are_quantized_on_the_device():
     for m in layers:
         quantize_linear(m, "nf4", WeightsConfig(), ws, device=torch.device("cuda"))
     one = 4096 * 4096 * 2
-    assert torch.cuda.max_memory_allocated() - base < 1.6 * one  # one unquantized weight at a time
+    # one unquantized weight at a time, beside the quantizer's temporaries and the NF4 forms made so far
+    # (H200: 1.8x one weight); all three on the device at once would be 3x
+    assert torch.cuda.max_memory_allocated() - base < 2.2 * one
     assert torch.cuda.memory_allocated() - base <= 3 * one * 0.52 / 2 * 1.02  # the NF4 forms stay there
     x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
     for m, w in zip(layers, ref, strict=True):
