@@ -478,11 +478,12 @@ def test_drop_autocast_copies_for_16bit_weights():
     assert simulate(sim).peak_bytes == pytest.approx(before - 4 * 10 * MB)
 
 
-def test_offload_fetch_queue_runs_ahead_at_each_repeated_block():
+def test_offload_fetch_queue_runs_one_offloaded_block_ahead():
     # blocks.0 and blocks.1 offloaded, 20 MB each at 1 GB/s = 20 ms per copy; forward 10 ms per block.
     # d2h: blocks.0 10->30 ms, blocks.1 30->50 ms. Backward starts at 40 ms: blocks.3's start fetches
-    # blocks.1 (50->70), blocks.2's start (60 ms) fetches blocks.0 (70->90); blocks.1 starts at 80 (ready
-    # at 70), blocks.0 at 100 (ready at 90): nothing exposed, the queue runs two blocks ahead.
+    # blocks.1 (50->70); blocks.2's start asks for nothing (the newest offloaded block before it is being
+    # fetched); blocks.1 starts at 80 (ready at 70) and fetches blocks.0 (80->100), which starts at 100:
+    # nothing exposed.
     p = make_profile(act=20 * MB, h2d=1.0, d2h=1.0)
     sim = build_sim(p)
     offload(sim, {"blocks.0", "blocks.1"})
@@ -492,6 +493,17 @@ def test_offload_fetch_queue_runs_ahead_at_each_repeated_block():
     sim = build_sim(p)
     offload(sim, {"blocks.0", "blocks.1"})
     assert simulate(sim).time_breakdown["exposed transfer"] > 0
+
+
+def test_offload_fetches_the_next_block_only_once_the_fetched_one_starts():
+    # as the runtime does (activations.py `prefetch_before`): blocks.0 is not fetched at blocks.2's start,
+    # though the copy engine is idle then. 30 MB at 1 GB/s back (30 ms), 10 GB/s down: blocks.3's start
+    # (40 ms) fetches blocks.1 (40->70); blocks.1 starts at 80 and fetches blocks.0 (80->110); blocks.0's
+    # backward waits from 100 to 110.
+    p = make_profile(act=30 * MB, h2d=1.0, d2h=10.0)
+    sim = build_sim(p)
+    offload(sim, {"blocks.0", "blocks.1"})
+    assert simulate(sim).time_breakdown["exposed transfer"] == pytest.approx(0.010)
 
 
 def test_bf16_params_use_the_profiled_probe_and_scale_it_with_the_batch():

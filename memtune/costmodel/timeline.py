@@ -97,10 +97,11 @@ def _step_time(sim: SimStep) -> dict[str, float]:
             d2h_free = max(t, d2h_free) + b.d2h_bytes / d2h_bw
             d2h_done[b.name] = d2h_free
     fwd = t
-    # backward: when the backward reaches a repeated block, the newest offloaded block before it whose
-    # copy back has not started is fetched (strategies/offload/activations.py: a prefetch queue that runs at least
-    # one block ahead); a block whose tensors were not asked for yet fetches them itself. Copies queue
-    # on the h2d engine and start once their d2h copy has finished; a block waits for its own.
+    # backward: when the backward reaches a repeated block, the newest offloaded block before it is fetched
+    # unless it was already (strategies/offload/activations.py `prefetch_before`: one block ahead, so the
+    # copy of block j overlaps only the backward of the blocks between it and the offloaded block after it);
+    # a block whose tensors were not asked for yet fetches them itself. Copies queue on the h2d engine and
+    # start once their d2h copy has finished; a block waits for its own.
     h2d_free = t
     compute_bwd = 0.0
     offloaded = [i for i, b in enumerate(sim.blocks) if b.h2d_bytes > 0]
@@ -115,9 +116,9 @@ def _step_time(sim: SimStep) -> dict[str, float]:
     for i in reversed(range(len(sim.blocks))):
         b = sim.blocks[i]
         if b.kind == "repeated":
-            waiting = [j for j in offloaded if j < i and j not in h2d_done]
-            if waiting:
-                fetch(max(waiting), t)
+            before = [j for j in offloaded if j < i]
+            if before and max(before) not in h2d_done:
+                fetch(max(before), t)
         start = t
         if b.h2d_bytes > 0:
             if i not in h2d_done:
