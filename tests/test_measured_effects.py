@@ -97,6 +97,32 @@ def test_lossy_section_that_buys_nothing_is_not_proposed():
     assert tuner.probe({"optimizer.name": "adamw"}).valid
 
 
+def test_a_lower_peak_buys_nothing_under_a_budget_with_room_but_does_for_objective_memory():
+    """int8 compression of a block lowers the peak and slows the step a little: for throughput under a budget
+    the plan fits without it, so it is not proposed; when it is what makes the plan fit, or the objective is
+    the peak, it is."""
+    from test_search import opts
+
+    p = make_profile()
+    plan = {"blocks.compress": 1, "compress.dtype": "int8"}
+    base, comp = estimate(p), estimate(p, plan_from_dict({"compress": {"blocks": [0], "dtype": "int8"}}))
+    assert comp.peak_bytes < base.peak_bytes / 1.02
+    e = Tuner(p, opts(budget_bytes=10**12)).probe(plan)
+    assert not e.valid and "buys nothing" in e.error
+    assert Tuner(p, opts(budget_bytes=10**12, objective="memory")).probe(plan).valid
+    tight = int((base.peak_bytes + comp.peak_bytes) / 2 / (1 - 0.03))  # fits with it, not without
+    assert Tuner(p, opts(budget_bytes=tight)).probe(plan).valid
+
+
+def test_each_lossy_section_counts_in_the_ranking():
+    def c(n, thr, lossy):
+        return Candidate(n, {}, str(n), "", 1.0, 1 / thr, thr, "steps/s", thr, True, lossy=lossy)
+
+    one, two = ["weights"], ["weights", "optimizer"]
+    assert rank([c(0, 1.015, two), c(1, 1.0, one)], "throughput")[0].number == 1
+    assert rank([c(0, 1.05, two), c(1, 1.0, one)], "throughput")[0].number == 0
+
+
 def test_lossless_wins_within_two_percent():
     def c(n, thr, lossy):
         return Candidate(n, {}, str(n), "", 1.0, 1 / thr, thr, "steps/s", thr, True, lossy=["optimizer"] if lossy else [])

@@ -356,6 +356,19 @@ def test_tuner_proposes_a_quantized_base_only_when_the_budget_needs_it():
                                           lossless_only=True))
 
 
+def test_lossy_seed_starts_the_search_from_a_quantized_base():
+    """The lossless floor (bf16 matmul weights, everything offloaded) conflicts with a quantized base, and one
+    change at a time from it never reaches one: the weights' lossy seed is where the descent also starts."""
+    from memtune.strategies.base import SearchOptions
+
+    s = get_strategy("weights")
+    p = _lora_profile()
+    assert s.lossy_seed(p, SearchOptions()) == {"weights.LlamaDecoderLayer": "nf4"}
+    assert s.lossy_seed(p, SearchOptions(lossless_only=True)) == {}
+    assert tuning.lossy_seed(p, SearchOptions(lossless_only=True)) == {}
+    assert tuning.lossy_seed(p, SearchOptions())["weights.LlamaDecoderLayer"] == "nf4"
+
+
 def test_space_skips_frozen_bytes_not_worth_it():
     from memtune.strategies.base import SearchOptions
     from memtune.strategies.layout import Proposal
