@@ -163,6 +163,10 @@ def test_closed_loop_corrects_a_systematic_under_prediction(monkeypatch, fake_st
     assert len(res.verified) >= 2
     # the chosen plan's prediction is the corrected one
     assert res.chosen.peak_bytes == pytest.approx(res.chosen.raw_peak_bytes * 1.25, rel=1e-6)
+    # the plan keeps the cost model's own prediction beside the corrected one
+    prov = res.plan.provenance
+    assert prov["model_predicted"]["peak_bytes"] == int(res.chosen.raw_peak_bytes)
+    assert prov["predicted"]["peak_bytes"] == int(res.chosen.peak_bytes) > prov["model_predicted"]["peak_bytes"]
 
 
 def test_verify_avoids_a_section_every_crashed_plan_had(monkeypatch, fake_strategies):

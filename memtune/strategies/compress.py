@@ -165,7 +165,7 @@ class Compress(Strategy):
             m = measured_mode(profile, b, "compress")
             if m is not None:
                 measured.append(name)
-                kept = max(0.0, b.kept - m.kept_saved())
+                kept = b.kept * m.kept_share()
                 total_saved += b.kept - kept
                 b.mode = "compress+offload" if b.mode == "offload" else "compress"
                 b.kept_bytes = kept

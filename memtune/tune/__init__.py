@@ -301,6 +301,9 @@ def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any])
         "lossy": chosen.lossy,
         "predicted": {"peak_bytes": int(chosen.peak_bytes), "peak": format_bytes(chosen.peak_bytes),
                       "step_s": chosen.step_s, "throughput": chosen.throughput, "unit": chosen.unit},
+        # what the cost model said before any verified run corrected it (the number to judge it by)
+        "model_predicted": {"peak_bytes": int(chosen.raw_peak_bytes), "peak": format_bytes(chosen.raw_peak_bytes),
+                            "step_s": chosen.raw_step_s},
         "measured": _measured_summary(chosen.measured),
         "study": {"name": name, "storage": shown_url(opts.storage) if opts.storage else None,  # no password
                   "trial": chosen.number, "seed": opts.seed, "trials": len(cands)},

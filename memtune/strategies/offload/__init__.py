@@ -219,7 +219,7 @@ class Offload(Strategy):
                     # offloaded on its own cannot hide its copies, and the first pinned allocations of a
                     # process dominate it (H200, the zoo, 2026-12-01: 100-1000 ms against +10-60 ms in the run)
                     measured.append(b.name)
-                    moved *= min(1.0, m.mode.moved_bytes / m.block.activation_bytes)
+                    moved *= m.moved_share()
                 else:
                     formula.append(b.name)
                 b.mode = "compress+offload" if b.mode == "compress" else "offload"
