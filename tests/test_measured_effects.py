@@ -60,9 +60,9 @@ def test_compress_keeps_what_the_codec_measured_and_costs_its_time():
                                                       bwd_s=0.019))
     sim = sim_of(p, {"compress": {"blocks": [0]}})
     b = sim.blocks[1]
-    # the probe kept 90 MB and 30 MB compressed: a third of the block's 100 MB profiled (its input, which the
-    # probe alone does not count as kept, is saved and encoded in the run too)
-    assert b.kept_bytes == pytest.approx(100 * MB * 30 / 90)
+    # the probe kept 90 MB beside the 10 MB input it holds itself, and 30 MB compressed (the input encoded
+    # too): 30% of the block's 100 MB profiled
+    assert b.kept_bytes == pytest.approx(30 * MB)
     assert b.extra_fwd_s == pytest.approx(0.002 * 0.010 / 0.008)
     assert b.extra_bwd_s == pytest.approx(0.003 * 0.020 / 0.016)
     assert "measured" in sim.sources["compress"]
@@ -72,10 +72,23 @@ def test_offload_moves_what_the_transport_measured():
     p = with_what_ifs(make_profile(), offload=WhatIf(kept_bytes=5 * MB, moved_bytes=80 * MB, fwd_s=0.009,
                                                      bwd_s=0.016 + 80 * MB / 20e9 + 0.001))
     b = sim_of(p, {"offload": {"activations": [0]}}).blocks[1]
-    # 80 of the probe's 90 MB kept went to the host: that share of the block's 100 MB
-    assert b.d2h_bytes == pytest.approx(100 * MB * 80 / 90) and b.kept_bytes == pytest.approx(100 * MB * 10 / 90)
+    # 80 of the probed block's 100 MB (90 kept + its 10 MB input) went to the host, 5 stayed
+    assert b.d2h_bytes == pytest.approx(80 * MB) and b.kept_bytes == pytest.approx(5 * MB)
     # its time alone is not used (a block offloaded alone cannot hide its copies): the simulator's copies are
     assert b.extra_fwd_s == 0 and b.extra_bwd_s == 0
+
+
+def test_offload_moves_shared_storages_once_each():
+    """Saved tensors that share a storage (a ReLU's output saved again by the next conv) go down and come back
+    separately: the probe moved 1.3x what the block saved, and the run's block moves and fetches that much."""
+    p = with_what_ifs(make_profile(), offload=WhatIf(kept_bytes=0, moved_bytes=130 * MB, fwd_s=0.009, bwd_s=0.02))
+    sim = sim_of(p, {"offload": {"activations": [0, 1]}})
+    b0, b1 = sim.blocks[1], sim.blocks[2]
+    assert b0.d2h_bytes == pytest.approx(130 * MB) and b0.kept_bytes == 0
+    assert b1.bwd_extra_bytes == pytest.approx(2 * 130 * MB)  # its own and the prefetched block's, fetched
+    # a compressed block's codes are tensors of their own: no more than it keeps
+    sim = sim_of(p, {"offload": {"activations": [0]}, "compress": {"blocks": [0], "dtype": "int8"}})
+    assert sim.blocks[1].d2h_bytes <= sim.blocks[1].act_bytes
 
 
 def test_optimizer_offload_uses_the_measured_host_rate():

@@ -64,6 +64,7 @@ class ModeMeasurement:
     scale: float
     fwd_ratio: float
     bwd_ratio: float
+    probe_base: float = 0.0  # what the probed block saved in keep mode, its inputs included
 
     def extra_bwd_peak(self) -> float:
         """What the mode adds to the block's backward working set (re-materialized or decoded tensors)."""
@@ -74,13 +75,20 @@ class ModeMeasurement:
     # LoRA: 416 vs 469 MiB); an absolute difference or a share of the profiled bytes then leaves the gap
     # on the device although the mode moves or encodes it too (H200, 2026-12-02: the tuned 7B LoRA plan was
     # over-predicted by 8.5%, -0.4% with shares; zoo peft_lora / lora_handwritten offload +7.4% / +4.0% -> 0.0%).
-    def kept_share(self) -> float:
-        """The share of what the block keeps in keep mode that it keeps in this mode."""
-        return min(1.0, self.mode.kept_bytes / self.keep.kept_bytes) if self.keep.kept_bytes > 0 else 1.0
+    def _base(self) -> float:
+        return self.probe_base if self.probe_base > 0 else float(self.keep.kept_bytes)
 
-    def moved_share(self) -> float:
-        """The share of what the block keeps in keep mode that this mode sends to the host."""
-        return min(1.0, self.mode.moved_bytes / self.keep.kept_bytes) if self.keep.kept_bytes > 0 else 1.0
+    def kept_share(self) -> float:
+        """The share of what the block saves in keep mode that it keeps in this mode."""
+        return min(1.0, self.mode.kept_bytes / self._base()) if self._base() > 0 else 1.0
+
+    def moved_share(self, cap: bool = True) -> float:
+        """What this mode sends to the host per byte the block saves in keep mode (more than 1 where saved
+        tensors that shared a storage go down separately; `cap=False` keeps that)."""
+        if self._base() <= 0:
+            return 1.0
+        share = self.mode.moved_bytes / self._base()
+        return min(1.0, share) if cap else share
 
     def extra_fwd_s(self) -> float:
         return max(0.0, self.mode.fwd_s - self.keep.fwd_s) * self.fwd_ratio
@@ -95,12 +103,16 @@ def measured_mode(profile: Profile, b: BlockSim, mode: str) -> ModeMeasurement |
     if pb is None or mode not in pb.what_ifs or "keep" not in pb.what_ifs:
         return None
     keep = pb.what_ifs["keep"]
+    # the probe ran the first block of the class on its first call's inputs, which it holds itself: its keep
+    # mode's kept bytes leave them out, while a mode saves, moves or encodes them too
+    probed = next((x for x in profile.blocks if x.kind == "repeated" and x.cls == pb.cls), pb)
+    probe_base = float(keep.kept_bytes + probed.input_bytes)
     base = float(pb.activation_bytes) - _autocast_fixed_bytes(profile, pb)  # batch-scaled part, profiled
     now = max(0.0, b.act_bytes - b.autocast_copy_bytes)  # the same part at the simulated batch
     scale = now / base if base > 0 else 1.0
     fwd_ratio = b.fwd_s / keep.fwd_s if keep.fwd_s > 0 else 0.0
     bwd_ratio = b.bwd_s / keep.bwd_s if keep.bwd_s > 0 else 0.0
-    return ModeMeasurement(pb.what_ifs[mode], keep, pb, scale, fwd_ratio, bwd_ratio)
+    return ModeMeasurement(pb.what_ifs[mode], keep, pb, scale, fwd_ratio, bwd_ratio, probe_base)
 
 
 def note_sources(sim: SimStep, what: str, measured: list[str], formula: list[str], formula_text: str) -> None:
