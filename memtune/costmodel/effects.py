@@ -74,7 +74,7 @@ class ModeMeasurement:
     # one block alone, and its keep twin can read less than the profiled steps attribute to the block (7B peft
     # LoRA: 416 vs 469 MiB); an absolute difference or a share of the profiled bytes then leaves the gap
     # on the device although the mode moves or encodes it too (H200, 2026-12-02: the tuned 7B LoRA plan was
-    # over-predicted by 8.5%, -0.4% with shares; zoo peft_lora / lora_handwritten offload +7.4% / +4.0% -> 0.0%).
+    # over-predicted by 8.5%, -2.1% with shares; zoo peft_lora / lora_handwritten offload +7.4% / +4.0% -> 0.0%).
     def _base(self) -> float:
         return self.probe_base if self.probe_base > 0 else float(self.keep.kept_bytes)
 

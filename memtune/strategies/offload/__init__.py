@@ -214,24 +214,23 @@ class Offload(Strategy):
                     continue
                 m = measured_mode(profile, b, "offload")
                 moved = b.kept  # compressed size when compress ran first
-                kept = 0.0
                 if m is not None and m.block.activation_bytes > 0:
                     # what the transport really moves and leaves (small tensors stay); its time alone is not
                     # used: a block offloaded on its own cannot hide its copies, and the first pinned
                     # allocations of a process dominate it (H200, the zoo, 2026-12-01: 100-1000 ms against
                     # +10-60 ms in the run). Saved tensors that share a storage (views; an in-place ReLU's
                     # output saved by the next conv) go down and come back once each, so a plain block can
-                    # move more than it kept (torchvision Bottleneck 1.42x, ViT block 1.18x, H200 zoo); codes
+                    # move more than it saved (torchvision Bottleneck 1.31x, ViT block 1.05x, H200 zoo); codes
                     # of a compressed block are their own tensors.
                     measured.append(b.name)
-                    share = m.moved_share(cap=b.mode == "compress")
-                    kept = b.kept * min(1.0, m.kept_share())
-                    moved *= share
+                    kept = b.kept * m.kept_share()
+                    moved *= m.moved_share(cap=b.mode == "compress")
                 else:
                     formula.append(b.name)
+                    kept = 0.0  # formula: every saved byte moves
                 b.mode = "compress+offload" if b.mode == "compress" else "offload"
                 b.d2h_bytes = b.h2d_bytes = moved
-                b.kept_bytes = kept if m is not None and m.block.activation_bytes > 0 else max(0.0, b.kept - moved)
+                b.kept_bytes = kept
                 # in its backward its tensors are back, and so are those of the offloaded block before it,
                 # prefetched one block ahead (activations.py)
                 b.bwd_extra_bytes = max(b.bwd_extra_bytes, moved + prev_moved)
