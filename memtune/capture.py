@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.optim.optimizer as _optim_mod
 
-from memtune.blocks import BlockRef, find_blocks, is_wrapper, unwrap_model
+from memtune.blocks import BlockRef, find_blocks, is_wrapper, unwrap_model, unwrap_optimizer
 from memtune.errors import InputError, ScriptError
 from memtune.undo import Undos
 
@@ -247,8 +247,8 @@ class Session:
             cb(self)
 
     def _on_optimizer_init(self, opt: torch.optim.Optimizer) -> None:
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and any(inner is o for o in self.optimizers):
+        inner = unwrap_optimizer(opt)
+        if inner is not opt and any(inner is o for o in self.optimizers):
             # a wrapper around an optimizer already seen (accelerate's AcceleratedOptimizer, which HF Trainer
             # uses): the same parameters and state, stepped through the inner one; counted once
             self.optimizer_wrappers.append(opt)
