@@ -1,0 +1,84 @@
+"""This host's AdamW update rate, against its memory bandwidth: what bounds an optimizer-state-offload step.
+
+    python benchmarks/host_update.py --elements 268435456 --out host.json
+
+Measured, each at 1..N intra-op threads (torch.set_num_threads):
+- copy: fp32 `dst.copy_(src)` over the buffer (read + write bytes per second);
+- fused: torch's fused CPU AdamW (`torch._fused_adamw_`) on one fp32 tensor, fp32 gradient;
+- sliced: what memtune's optimizer-state offload runs (memtune/strategies/offload/optimizer_state.py): a bf16
+  gradient upcast slice by slice into a cached fp32 scratch, the fused kernel on the slice, the slice rounded
+  into a bf16 copy for the device; again on a Python thread (where the offload's host worker runs it).
+Rates are parameters per second; bytes are the minimum each update moves (fp32 master, m, v read and written;
+the gradient read; the 16-bit copy written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import torch
+
+
+def _time(fn, iters: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--elements", type=int, default=64 << 20)
+    ap.add_argument("--slice", type=int, default=4 << 20)
+    ap.add_argument("--threads", type=int, nargs="*", default=None)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    n, k = args.elements, args.slice
+    most = torch.get_num_threads()
+    threads = args.threads or sorted({1, 2, 4, 8, most} & set(range(1, most + 1)))
+    p, m, v, g32 = (torch.rand(n) for _ in range(4))
+    g16 = g32.to(torch.bfloat16)
+    out16 = torch.empty(n, dtype=torch.bfloat16)
+    scratch = torch.empty(k)
+    step = torch.tensor(1.0)
+    kw = dict(amsgrad=False, lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, maximize=False,
+              grad_scale=None, found_inf=None)
+
+    def fused():
+        torch._fused_adamw_([p], [g32], [m], [v], [], [step], **kw)
+
+    def sliced():
+        for a in range(0, n, k):
+            b = min(n, a + k)
+            s = scratch[:b - a]
+            s.copy_(g16[a:b])
+            torch._fused_adamw_([p[a:b]], [s], [m[a:b]], [v[a:b]], [], [step], **kw)
+            out16[a:b].copy_(p[a:b])
+
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        copy_s = _time(lambda: m.copy_(v), args.iters)
+        fused_s = _time(fused, args.iters)
+        sliced_s = _time(sliced, args.iters)
+        box = {}
+        th = threading.Thread(target=lambda: box.update(s=_time(sliced, args.iters)))  # as the offload's worker
+        th.start()
+        th.join()
+        row = {"threads": t, "copy_GBps": 8 * n / copy_s / 1e9, "fused_Mparams_s": n / fused_s / 1e6,
+               "fused_GBps": 28 * n / fused_s / 1e9, "sliced_Mparams_s": n / sliced_s / 1e6,
+               "sliced_GBps": 28 * n / sliced_s / 1e9, "sliced_thread_Mparams_s": n / box["s"] / 1e6}
+        rows.append(row)
+        print(json.dumps({k2: round(v2, 1) if isinstance(v2, float) else v2 for k2, v2 in row.items()}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"elements": n, "slice": k, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
