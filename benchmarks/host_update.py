@@ -8,7 +8,8 @@ Measured, each at 1..N intra-op threads (torch.set_num_threads):
 - sliced: what memtune's optimizer-state offload runs (memtune/strategies/offload/optimizer_state.py): a bf16
   gradient upcast slice by slice into a cached fp32 scratch, the fused kernel on the slice, the slice rounded
   into a bf16 copy for the device; again on a Python thread (where the offload's host worker runs it).
-Rates are parameters per second; bytes are the minimum each update moves (fp32 master, m, v read and written;
+Each in pageable memory and (with CUDA) in pinned memory, where offload's host buffers live. Rates are
+parameters per second; bytes are the minimum each update moves (fp32 master, m, v read and written;
 the gradient read; the 16-bit copy written).
 """
 
@@ -41,9 +42,20 @@ def main() -> None:
     n, k = args.elements, args.slice
     most = torch.get_num_threads()
     threads = args.threads or sorted({1, 2, 4, 8, most} & set(range(1, most + 1)))
-    p, m, v, g32 = (torch.rand(n) for _ in range(4))
-    g16 = g32.to(torch.bfloat16)
-    out16 = torch.empty(n, dtype=torch.bfloat16)
+    kinds = ["pageable", "pinned"] if torch.cuda.is_available() else ["pageable"]
+    rows = []
+    for kind in kinds:
+        rows += _run(kind, n, k, threads, args.iters)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"elements": n, "slice": k, "rows": rows}, f, indent=1)
+
+
+def _run(kind: str, n: int, k: int, threads: list[int], iters: int) -> list[dict]:
+    pin = kind == "pinned"  # cudaHostAlloc'd, as offload's host buffers are
+    p, m, v, g32 = (torch.empty(n, pin_memory=pin).uniform_() for _ in range(4))
+    g16 = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin).copy_(g32)
+    out16 = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin)
     scratch = torch.empty(k)
     step = torch.tensor(1.0)
     kw = dict(amsgrad=False, lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, maximize=False,
@@ -63,21 +75,19 @@ def main() -> None:
     rows = []
     for t in threads:
         torch.set_num_threads(t)
-        copy_s = _time(lambda: m.copy_(v), args.iters)
-        fused_s = _time(fused, args.iters)
-        sliced_s = _time(sliced, args.iters)
+        copy_s = _time(lambda: m.copy_(v), iters)
+        fused_s = _time(fused, iters)
+        sliced_s = _time(sliced, iters)
         box = {}
-        th = threading.Thread(target=lambda: box.update(s=_time(sliced, args.iters)))  # as the offload's worker
+        th = threading.Thread(target=lambda: box.update(s=_time(sliced, iters)))  # as the offload's worker
         th.start()
         th.join()
-        row = {"threads": t, "copy_GBps": 8 * n / copy_s / 1e9, "fused_Mparams_s": n / fused_s / 1e6,
+        row = {"memory": kind, "threads": t, "copy_GBps": 8 * n / copy_s / 1e9, "fused_Mparams_s": n / fused_s / 1e6,
                "fused_GBps": 28 * n / fused_s / 1e9, "sliced_Mparams_s": n / sliced_s / 1e6,
                "sliced_GBps": 28 * n / sliced_s / 1e9, "sliced_thread_Mparams_s": n / box["s"] / 1e6}
         rows.append(row)
         print(json.dumps({k2: round(v2, 1) if isinstance(v2, float) else v2 for k2, v2 in row.items()}), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"elements": n, "slice": k, "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
