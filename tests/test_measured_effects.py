@@ -147,6 +147,26 @@ def test_lossless_wins_within_two_percent():
     assert rank([c(0, 1.05, True), c(1, 1.0, False)], "throughput")[0].number == 0
 
 
+def test_a_step_correction_passes_only_to_families_with_its_mechanisms():
+    import json
+
+    def fam(**secs):
+        return json.dumps(secs, sort_keys=True)
+
+    offload = fam(weights={"format": "nf4", "blocks": "*"}, compress={"blocks": "*", "dtype": "int8"},
+                  offload={"activations": "*"})
+    ckpt = fam(weights={"format": "nf4", "blocks": "*"}, checkpoint={"blocks": "*", "mode": "full"})
+    more = fam(weights={"format": "nf4", "blocks": "*"}, compress={"blocks": "*", "dtype": "fp8"},
+               offload={"activations": "*"}, checkpoint={"blocks": "*", "mode": "full"})
+    corr = Corrections()
+    corr.add(Candidate(0, {}, "a", "", 100.0, 1.0, 1.0, "steps/s", 1.0, True, family=offload),
+             {"status": "ok", "peak_bytes": 100.0, "step_s": 1.8}, budget=110)
+    assert corr.step_ratio(offload) == pytest.approx(1.8)
+    assert corr.step_ratio(ckpt) == pytest.approx(1.0)  # no offload or compression in it: its own prediction
+    assert corr.step_ratio(more) == pytest.approx(1.8)  # it has them all: their error is in it too
+    assert corr.peak_ratio(ckpt) == pytest.approx(1.0)
+
+
 def test_corrections_per_family_and_for_unmeasured_ones():
     corr = Corrections()
     a = Candidate(0, {}, "a", "", 100.0, 1.0, 1.0, "steps/s", 1.0, True, family="A")

@@ -148,7 +148,7 @@ class Checkpoint(Strategy):
                 measured.append(b.name)
                 b.kept_bytes = b.input_bytes if mode == "recompute" else b.input_bytes + m.mode.kept_bytes * m.scale
                 b.bwd_extra_bytes = m.extra_bwd_peak()
-                b.recompute_s = m.extra_bwd_s()
+                b.recompute_s = m.recompute_s()
                 continue
             formula.append(b.name)
             if mode == "recompute":
