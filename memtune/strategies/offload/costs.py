@@ -29,11 +29,13 @@ STATE_TRAFFIC = 28  # bytes a fused AdamW step moves per parameter (p, g, m, v r
 # at the rate the fused update moves bytes (the H100 host: 432 ms for 1.1B params with bf16 weights against
 # 289 ms with fp32 ones, 1.49x, docs/strategies.md; 40/28 = 1.43x)
 CAST_BYTES = 12
-# the same with optimizer_state.py's sliced fused AdamW (torch AdamW with streamed gradients): the conversions
-# run on cache-sized slices, so they add little memory traffic (ideally none: the 16-bit gradient is read
-# instead of an fp32 one, the 16-bit copy written); assumed half of CAST_BYTES until measured
-# (benchmarks/offload7b.py's rows show the host update per step in their notes)
-SLICED_CAST_BYTES = 6
+# the same with optimizer_state.py's sliced fused AdamW (torch AdamW with streamed gradients), its three passes
+# on cache-sized slices: measured on the H200 machine's host as 2.9G params/s against 4.2G for the fused
+# kernel alone (benchmarks/results/run12-13/host_update.json), 28 x (4.2 / 2.9 - 1) = 12.6 B/param; with the
+# one-pass kernel (kernels/host_adamw.py, where the profile found it builds) none: it reads a 16-bit
+# gradient and writes the 16-bit copy in the update's own loop
+SLICED_CAST_BYTES = 12
+ONE_PASS_CAST_BYTES = 0
 # accumulating one later micro-batch's gradient on the host: staging read (2, bf16), accumulator read and
 # written (4 + 4, fp32)
 ACCUMULATE_BYTES = 10
@@ -92,7 +94,8 @@ def host_update(profile: Profile, config: Any, sim: SimStep) -> None:
     if config.gradients and profile.grad_scaler:
         pre += (ref_grad if m > 1 else dev_grad) / host_bw  # the inf/nan check of the host copies
     sliced = config.gradients and all(o.kind == "adamw" for o in profile.optimizers) and profile.optimizers
-    update = n / rate + mastered * (SLICED_CAST_BYTES if sliced else CAST_BYTES) / host_bw
+    cast = (ONE_PASS_CAST_BYTES if profile.hardware.host_one_pass else SLICED_CAST_BYTES) if sliced else CAST_BYTES
+    update = n / rate + mastered * cast / host_bw
     up_bytes = max(0.0, params - streamed)  # resident weights copied back (streamed: fetched)
     h2d = up_bytes / _bw(sim.h2d_gbps)
     from memtune.strategies.offload.optimizer_state import CHUNK_BYTES
@@ -129,7 +132,7 @@ def host_update(profile: Profile, config: Any, sim: SimStep) -> None:
     sim.opt_state_bytes = sim.master_bytes = sim.opt_transient_bytes = 0.0
     sim.notes.append(
         f"offload ({how}): host update {update * 1e3:.0f} ms ({n / 1e9:.2f}B params at {rate / 1e9:.2f}G/s"
-        + (f", +{SLICED_CAST_BYTES if sliced else CAST_BYTES} B/param of 16-bit conversions" if mastered else "")
+        + (f", +{cast} B/param of 16-bit conversions" if mastered else "")
         + f"); PCIe per step: "
         f"{m * dev_grad / 1e9:.2f} GB down, {up_bytes / 1e9 + streamed * (2 * m) / 1e9:.2f} GB up; exposed "
         f"{sim.opt_s * 1e3:.0f} ms")

@@ -208,6 +208,14 @@ class HostGradients:
         out.copy_(src)
         return out
 
+    def factors(self, p: torch.Tensor) -> list[torch.Tensor] | None:
+        """The factors pending on p's host gradient, when they apply in fp32 to its upcast (what
+        `update_grad` does for an fp32 reference dtype); None where they apply in the 16-bit dtype."""
+        s = self.g[id(p)]
+        if s.scales and s.ref != torch.float32:
+            return None
+        return list(s.scales)
+
     def reset(self) -> None:
         """The gradients were consumed (step) or zeroed: the next backward starts afresh (those handed to a
         delayed update are reset when it has read them)."""

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from memtune.kernels import host_adamw
 from memtune.optim.stepping import check_elementwise, run_closure, step_on, wrap_step
 from memtune.strategies.offload.gradients import HostGradients, HostWorker
 from memtune.undo import Undo, patch_functions, replace_on_instance
@@ -188,6 +189,10 @@ class OptimizerOffload:
                     f"{h['norm_s'] / n * 1e3:.0f} ms, unscale {h['unscale_s'] / n * 1e3:.0f} ms per step")
         if self.stats.get("sliced"):
             out += f"; {self.stats['sliced']} sliced fused updates"
+            if self.stats.get("compiled"):
+                out += f" ({self.stats['compiled']} in one compiled pass)"
+            elif host_adamw.unavailable():
+                out += f" (three passes: the one-pass kernel is unavailable, {host_adamw.unavailable()})"
         return out
 
     def sync_versions(self) -> None:
@@ -454,10 +459,22 @@ class OptimizerOffload:
         out16 = host.view(-1)
         n = sub.numel()
         k = min(n, SLICE_ELEMENTS)
+        b1, b2 = g["betas"]
         if torch.float32 not in self._scratch or self._scratch[torch.float32].numel() < k:
             self._scratch[torch.float32] = torch.empty(k, dtype=torch.float32)
         scratch = self._scratch[torch.float32]
-        b1, b2 = g["betas"]
+        factors = self.hg.factors(p)
+        fn = host_adamw.kernel() if factors is not None and len(factors) <= 2 else None
+        if fn is not None:  # one pass: upcast, update, rounding
+            hp = (float(g["lr"]), float(b1), float(b2), float(g["weight_decay"]), float(g["eps"]))
+            for a in range(0, n, k):
+                b = min(n, a + k)
+                args = (sub[a:b], src[a:b], m[a:b], v[a:b], out16[a:b], *hp, state["step"], scratch, factors)
+                fn = host_adamw.kernel()  # (None once a failure turned it off: the reference from there on)
+                host_adamw.safe_call(fn, *args) if fn is not None else host_adamw.reference(*args)
+            self.stats["sliced"] = self.stats.get("sliced", 0) + 1
+            self.stats["compiled"] = self.stats.get("compiled", 0) + (host_adamw.kernel() is not None)
+            return
         for a in range(0, n, k):
             b = min(n, a + k)
             grad = self.hg.update_grad(p, scratch[:b - a], src[a:b])
