@@ -8,8 +8,11 @@ agree to fp32 rounding (the compiled loop may contract multiply-adds). On the H2
 (2026-12-02, benchmarks/results/run13/host_update.json) the three passes ran at 2.6-2.9G params/s against
 3.8-4.2G for the fused kernel alone on fp32 gradients.
 
-The compiled kernel needs a C++ compiler on the host; `kernel()` returns None where it cannot be built (the
-caller keeps the reference), and `MEMTUNE_HOST_COMPILE=0` turns it off.
+Off unless `MEMTUNE_HOST_COMPILE=1`. On the H200 machine's host (call 15, 2026-12-02) it ran at 3.37G params/s
+against 2.71G for the three passes in a microbenchmark, but took 65 s to compile, and the 7B plan's step went from
+5.55 s to 14.55 s with it (host update 17.8 s per step, the compile included). That is not explained yet. It
+needs a C++ compiler on the host; `kernel()` returns None where it cannot be built or is off (the caller keeps
+the reference).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def kernel():
         if "fn" in _state:
             return _state["fn"]
         fn = None
-        if os.environ.get("MEMTUNE_HOST_COMPILE", "1") != "0":
+        if os.environ.get("MEMTUNE_HOST_COMPILE", "0") == "1":
             try:
                 fn = torch.compile(_adamw_16, dynamic=True, fullgraph=True)
                 _check(fn)
@@ -73,7 +76,7 @@ def kernel():
                 _state["why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
                 fn = None
         else:
-            _state["why"] = "MEMTUNE_HOST_COMPILE=0"
+            _state["why"] = "off (MEMTUNE_HOST_COMPILE=1 turns it on)"
         _state["fn"] = fn
         return fn
 
