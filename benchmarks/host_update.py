@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 
 import torch
+
+from memtune.kernels import host_adamw
 
 
 def _time(fn, iters: int) -> float:
@@ -40,7 +43,7 @@ def main() -> None:
     ap.add_argument("--slices", type=int, nargs="*", default=[],
                     help="also: the sliced update at all threads, on a worker thread, at each of these slice sizes")
     ap.add_argument("--compiled", action="store_true",
-                    help="also: one torch.compile'd pass per slice (upcast, AdamW, rounding in one loop)")
+                    help="also: memtune's one-pass kernel (kernels/host_adamw.py: upcast, AdamW, rounding in one loop)")
     ap.add_argument("--out")
     args = ap.parse_args()
     n, k = args.elements, args.slice
@@ -57,105 +60,93 @@ def main() -> None:
             json.dump({"elements": n, "slice": k, "rows": rows}, f, indent=1)
 
 
-def _run(kind: str, n: int, k: int, threads: list[int], iters: int) -> list[dict]:
+HP = (1e-4, 0.9, 0.999, 0.01, 1e-8)  # lr, beta1, beta2, weight decay, eps
+
+
+def _on_thread(fn, iters: int) -> float:
+    """Seconds per call of fn on a Python thread, as offload's host worker runs the update."""
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(s=_time(fn, iters)))
+    th.start()
+    th.join()
+    return box["s"]
+
+
+def _tensors(kind: str, n: int):
     pin = kind == "pinned"  # cudaHostAlloc'd, as offload's host buffers are
     p, m, v, g32 = (torch.empty(n, pin_memory=pin).uniform_() for _ in range(4))
     g16 = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin).copy_(g32)
     out16 = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin)
+    return p, m, v, g32, g16, out16
+
+
+def _sliced(t, n: int, k: int, step: torch.Tensor):
+    """The runtime's three-pass update (kernels/host_adamw.py's reference) over k-element slices."""
+    p, m, v, _, g16, out16 = t
     scratch = torch.empty(k)
-    step = torch.tensor(1.0)
-    kw = dict(amsgrad=False, lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, maximize=False,
-              grad_scale=None, found_inf=None)
 
-    def fused():
-        torch._fused_adamw_([p], [g32], [m], [v], [], [step], **kw)
-
-    def sliced():
+    def run():
         for a in range(0, n, k):
             b = min(n, a + k)
-            s = scratch[:b - a]
-            s.copy_(g16[a:b])
-            torch._fused_adamw_([p[a:b]], [s], [m[a:b]], [v[a:b]], [], [step], **kw)
-            out16[a:b].copy_(p[a:b])
+            host_adamw.reference(p[a:b], g16[a:b], m[a:b], v[a:b], out16[a:b], *HP, step, scratch, [])
 
+    return run
+
+
+def _run(kind: str, n: int, k: int, threads: list[int], iters: int) -> list[dict]:
+    t = _tensors(kind, n)
+    p, m, v, g32 = t[:4]
+    step = torch.tensor(1.0)
+    lr, b1, b2, wd, eps = HP
+
+    def fused():
+        torch._fused_adamw_([p], [g32], [m], [v], [], [step], amsgrad=False, lr=lr, beta1=b1, beta2=b2,
+                            weight_decay=wd, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+
+    sliced = _sliced(t, n, k, step)
     rows = []
-    for t in threads:
-        torch.set_num_threads(t)
+    for nt in threads:
+        torch.set_num_threads(nt)
         copy_s = _time(lambda: m.copy_(v), iters)
         fused_s = _time(fused, iters)
         sliced_s = _time(sliced, iters)
-        box: dict = {}
-        th = threading.Thread(target=lambda box=box: box.update(s=_time(sliced, iters)))  # as the offload's worker
-        th.start()
-        th.join()
-        row = {"memory": kind, "threads": t, "copy_GBps": 8 * n / copy_s / 1e9, "fused_Mparams_s": n / fused_s / 1e6,
+        row = {"memory": kind, "threads": nt, "copy_GBps": 8 * n / copy_s / 1e9, "fused_Mparams_s": n / fused_s / 1e6,
                "fused_GBps": 28 * n / fused_s / 1e9, "sliced_Mparams_s": n / sliced_s / 1e6,
-               "sliced_GBps": 28 * n / sliced_s / 1e9, "sliced_thread_Mparams_s": n / box["s"] / 1e6}
+               "sliced_GBps": 28 * n / sliced_s / 1e9,
+               "sliced_thread_Mparams_s": n / _on_thread(sliced, iters) / 1e6}
         rows.append(row)
         print(json.dumps({k2: round(v2, 1) if isinstance(v2, float) else v2 for k2, v2 in row.items()}), flush=True)
     return rows
 
 
-def _adamw_slice(p, g16, m, v, out16, lr: float, b1: float, b2: float, wd: float, eps: float, bc1: float,
-                 bc2_sqrt: float) -> None:
-    """AdamW on one slice as torch's formula writes it, the gradient upcast and the result rounded in the same
-    loop once compiled."""
-    g = g16.float()
-    p.mul_(1 - lr * wd)
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-lr / bc1)
-    out16.copy_(p)
-
-
 def _variants(kind: str, n: int, slices: list[int], compiled: bool, iters: int) -> list[dict]:
-    pin = kind == "pinned"
-    p, m, v = (torch.empty(n, pin_memory=pin).uniform_() for _ in range(3))
-    g16 = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin).uniform_()
-    out16 = torch.empty(n, dtype=torch.bfloat16, pin_memory=pin)
+    t = _tensors(kind, n)
     step = torch.tensor(1.0)
-    kw = dict(amsgrad=False, lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, maximize=False,
-              grad_scale=None, found_inf=None)
     rows = []
-
-    def on_thread(fn) -> float:
-        box = {}
-        th = threading.Thread(target=lambda: box.update(s=_time(fn, iters)))
-        th.start()
-        th.join()
-        return box["s"]
-
     for k in slices:
-        scratch = torch.empty(k)
-
-        def sliced(k=k, scratch=scratch):
-            for a in range(0, n, k):
-                b = min(n, a + k)
-                s = scratch[:b - a]
-                s.copy_(g16[a:b])
-                torch._fused_adamw_([p[a:b]], [s], [m[a:b]], [v[a:b]], [], [step], **kw)
-                out16[a:b].copy_(p[a:b])
-
         row = {"memory": kind, "threads": torch.get_num_threads(), "variant": f"sliced {k}",
-               "Mparams_s": n / on_thread(sliced) / 1e6}
+               "Mparams_s": n / _on_thread(_sliced(t, n, k, step), iters) / 1e6}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if compiled:
+    if compiled:  # the runtime's one-pass kernel, built on this (main) thread
+        os.environ["MEMTUNE_HOST_COMPILE"] = "1"
+        p, m, v, _, g16, out16 = t
         k = 4 << 20
-        try:
-            fn = torch.compile(_adamw_slice, dynamic=False)
+        t0 = time.perf_counter()
+        fn = host_adamw.kernel()
+        if fn is None:
+            row = {"variant": "compiled", "error": host_adamw.unavailable()}
+        else:
+            args = [*host_adamw.scalars(*HP, 2.0), torch.ones(()), torch.ones(())]
 
             def one_pass():
-                for a in range(0, n - n % k, k):
-                    fn(p[a:a + k], g16[a:a + k], m[a:a + k], v[a:a + k], out16[a:a + k], 1e-4, 0.9, 0.999, 0.01,
-                       1e-8, 0.1, 0.0316)
+                for a in range(0, n, k):
+                    b = min(n, a + k)
+                    fn(p[a:b], g16[a:b], m[a:b], v[a:b], out16[a:b], *args)
 
-            t0 = time.perf_counter()
             one_pass()
             row = {"memory": kind, "threads": torch.get_num_threads(), "variant": f"compiled {k}",
-                   "compile_s": time.perf_counter() - t0, "Mparams_s": (n - n % k) / on_thread(one_pass) / 1e6}
-        except Exception as e:  # no C++ compiler on the host, say
-            row = {"variant": "compiled", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                   "compile_s": time.perf_counter() - t0, "Mparams_s": n / _on_thread(one_pass, iters) / 1e6}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
