@@ -162,6 +162,8 @@ class OptimizerOffload:
         self._group_done: list[Any] = []
         self._group_ev: list[Any] = []
         self.undo_step = wrap_step(opt, self._step)
+        if self.hg is not None and self.overrides.get("fused") and SLICE_ELEMENTS:
+            host_adamw.kernel()  # (when turned on) built here, on the training thread, not in the first update
         _LIVE.add(self)
 
     def _wrap_zero_grad(self) -> Undo:
