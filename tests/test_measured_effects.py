@@ -30,7 +30,7 @@ def test_recompute_uses_the_measured_working_set_and_time():
     b = sim.blocks[1]
     assert b.mode == "recompute" and b.kept_bytes == pytest.approx(10 * MB)  # its inputs, as the formula says
     assert b.bwd_extra_bytes == pytest.approx(110 * MB)
-    assert b.recompute_s == pytest.approx(0.012 * 0.020 / 0.016)
+    assert b.recompute_s == pytest.approx(0.012 * 0.010 / 0.008)  # a forward again: by the forward's ratio
     assert "measured" in sim.sources["checkpoint (recompute)"]
     # without the what-if: the formula, and the estimate says so
     sim2 = sim_of(make_profile(), {"checkpoint": {"blocks": [0]}})
@@ -45,6 +45,18 @@ def test_measured_deltas_scale_with_the_batch():
     s8 = apply_plan_effects(p, plan_from_dict({"checkpoint": {"blocks": [0]}}), build_sim(p, 8))
     s16 = apply_plan_effects(p, plan_from_dict({"checkpoint": {"blocks": [0]}}), build_sim(p, 16))
     assert s16.blocks[1].bwd_extra_bytes == pytest.approx(2 * s8.blocks[1].bwd_extra_bytes)
+
+
+def test_block_time_above_the_profiled_batch_grows_between_the_secant_and_the_origin_line():
+    # half the batch measured at 3/4 of the time: half of it does not scale below the profiled batch; above it
+    # the slope is the middle of the secant's (v/2 per batch) and the origin line's (v per batch)
+    p = with_what_ifs(make_profile(batch=8), half=WhatIf(fwd_s=0.006, bwd_s=0.012))
+    v = build_sim(p, 8).blocks[1].fwd_s
+    assert build_sim(p, 4).blocks[1].fwd_s == pytest.approx(0.75 * v)
+    assert build_sim(p, 16).blocks[1].fwd_s == pytest.approx(1.75 * v)
+    plain = make_profile(batch=8)  # no half-batch measurement: the fixed share's line on both sides
+    w = build_sim(plain, 8).blocks[1].fwd_s
+    assert build_sim(plain, 16).blocks[1].fwd_s == pytest.approx(w * (0.4 + 0.6 * 2))
 
 
 def test_selective_keeps_what_was_measured():
