@@ -112,6 +112,17 @@ def test_optimizer_offload_uses_the_measured_host_rate():
     assert "measured on this host" in sim.sources["offload (optimizer state)"]
 
 
+def test_optimizer_offload_writes_back_only_the_optimizers_parameters():
+    # a frozen base: the optimizer holds a tenth of the weights, and only those come back after the update
+    full = make_profile()
+    lora = make_profile()
+    lora.optimizers[0].param_bytes //= 10
+    lora.optimizers[0].n_params //= 10
+    plan = {"offload": {"optimizer_state": True}}
+    assert sim_of(lora, plan).opt_h2d_bytes == pytest.approx(sim_of(full, plan).opt_h2d_bytes / 10)
+    assert sim_of(full, plan).opt_h2d_bytes == pytest.approx(full.param_bytes)
+
+
 def test_lossy_section_that_buys_nothing_is_not_proposed():
     """4-bit optimizer states for a few MB of adapters change nothing that matters: not proposed."""
     from test_search import opts
