@@ -473,7 +473,10 @@ class OptimizerOffload:
                 b = min(n, a + k)
                 args = (sub[a:b], src[a:b], m[a:b], v[a:b], out16[a:b], *hp, state["step"], scratch, factors)
                 fn = host_adamw.kernel()  # (None once a failure turned it off: the reference from there on)
-                host_adamw.safe_call(fn, *args) if fn is not None else host_adamw.reference(*args)
+                if fn is not None:
+                    host_adamw.safe_call(fn, *args)
+                else:
+                    host_adamw.reference(*args)
             self.stats["sliced"] = self.stats.get("sliced", 0) + 1
             self.stats["compiled"] = self.stats.get("compiled", 0) + (host_adamw.kernel() is not None)
             return
