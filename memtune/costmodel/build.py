@@ -164,6 +164,12 @@ def _fit_one(profile: Profile) -> dict[str, list[float]]:
     return out
 
 
+def _line(c: list[float], bs: float, b0: float) -> float:
+    """A value at batch `bs` from its coefficients [intercept, slope] or [intercept, slope, slope above b0]."""
+    y = c[0] + c[1] * bs
+    return y + (c[2] - c[1]) * max(0.0, bs - b0) if len(c) > 2 else y
+
+
 def _slope_up(v: float, fixed: float, b0: float) -> float:
     """A block's time per sample above the profiled batch, when its half-batch time is measured [whatif].
 
@@ -283,8 +289,7 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
     fit = profile.extra.get("batch_fit")
     coef = fit["coef"] if fit else _fit_one(profile)
     if b0 and bs:
-        val = {k: max(0.0, c[0] + c[1] * bs + (c[2] - c[1]) * max(0, bs - b0) if len(c) > 2 else c[0] + c[1] * bs)
-               for k, c in coef.items()}  # [kaplan]
+        val = {k: max(0.0, _line(c, bs, b0)) for k, c in coef.items()}  # [kaplan]
     else:
         val = _values(profile)
 
