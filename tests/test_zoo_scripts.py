@@ -85,8 +85,13 @@ def test_ddp_under_torchrun_two_gloo_ranks():
     torchrun = _torchrun()
     if torchrun is None:
         pytest.skip("torchrun not found")
-    rc, out, err, _ = _run([*torchrun, "--standalone", "--nproc-per-node", "2", str(ZOO / "ddp_torchrun.py"),
-                            "--steps", "3", "--device", "cpu"])
+    cmd = [*torchrun, "--standalone", "--nproc-per-node", "2", str(ZOO / "ddp_torchrun.py"), "--steps", "3",
+           "--device", "cpu"]
+    rc, out, err, _ = _run(cmd)
+    if rc != 0 and "done:" in out and "terminate called without an active exception" in err:
+        # gloo's threads can abort a rank at process teardown after the run finished (torch, not the script:
+        # once in five CI runs on 2 cores, 2026-12-02); run it once more
+        rc, out, err, _ = _run(cmd)
     assert rc == 0, err[-3000:]
     assert "world size 2" in out and "backend gloo" in out
     assert LOSS.search(out)
