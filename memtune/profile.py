@@ -44,9 +44,6 @@ class Hardware:
     # optimizer-state offload's host update: parameters per second with the script's optimizer (measured on
     # GPU profiles by profilers/probes.py `host_update_rate`; None: not measured)
     host_update_params_per_s: float | None = field(default=None, metadata=OPTIONAL)
-    # whether this host builds the one-pass host AdamW (kernels/host_adamw.py: a C++ compiler for
-    # torch.compile); None: not checked
-    host_one_pass: bool | None = field(default=None, metadata=OPTIONAL)
     world_size: int = 1
     allgather_gbps: float | None = None  # measured when distributed (bus bandwidth)
     reduce_scatter_gbps: float | None = None

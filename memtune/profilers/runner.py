@@ -82,9 +82,6 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
         if measure_hardware and prof.device == "cuda" and session.optimizers:
             try:  # optimizer-state offload would run this update on the host: how fast is it here?
                 prof.hardware.host_update_params_per_s = host_update_rate(session.optimizers[0])
-                from memtune.kernels import host_adamw
-
-                prof.hardware.host_one_pass = host_adamw.kernel() is not None
             except Exception as e:  # an extra: its failure costs the number, not the profile
                 prof.notes.append(f"host update rate not measured ({type(e).__name__}: {str(e)[:120]})")
     prof.steps = max(0, session.steps_done - warmup)

@@ -31,11 +31,9 @@ STATE_TRAFFIC = 28  # bytes a fused AdamW step moves per parameter (p, g, m, v r
 CAST_BYTES = 12
 # the same with optimizer_state.py's sliced fused AdamW (torch AdamW with streamed gradients), its three passes
 # on cache-sized slices: measured on the H200 machine's host as 2.9G params/s against 4.2G for the fused
-# kernel alone (benchmarks/results/run12-13/host_update.json), 28 x (4.2 / 2.9 - 1) = 12.6 B/param; with the
-# one-pass kernel (kernels/host_adamw.py, where the profile found it builds) none: it reads a 16-bit
-# gradient and writes the 16-bit copy in the update's own loop
+# kernel alone (benchmarks/results/run12-13/host_update.json), 28 x (4.2 / 2.9 - 1) = 12.6 B/param. Charged for
+# the opt-in one-pass kernel too (kernels/host_adamw.py): it was slower in its only measured run (call 15)
 SLICED_CAST_BYTES = 12
-ONE_PASS_CAST_BYTES = 0
 # accumulating one later micro-batch's gradient on the host: staging read (2, bf16), accumulator read and
 # written (4 + 4, fp32)
 ACCUMULATE_BYTES = 10
@@ -94,7 +92,7 @@ def host_update(profile: Profile, config: Any, sim: SimStep) -> None:
     if config.gradients and profile.grad_scaler:
         pre += (ref_grad if m > 1 else dev_grad) / host_bw  # the inf/nan check of the host copies
     sliced = config.gradients and all(o.kind == "adamw" for o in profile.optimizers) and profile.optimizers
-    cast = (ONE_PASS_CAST_BYTES if profile.hardware.host_one_pass else SLICED_CAST_BYTES) if sliced else CAST_BYTES
+    cast = SLICED_CAST_BYTES if sliced else CAST_BYTES
     update = n / rate + mastered * cast / host_bw
     up_bytes = max(0.0, params - streamed)  # resident weights copied back (streamed: fetched)
     h2d = up_bytes / _bw(sim.h2d_gbps)
