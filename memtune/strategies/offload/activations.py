@@ -20,6 +20,18 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """True when `t` covers its memory without gaps or overlaps in some order of its dimensions."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return True
+    expect = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
 class _Kept:
     __slots__ = ("obj",)
 
@@ -127,6 +139,11 @@ class ActivationOffloader:
         out = []
         for x in leaves:
             if self._offloadable(x):
+                if not _dense(x):
+                    # a strided view (q, k, v unbound from one qkv output): copy_ would stage it through a
+                    # pageable buffer, synchronously, and permute it on the host; a dense copy on the device
+                    # goes down as one async memcpy
+                    x = x.contiguous()
                 host = self.t.host_like(x)
                 out.append((host, self.t.d2h(host, x)))
                 self.bytes_offloaded += x.numel() * x.element_size()
