@@ -142,3 +142,68 @@ def test_plan_options_reach_the_kernel(gpt, monkeypatch):
     idx = torch.randint(101, (2, 9))
     _step(gpt, idx[:, :-1], idx[:, 1:])
     assert seen and seen[0]["low_memory"] is True and seen[0]["chunk_tokens"] == 5
+
+
+def _uses(loss_of):
+    """head_output_uses of a Linear head's output in the graph of loss_of(logits, targets)."""
+    from memtune.strategies.loss import head_output_uses
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    h = torch.randn(2, 6, 16, requires_grad=True)
+    y = torch.randint(50, (2, 6))
+    logits = head(h)
+    return head_output_uses([loss_of(logits, y)], logits.grad_fn)
+
+
+def test_head_output_uses_sees_only_cross_entropy_through_views_and_casts():
+    assert _uses(lambda z, y: F.cross_entropy(z.float().view(-1, 50), y.view(-1))) == []
+    # transformers' causal-LM loss: shift, then flatten; label smoothing adds a sum beside nll_loss
+    assert _uses(lambda z, y: F.cross_entropy(z[:, :-1].contiguous().reshape(-1, 50), y[:, 1:].reshape(-1),
+                                              label_smoothing=0.1)) == []
+
+
+def test_head_output_uses_sees_a_distillation_term_and_a_z_loss():
+    def kd(z, y):
+        t = torch.randn_like(z)
+        kl = F.kl_div(F.log_softmax(z / 2.0, -1), F.softmax(t / 2.0, -1), reduction="batchmean")
+        return kl + F.cross_entropy(z.view(-1, 50), y.view(-1))
+
+    assert _uses(kd) == ["DivBackward"]
+    assert _uses(lambda z, y: F.cross_entropy(z.view(-1, 50), y.view(-1)) + z.logsumexp(-1).square().mean()) \
+        == ["LogsumexpBackward"]
+    assert _uses(lambda z, y: (z.detach() * 0).sum() + h_free_loss(y)) == ["(not reached from the loss)"]
+
+
+def h_free_loss(y):
+    return torch.zeros((), requires_grad=True) * y.float().mean()
+
+
+def test_fused_loss_buys_nothing_when_the_logits_have_other_uses():
+    s = get_strategy("loss")
+    prof = Profile(tokens_per_step=8192, blocks=[BlockProfile(
+        name="head", cls="Linear", kind="other", n_params=32000 * 2048, param_bytes={"bfloat16": 32000 * 2048 * 2},
+        input_bytes=8192 * 2048 * 2)], extra={"head_output_uses": ["DivBackward"]})
+    sim = SimStep(other_act_bytes=8192 * 32000 * 4 + 10.0, loss_transient_bytes=3e9)
+    s.effect(prof, s.validate({"fused": True}), sim)
+    assert sim.other_act_bytes == 8192 * 32000 * 4 + 10.0 and sim.loss_transient_bytes == 3e9
+    assert "measured" in sim.sources["loss"] and any("DivBackward" in n for n in sim.notes)
+
+    class Trial:  # the search must not offer it
+        def suggest_categorical(self, name, choices):
+            raise AssertionError(f"{name} offered")
+
+    assert s.space(Trial(), prof, None, None) is None
+
+
+def test_profile_records_the_head_output_uses(tmp_path, examples_dir):
+    """The zoo's distillation script feeds its student's logits to a KL term too; examples/gpt.py only to
+    F.cross_entropy."""
+    from memtune.profilers import profile_script
+
+    zoo = examples_dir / "zoo" / "distill.py"
+    got = {}
+    for name, script in (("distill", zoo), ("gpt", examples_dir / "gpt.py")):
+        prof = profile_script(str(script), argv=["--steps", "6"], steps=3, warmup=1, measure_hardware=False)
+        got[name] = prof.extra.get("head_output_uses")
+    assert got == {"distill": ["DivBackward"], "gpt": []}

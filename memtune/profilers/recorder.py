@@ -103,6 +103,8 @@ class Profiler:
         self.probe_bytes: dict[str, int] = {}
         self.mode_probes: dict[str, dict[str, Any]] = {}  # class -> mode -> WhatIf (CUDA only)
         self.other_modules: tuple[int, list[str]] = (0, [])  # modules no optimizer trains (EMA, teacher)
+        self.head_node: Any = None  # autograd node of the linear head's output in the memory step
+        self.head_output_uses: list[str] | None = None  # what feeds on it besides F.cross_entropy
 
     # --- plan of the steps ---------------------------------------------------------------------------
     def mode_for(self, i: int) -> str:
@@ -147,6 +149,10 @@ class Profiler:
         for h in self.block_handles:
             h.remove()
         self.block_handles = []
+        if mode in ("memory", "both") and self.head_output_uses is None:
+            head = _find_head(self.s.model)
+            if head is not None:
+                self.block_handles.append(head.register_forward_hook(self._head_post))
         if mode in ("memory", "timing", "both"):
             for b in self.s.blocks:
                 self.block_handles.append(b.module.register_forward_pre_hook(self._block_pre(b.name, b.kind),
@@ -182,6 +188,24 @@ class Profiler:
             undos.add(lambda: stance("default"))
         return undos
 
+    def _head_post(self, module, args, output) -> None:
+        rec = self.step
+        if (rec is not None and rec.mode in ("memory", "both") and self.head_node is None
+                and isinstance(output, torch.Tensor) and output.grad_fn is not None):
+            self.head_node = output.grad_fn
+
+    def _see_head_uses(self, roots) -> None:
+        """Whether the fused loss could skip the logits: what the head's output feeds, from the loss's graph."""
+        from memtune.strategies.loss import head_output_uses
+
+        roots = [roots] if isinstance(roots, torch.Tensor) else list(roots or [])
+        try:
+            self.head_output_uses = head_output_uses(roots, self.head_node)
+        except Exception as e:  # an observation: its failure costs the answer, not the profile
+            self.notes.append(f"the head's output uses were not seen ({type(e).__name__}: {str(e)[:100]})")
+            self.head_output_uses = []
+        self.head_node = None
+
     def _watch_backward(self) -> Callable[[], None]:
         """Mark the call of backward in the memory step: the peak before it is the forward's, while autocast's
         cache still holds the 16-bit weight copies (freed when the autocast region ends, before backward in
@@ -192,6 +216,8 @@ class Profiler:
                 rec = self.step
                 if rec is not None and not self.in_backward and rec.mode in ("memory", "both"):
                     self.mark("bwd_call")
+                    if self.head_node is not None and self.head_output_uses is None:
+                        self._see_head_uses(args[0] if args else kwargs.get("tensors"))
                 return orig(*args, **kwargs)
 
             return watched
@@ -448,6 +474,17 @@ class Profiler:
         if not rec.marks or rec.marks[-1].label != ("opt_end",):
             rec.marks.append(_Mark(("opt_end",), self.clock.mark() if self.clock else 0.0))
         self.records.append(rec)
+
+
+def _find_head(model: nn.Module) -> nn.Module | None:
+    """The linear head the fused loss would take (strategies/loss.py `find_head`)."""
+    from memtune.strategies.loss import find_head
+
+    try:
+        _, head = find_head(model)
+    except Exception:
+        return None
+    return head if isinstance(head, nn.Linear) and head.bias is None else None
 
 
 def _first_grad_tensor(obj: Any) -> torch.Tensor | None:

@@ -165,6 +165,56 @@ def _fused_ce(args, kwargs):
     return loss.to(loss_dtype)
 
 
+# autograd nodes the lazy logits go through without being computed (views, leading-dim indexing, .float(),
+# .contiguous()); F.cross_entropy is log_softmax, then nll_loss
+_LAZY_NODES = {"ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "ToCopyBackward", "SliceBackward",
+               "SelectBackward", "CloneBackward", "IndexBackward", "AliasBackward", "SqueezeBackward",
+               "UnsqueezeBackward"}
+_CE_NODES = {"NllLossBackward", "NllLoss2DBackward"}
+
+
+def _node_name(n) -> str:
+    return n.name().rstrip("0123456789")
+
+
+def head_output_uses(roots: list[torch.Tensor], head_node) -> list[str]:
+    """What the head's output feeds in the autograd graph that `roots` (the loss backward starts from) ends:
+    [] when only F.cross_entropy takes it (through views and casts), else the other autograd nodes' names. For
+    those the fused loss materializes the logits as the unpatched head would (a distillation's KL term, a
+    z-loss), so it saves nothing."""
+    consumers: dict[int, list] = {}
+    alive, seen = [], set()
+    stack = [r.grad_fn for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        alive.append(n)  # keeps each node's Python object (and so its id) for the walk
+        for nxt, _ in n.next_functions:
+            if nxt is not None:
+                consumers.setdefault(id(nxt), []).append(n)
+                stack.append(nxt)
+    if id(head_node) not in seen:
+        return ["(not reached from the loss)"]
+    uses: list[str] = []
+    todo, done = [head_node], set()
+    while todo:
+        n = todo.pop()
+        if id(n) in done:
+            continue
+        done.add(id(n))
+        for c in consumers.get(id(n), []):
+            name = _node_name(c)
+            if name in _LAZY_NODES:
+                todo.append(c)
+            elif name == "LogSoftmaxBackward" and any(_node_name(x) in _CE_NODES for x in consumers.get(id(c), [])):
+                continue  # F.cross_entropy (label smoothing adds a sum of the log-probabilities beside it)
+            else:
+                uses.append(name)
+    return sorted(set(uses))
+
+
 def find_head(model: nn.Module, path: str | None = None) -> tuple[str | None, nn.Module | None]:
     if path:
         try:
@@ -247,6 +297,8 @@ class Loss(Strategy):
         return LossConfig(fused=fused, head=head, chunk_tokens=chunk, low_memory=low)
 
     def space(self, trial: Any, profile, layout: Any, opts: SearchOptions) -> dict[str, Any] | None:
+        if _other_uses(profile):  # the logits are needed anyway: nothing to buy
+            return None
         return {"fused": True} if trial.suggest_categorical("loss.fused", [False, True]) else None
 
     def memory_seed(self, profile: Any, opts: Any) -> dict[str, Any]:
@@ -256,6 +308,12 @@ class Loss(Strategy):
         from memtune.kernels.linear_cross_entropy import CHUNK_BYTES, LOW_CHUNK_BYTES
 
         if not config.fused:
+            return
+        other = _other_uses(profile)
+        if other:
+            sim.notes.append(f"loss: fused saves nothing here: the head's output also feeds {', '.join(other)} "
+                             "(seen in the profiled backward), so the logits are computed in full")
+            sim.source(self.name, "measured: the profiled backward's graph (the head's output has other uses)")
             return
         budget = LOW_CHUNK_BYTES if config.low_memory else CHUNK_BYTES
         head = _head_profile(profile, config.head)
@@ -277,6 +335,8 @@ class Loss(Strategy):
         sim.other_act_bytes = max(0.0, sim.other_act_bytes - eager_saved) + fused_saved
         chunk = min(tokens * vocab * elem, budget)
         sim.loss_transient_bytes = min(sim.loss_transient_bytes, chunk)
+        sim.source(self.name, "formula: the logits' bytes, the head's output seen feeding only F.cross_entropy"
+                   if "head_output_uses" in profile.extra else "formula: the logits' bytes")
         sim.notes.append(f"loss: fused cross-entropy over vocab {vocab}, {tokens} tokens; time taken as unchanged "
                          "(H100, vocab 128256, docs/benchmarks.md: the fused op 0.61x eager time, low_memory 0.98x)")
 
@@ -298,6 +358,11 @@ class Loss(Strategy):
         ctx.note("loss", f"{name} returns lazy logits; F.cross_entropy on them runs fused, any other use "
                  "computes the logits as before")
         return patch_head(head, opts)
+
+
+def _other_uses(profile) -> list[str]:
+    """The head output's uses other than F.cross_entropy, as the profile saw them ([]: none, or not seen)."""
+    return list((getattr(profile, "extra", None) or {}).get("head_output_uses") or [])
 
 
 def _head_profile(profile, path):
