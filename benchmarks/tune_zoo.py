@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--scripts", nargs="*", default=SCRIPTS)
     ap.add_argument("--fractions", nargs="*", type=float, default=[0.5], help="budgets as shares of the baseline peak")
+    ap.add_argument("--also", nargs="*", default=[], metavar="SCRIPT:FRACTION",
+                    help="more runs, each a script at its own budget share (after the --scripts x --fractions ones)")
     ap.add_argument("--jobs", type=int, default=3)
     ap.add_argument("--search-s", default="8s")
     ap.add_argument("--trials", type=int, default=200)
@@ -69,13 +71,14 @@ def main() -> None:
     data = json.loads(Path(args.results).read_text())
     recs = {m["model"]: m for m in data["models"]}
     jobs = []
-    for name in args.scripts:
+    pairs = [(n, f) for n in args.scripts for f in args.fractions]
+    pairs += [(a.split(":")[0], float(a.split(":")[1])) for a in args.also]
+    for name, f in pairs:
         rec = recs[name]
         base = next(r for r in rec["rows"] if r["plan"] == "baseline")
         prof = out / f"{name}.profile.json"
         prof.write_text(json.dumps(rec["profile"]))
-        for f in args.fractions:
-            jobs.append((name, rec, prof, f * base["measured_peak"]))
+        jobs.append((name, rec, prof, f * base["measured_peak"]))
 
     def one(job):
         name, rec, prof, budget = job

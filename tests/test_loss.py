@@ -12,7 +12,7 @@ from memtune.costmodel import SimStep
 from memtune.errors import PlanError
 from memtune.profile import BlockProfile, Profile
 from memtune.strategies import get_strategy, make_context, plan_from_dict
-from memtune.strategies.loss import LazyLogits
+from memtune.strategies.loss import NO_BIAS, NOT_REACHED, LazyLogits
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_head_output_uses_sees_a_distillation_term_and_a_z_loss():
     assert _uses(kd) == ["DivBackward"]
     assert _uses(lambda z, y: F.cross_entropy(z.view(-1, 50), y.view(-1)) + z.logsumexp(-1).square().mean()) \
         == ["LogsumexpBackward"]
-    assert _uses(lambda z, y: (z.detach() * 0).sum() + h_free_loss(y)) == ["(not reached from the loss)"]
+    assert _uses(lambda z, y: (z.detach() * 0).sum() + h_free_loss(y)) == [NOT_REACHED]
 
 
 def h_free_loss(y):
@@ -207,3 +207,15 @@ def test_profile_records_the_head_output_uses(tmp_path, examples_dir):
         prof = profile_script(str(script), argv=["--steps", "6"], steps=3, warmup=1, measure_hardware=False)
         got[name] = prof.extra.get("head_output_uses")
     assert got == {"distill": ["DivBackward"], "gpt": []}
+
+
+def test_profile_of_a_classifier_with_a_biased_head_says_why_there_is_nothing_to_fuse():
+    """A head with a bias is left alone by apply, so its profile must not promise the fused loss's savings."""
+    from pathlib import Path
+
+    from memtune.profilers import profile_script
+
+    prof = profile_script(str(Path(__file__).parent / "scripts" / "tiny_train.py"), argv=["--steps", "6"], steps=3, warmup=1,
+                          measure_hardware=False)
+    uses = prof.extra.get("head_output_uses")
+    assert uses and uses[0] in (NO_BIAS, "(no linear head)")

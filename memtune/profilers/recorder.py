@@ -150,9 +150,11 @@ class Profiler:
             h.remove()
         self.block_handles = []
         if mode in ("memory", "both") and self.head_output_uses is None:
-            head = _find_head(self.s.model)
+            head, why_not = _find_head(self.s.model)
             if head is not None:
                 self.block_handles.append(head.register_forward_hook(self._head_post))
+            else:
+                self.head_output_uses = [why_not]
         if mode in ("memory", "timing", "both"):
             for b in self.s.blocks:
                 self.block_handles.append(b.module.register_forward_pre_hook(self._block_pre(b.name, b.kind),
@@ -476,15 +478,17 @@ class Profiler:
         self.records.append(rec)
 
 
-def _find_head(model: nn.Module) -> nn.Module | None:
-    """The linear head the fused loss would take (strategies/loss.py `find_head`)."""
-    from memtune.strategies.loss import find_head
+def _find_head(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """The linear head the fused loss would take (strategies/loss.py `find_head`), or why there is none."""
+    from memtune.strategies.loss import NO_BIAS, NO_HEAD, find_head
 
     try:
         _, head = find_head(model)
     except Exception:
-        return None
-    return head if isinstance(head, nn.Linear) and head.bias is None else None
+        head = None
+    if not isinstance(head, nn.Linear):
+        return None, NO_HEAD
+    return (None, NO_BIAS) if head.bias is not None else (head, "")
 
 
 def _first_grad_tensor(obj: Any) -> torch.Tensor | None:

@@ -171,6 +171,8 @@ _LAZY_NODES = {"ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "To
                "SelectBackward", "CloneBackward", "IndexBackward", "AliasBackward", "SqueezeBackward",
                "UnsqueezeBackward"}
 _CE_NODES = {"NllLossBackward", "NllLoss2DBackward"}
+# what the profile records instead of autograd node names when there is no head to fuse
+NO_HEAD, NO_BIAS, NOT_REACHED = "(no linear head)", "(the head has a bias)", "(not reached from the loss)"
 
 
 def _node_name(n) -> str:
@@ -196,7 +198,7 @@ def head_output_uses(roots: list[torch.Tensor], head_node) -> list[str]:
                 consumers.setdefault(id(nxt), []).append(n)
                 stack.append(nxt)
     if id(head_node) not in seen:
-        return ["(not reached from the loss)"]
+        return [NOT_REACHED]
     uses: list[str] = []
     todo, done = [head_node], set()
     while todo:
@@ -311,9 +313,10 @@ class Loss(Strategy):
             return
         other = _other_uses(profile)
         if other:
-            sim.notes.append(f"loss: fused saves nothing here: the head's output also feeds {', '.join(other)} "
-                             "(seen in the profiled backward), so the logits are computed in full")
-            sim.source(self.name, "measured: the profiled backward's graph (the head's output has other uses)")
+            why = (", ".join(other) if other[0].startswith("(") else
+                   f"the head's output also feeds {', '.join(other)}, so the logits are computed in full")
+            sim.notes.append(f"loss: fused saves nothing here: {why} (seen in the profiled run)")
+            sim.source(self.name, f"measured: nothing saved ({why})")
             return
         budget = LOW_CHUNK_BYTES if config.low_memory else CHUNK_BYTES
         head = _head_profile(profile, config.head)
