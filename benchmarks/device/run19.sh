@@ -11,7 +11,7 @@ timeout 120 python3 benchmarks/accuracy.py --models distill --resume benchmarks/
   --profile-warmup 1 --timeout 50 > $OUT/acc.log 2>&1
 echo "accuracy rc=$? at ${SECONDS}s" >> $L; rm -f $OUT/acc/accuracy.md
 R=$OUT/acc/results.json; [ -f $R ] || R=benchmarks/results/zoo_final.json
-timeout $((570 - SECONDS)) python3 benchmarks/tune_zoo.py --results $R --out /tmp/tune --jobs 3 \
+timeout $((${T:-570} - SECONDS)) python3 benchmarks/tune_zoo.py --results $R --out /tmp/tune --jobs 3 \
   --scripts vit lora_handwritten peft_lora fused_adamw unet_diffusion --fractions 0.75 \
   --also resnet_amp:0.5 resnet_amp:0.75 distill:0.75 distill:0.5 > $OUT/tune.log 2>&1
 echo "tune_zoo rc=$? at ${SECONDS}s" >> $L
