@@ -205,7 +205,7 @@ class Profiler:
             self.head_output_uses = head_output_uses(roots, self.head_node)
         except Exception as e:  # an observation: its failure costs the answer, not the profile
             self.notes.append(f"the head's output uses were not seen ({type(e).__name__}: {str(e)[:100]})")
-            self.head_output_uses = []
+            self.head_output_uses = None  # unknown: the fused loss keeps its formula
         self.head_node = None
 
     def _watch_backward(self) -> Callable[[], None]:
