@@ -465,8 +465,9 @@ def test_plain_lora_script_is_one_tune_away_from_a_quantized_base(tmp_path):
     assert r.exit_code == 0, r.output
     p = Profile.load(prof)
     assert sum(b.frozen_param_bytes for b in p.repeated_blocks) > 0.8 * p.param_bytes  # mostly a frozen base
-    # the base is ~8 MiB in fp32; 3 MiB needs it quantized (bf16 params alone would leave 4 MiB)
-    r = runner.invoke(app, ["tune", str(prof), "--budget", "3MiB", "-o", str(plan), "--trials", "30"])
+    # the base is ~8 MiB in fp32; 3.5 MiB needs it quantized (bf16 params alone would leave 4 MiB; its head has a
+    # bias, so no fused loss helps)
+    r = runner.invoke(app, ["tune", str(prof), "--budget", "3.5MiB", "-o", str(plan), "--trials", "30"])
     assert r.exit_code == 0, r.output
     doc = read_plan_file(plan)
     assert doc["weights"]["format"] in ("int8", "nf4") or set(doc["weights"]["blocks"].values()) & {"int8", "nf4"}
