@@ -296,6 +296,30 @@ def test_dense(shape, stride, dense):
     assert _dense(torch.empty_strided(shape, stride)) is dense
 
 
+def test_prefetch_brings_back_only_the_block_that_ran_just_before(monkeypatch):
+    """Offloading the first two blocks of four: each comes back once the backward of the block after it has
+    run, not at the start of backward beside every kept block's activations."""
+    from memtune.strategies.offload.activations import ActivationOffloader
+
+    torch.manual_seed(0)
+    m = GPT(4, 32, 4, 16, 64)
+    fetched = {}  # block -> which blocks had gradients when it came back
+    real = ActivationOffloader._fetch_group
+
+    def spy(self, g):
+        if not g.fetched:
+            fetched[g.block] = [i for i, b in enumerate(m.blocks) if any(p.grad is not None for p in b.parameters())]
+        return real(self, g)
+
+    monkeypatch.setattr(ActivationOffloader, "_fetch_group", spy)
+    d = synthetic_batch(2, 17, 64, torch.Generator().manual_seed(0))
+    with simulate_host():
+        memtune.apply_plan(m, None, {"offload": {"activations": [0, 1]}})
+        F.cross_entropy(m(d[:, :-1]).reshape(-1, 64), d[:, 1:].reshape(-1)).backward()
+    assert list(fetched) == ["blocks.1", "blocks.0"]
+    assert 3 in fetched["blocks.1"] and 2 in fetched["blocks.0"]
+
+
 def test_refused_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("has a GPU")

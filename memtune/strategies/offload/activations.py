@@ -6,7 +6,7 @@ This is the transport stage of the saved-tensor pipeline (strategies/saved_tenso
 `Packed` whose leaves are moved) and `end` after the forward; every other repeated block's forward calls
 `trigger`. Pack copies each large leaf to a pinned buffer on the D2H side stream (the source kept alive for
 the copy with `record_stream`); the gradient of a block's output arriving (its backward about to run)
-starts copying back the newest offloaded block that ran before it, on the H2D side stream; the first unpack
+starts copying back the block that ran just before it when that one is offloaded, on the H2D side stream; the first unpack
 of a block not yet fetched fetches it. Parameters and small tensors stay where they are.
 """
 
@@ -92,7 +92,7 @@ class ActivationOffloader:
 
     def _on_backward_start(self, out: Any, seq: int) -> None:
         # the gradient of a block's output arrives just before its backward runs: start copying back the
-        # newest offloaded block that ran before it (one block ahead)
+        # block that ran right before it, if offloaded (one block ahead)
         for x in tree_flatten(out)[0]:
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 x.register_hook(functools.partial(self._prefetch_hook, seq))
@@ -102,10 +102,14 @@ class ActivationOffloader:
         self.prefetch_before(seq)
 
     def prefetch_before(self, seq: int) -> None:
+        # only the block that ran right before this one: fetching the newest offloaded block instead brought
+        # it back at the very start of backward, beside every kept block's activations (ViT and ResNet-50
+        # offloading their first half: +1.4 and +0.7 GiB at the peak, H200 zoo, 2026-12-02)
         for r in reversed(self.groups):
             h = r()
-            if h is not None and h.seq < seq and not h.started:
-                self._fetch_group(h)
+            if h is not None and h.seq < seq:
+                if h.seq == seq - 1 and not h.started:
+                    self._fetch_group(h)
                 return
 
     def _offloadable(self, x: Any) -> bool:
