@@ -201,3 +201,15 @@ def test_corrections_per_family_and_for_unmeasured_ones():
     assert a.throughput == pytest.approx(1 / 1.5)
     corr.add(b, {"status": "oom"}, budget=110)  # ran out of memory: needed at least the budget
     assert corr.peak_ratio("B") == pytest.approx(1.1)
+
+
+def test_a_stall_inside_a_block_does_not_grow_with_the_batch():
+    # in the run the block took 50 ms, alone on the same inputs 8 ms: 42 ms of waiting on the host (a kernel
+    # plan built for a new padded length) stays constant; only the kernels' 8 ms scale, as above
+    p = with_what_ifs(make_profile(batch=8), half=WhatIf(fwd_s=0.006, bwd_s=0.012))
+    b = p.blocks[1]
+    b.fwd_s = 0.050
+    assert build_sim(p, 8).blocks[1].fwd_s == pytest.approx(0.050)
+    assert build_sim(p, 4).blocks[1].fwd_s == pytest.approx(0.042 + 0.75 * 0.008)
+    assert build_sim(p, 16).blocks[1].fwd_s == pytest.approx(0.042 + 1.75 * 0.008)
+    assert build_sim(p, 16).blocks[2].fwd_s == pytest.approx(1.75 * build_sim(p, 8).blocks[2].fwd_s)  # no stall

@@ -137,14 +137,39 @@ def time_fixed_share(b: BlockProfile) -> tuple[float, float]:
     return tuple(min(0.9, max(0.0, 2 * h / k - 1)) for h, k in ((half.fwd_s, keep.fwd_s), (half.bwd_s, keep.bwd_s)))
 
 
+# A block's time in the run above this multiple of its time run alone [whatif] holds a stall.
+STALL_RATIO = 1.5
+
+
+def block_stalls(profile: Profile) -> dict[str, float]:
+    """Seconds of each block's time in the run that its probe, run alone on the same inputs, did not need
+    [whatif]: the GPU waiting on the host inside the block (a kernel plan built for each new padded length,
+    a host sync). Such a wait does not grow with the batch: scaled as compute, encoder.layer.0 of the zoo's
+    accelerate_loop (69 ms in the run, 2 ms alone) made batch 64 predicted 36% slow (H200, 2026-12-02)."""
+    times = _block_times(profile)
+    out = {}
+    for b in profile.blocks:
+        keep = b.what_ifs.get("keep")
+        if keep is None:
+            continue
+        for i, (k, alone) in enumerate((("fwd_s", keep.fwd_s), ("bwd_s", keep.bwd_s))):
+            t = times[b.name][i]
+            if alone > 0 and t > STALL_RATIO * alone:
+                out[f"block:{b.name}:{k}"] = t - alone
+    return out
+
+
 def _fixed_parts(profile: Profile) -> dict[str, float]:
     """The part of each value that a single profile says does not scale with the batch."""
     fixed = {f"block:{b.name}:act": _autocast_fixed_bytes(profile, b) for b in profile.blocks}
     times = _block_times(profile)
+    stalls = block_stalls(profile)
     for b in profile.blocks:
         shares = time_fixed_share(b)
         for i, k in enumerate(("fwd_s", "bwd_s")):
-            fixed[f"block:{b.name}:{k}"] = shares[i] * times[b.name][i]
+            key = f"block:{b.name}:{k}"
+            stall = stalls.get(key, 0.0)
+            fixed[key] = stall + shares[i] * (times[b.name][i] - stall)
     fixed["outside_s"] = (1 - OUTSIDE_BATCH_SHARE) * _split_time(profile)[1]
     return fixed
 
@@ -154,13 +179,15 @@ def _fit_one(profile: Profile) -> dict[str, list[float]]:
     block times measured at half the batch too, a third number: the slope above B0 (`_slope_up`)."""
     b0 = profile.batch_size or 1
     fixed = _fixed_parts(profile)
+    stalls = block_stalls(profile)
     probed = {b.name for b in profile.blocks if "half" in b.what_ifs and "keep" in b.what_ifs}
     out = {}
     for k, v in _values(profile).items():
         f = min(fixed.get(k, 0.0), v)
         out[k] = [f, (v - f) / b0]
         if k.endswith("_s") and k.startswith("block:") and k.split(":")[1] in probed and v > 0:
-            out[k].append(_slope_up(v, f, b0))
+            stall = stalls.get(k, 0.0)  # the kernels' own time per sample leaves the stall out
+            out[k].append(_slope_up(v - stall, f - stall, b0))
     return out
 
 
