@@ -157,6 +157,7 @@ class Session:
         self.blocks: list[BlockRef] = []
         self.steps_done = 0
         self.step_end_times: list[float] = []
+        self.step_hook_s: list[float] = []  # time the on_step callbacks took after each step
         self.scaler_steps = 0  # steps that went through GradScaler.step (skipped ones included)
         self.scaler_skipped = 0
         self.grad_scalers: list[Any] = []  # enabled GradScalers seen stepping the first optimizer
@@ -231,6 +232,13 @@ class Session:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def step_durations(self) -> list[float]:
+        """Seconds from one step's end to the next's, less what our own on_step callbacks took in between:
+        the profiler swapping its per-block hooks after the timing step is not the script's time."""
+        ends, hooks = self.step_end_times, self.step_hook_s
+        return [max(0.0, b - a - (hooks[k] if k < len(hooks) else 0.0))
+                for k, (a, b) in enumerate(zip(ends, ends[1:], strict=False))]
+
     def _set_model(self, top: nn.Module) -> None:
         inner = unwrap_model(top)
         self.model = inner
@@ -302,9 +310,13 @@ class Session:
         self._live_world()
         i = self.steps_done
         self.steps_done += 1
-        self.step_end_times.append(self._sync_time())
-        for cb in list(self.on_step):
-            cb(self, i)
+        end = self._sync_time()
+        self.step_end_times.append(end)
+        try:
+            for cb in list(self.on_step):
+                cb(self, i)
+        finally:
+            self.step_hook_s.append(time.perf_counter() - end)
         t = self.target_steps
         if self.stop and t is not None and self.steps_done >= t:
             self.stopped = True

@@ -298,8 +298,7 @@ def run_apply(
                          "memtune apply needs a script that creates a torch.optim optimizer")
     result.steps = session.steps_done
     result.stopped = session.stopped
-    ends = list(session.step_end_times)
-    result.step_times = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    result.step_times = session.step_durations()
     if result.step_times:
         result.step_s = statistics.median(result.step_times[1:] or result.step_times)
     result.rank, result.world_size = session.rank, session.world_size

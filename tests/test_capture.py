@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+import time
 
 import pytest
 import torch
@@ -91,6 +92,16 @@ def _run(*argv, **kw):
     s.on_step.append(lambda s, i: seen.setdefault("steps", []).append(i))
     s.run()
     return s, seen
+
+
+def test_step_durations_leave_out_our_own_callbacks():
+    s = Session(TINY, argv=["--steps", "50"], steps=4, warmup=0)
+    s.on_step.append(lambda s, i: time.sleep(0.2) if i == 1 else None)  # e.g. the profiler swapping hooks
+    s.run()
+    raw = [b - a for a, b in zip(s.step_end_times, s.step_end_times[1:], strict=False)]
+    got = s.step_durations()
+    assert len(got) == 3 and raw[1] > 0.2 > got[1]
+    assert got[0] == pytest.approx(raw[0], abs=0.05) and got[1] == pytest.approx(raw[1] - 0.2, abs=0.05)
 
 
 def test_session_counts_steps_and_stops():

@@ -199,11 +199,12 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
         opt.append(o)
     prof.fwd_s, prof.bwd_s, prof.optimizer_s = median(fwd), median(bwd), median(opt)
     ends = s.step_end_times
+    between = s.step_durations()  # between[i - 1]: step i, our callbacks after step i - 1 left out
     durations = []
     for r in steps_for_time:
         i = r.index
         if i >= 1 and i < len(ends):
-            durations.append(ends[i] - ends[i - 1])
+            durations.append(between[i - 1])
     if not durations and ends and s.ready_time is not None:
         durations.append(ends[0] - s.ready_time)
     prof.step_s = median(durations)
