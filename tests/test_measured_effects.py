@@ -190,6 +190,19 @@ def test_a_step_correction_passes_only_to_families_with_its_mechanisms():
     assert corr.peak_ratio(ckpt) == pytest.approx(1.0)
 
 
+def test_a_step_correction_passes_over_where_the_model_is_placed():
+    import json
+
+    streamed = {"checkpoint": {"blocks": "*", "mode": "full"}, "offload": {"gradients": True, "optimizer_state": True}}
+    placed = json.dumps({**streamed, "placement": {"defer": True}}, sort_keys=True)
+    corr = Corrections()
+    corr.add(Candidate(0, {}, "a", "", 100.0, 1.0, 1.0, "steps/s", 1.0, True, family=placed),
+             {"status": "ok", "peak_bytes": 100.0, "step_s": 1.42}, budget=110)
+    assert corr.step_ratio(json.dumps(streamed, sort_keys=True)) == pytest.approx(1.42)
+    state_only = {"checkpoint": streamed["checkpoint"], "offload": {"optimizer_state": True}}
+    assert corr.step_ratio(json.dumps(state_only, sort_keys=True)) == pytest.approx(1.0)
+
+
 def test_corrections_per_family_and_for_unmeasured_ones():
     corr = Corrections()
     a = Candidate(0, {}, "a", "", 100.0, 1.0, 1.0, "steps/s", 1.0, True, family="A")
