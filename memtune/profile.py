@@ -135,6 +135,9 @@ class Profile:
     buffer_bytes: int = 0
     other_module_bytes: int = field(default=0, metadata=OPTIONAL)  # parameters and buffers of modules no optimizer trains (EMA copy, teacher)
     other_activation_bytes: int = 0  # saved for backward outside every block (loss, glue code)
+    # the part of it saved before the first repeated block ran (a ResNet stem's max-pool indices): it lives
+    # until the end of backward, not only until the loss's backward
+    other_activation_before_bytes: int = field(default=0, metadata=OPTIONAL)
     loss_transient_bytes: int = 0  # largest transient between the last block's forward and backward start
     step_start_bytes: int = 0  # allocated when a step's first forward starts
     peak: Peak = field(default_factory=Peak)

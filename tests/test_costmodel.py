@@ -76,6 +76,18 @@ def test_baseline_timeline_by_hand():
     assert sum(est.breakdown.values()) == pytest.approx(est.peak_bytes)
 
 
+def test_saved_before_the_blocks_stay_to_the_end_of_backward():
+    # of the 40 MB saved outside the blocks, 30 MB were saved before them (a stem's pooling): the loss's 10 MB
+    # go with the loss's backward, the stem's stay through every block's backward
+    p = make_profile()
+    p.other_activation_before_bytes = 30 * MB
+    tl = dict(estimate(p).timeline)
+    s = states(p)
+    assert tl["loss"] == s + 4 * 100 * MB + 40 * MB + 50 * MB
+    assert tl["bwd:blocks.3"] == s + 4 * 100 * MB + 30 * MB + 30 * MB
+    assert tl["bwd:blocks.0"] == s + 100 * MB + 30 * MB + 3 * 20 * MB + 30 * MB
+
+
 def test_peak_is_max_of_timeline_not_sum_of_maxima():
     p = make_profile()
     est = estimate(p)
@@ -495,15 +507,16 @@ def test_offload_fetch_queue_runs_one_offloaded_block_ahead():
     assert simulate(sim).time_breakdown["exposed transfer"] > 0
 
 
-def test_offload_fetches_the_next_block_only_once_the_fetched_one_starts():
-    # as the runtime does (activations.py `prefetch_before`): blocks.0 is not fetched at blocks.2's start,
-    # though the copy engine is idle then. 30 MB at 1 GB/s back (30 ms), 10 GB/s down: blocks.3's start
-    # (40 ms) fetches blocks.1 (40->70); blocks.1 starts at 80 and fetches blocks.0 (80->110); blocks.0's
-    # backward waits from 100 to 110.
+def test_offload_fetches_only_the_block_that_ran_just_before():
+    # as the runtime does (activations.py `prefetch_before`): a block's backward start fetches the repeated
+    # block before it, and only if that one is offloaded, though the copy engine is idle earlier. 30 MB at
+    # 1 GB/s back (30 ms), 10 GB/s down, backward from 40 ms, 20 ms a block: blocks.3 (40-60) fetches
+    # nothing; blocks.2's start fetches blocks.1 (60->90); blocks.1 waits 80->90 and fetches blocks.0
+    # (90->120); blocks.0 waits 110->120.
     p = make_profile(act=30 * MB, h2d=1.0, d2h=10.0)
     sim = build_sim(p)
     offload(sim, {"blocks.0", "blocks.1"})
-    assert simulate(sim).time_breakdown["exposed transfer"] == pytest.approx(0.010)
+    assert simulate(sim).time_breakdown["exposed transfer"] == pytest.approx(0.020)
 
 
 def test_bf16_params_use_the_profiled_probe_and_scale_it_with_the_batch():
@@ -571,3 +584,12 @@ def test_16bit_weights_leave_no_copies_at_the_loss_forward():
     tl = dict(estimate(p, plan_from_dict({"checkpoint": {"blocks": "all"},
                                           "precision": {"params": "bf16"}})).timeline)
     assert tl["loss forward"] == pytest.approx(tl["loss"] - 30 * MB)
+
+
+def test_the_block_after_an_offloaded_one_holds_it_in_its_backward():
+    # the runtime fetches an offloaded block when the backward of the block that ran after it starts
+    p = make_profile()
+    sim = apply_plan_effects(p, plan_from_dict({"offload": {"activations": [0, 1]}}), build_sim(p))
+    extra = {b.name: b.bwd_extra_bytes for b in sim.blocks}
+    assert extra["blocks.3"] == 0 and extra["blocks.2"] == pytest.approx(100 * MB)  # blocks.1, every saved byte
+    assert extra["blocks.1"] == pytest.approx(200 * MB) and extra["blocks.0"] == pytest.approx(100 * MB)

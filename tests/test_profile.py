@@ -220,3 +220,14 @@ def test_gpu_memory_timeline_reaches_the_report(tmp_path):
     assert (tmp_path / p.extra["memory_timeline"]).is_file()
     res = write_report(tmp_path / "p.json", tmp_path / "r.html", csv_dir=tmp_path / "csv")
     assert "allocator (measured)" in (tmp_path / "csv" / "timeline.csv").read_text(), res.notes
+
+
+def test_saved_before_the_blocks_is_told_apart_from_the_loss():
+    # a ResNet stem's max-pool saves its input and indices outside every block, before layer1.0: they live to
+    # the end of backward; the loss's saved tensors (after the blocks) go with the loss's backward
+    p = prof(str(ROOT / "examples" / "zoo" / "resnet_amp.py"), ["--steps", "10"], steps=2, warmup=1)
+    n = 32 * 8  # batch x the stem's width; 16 x 16 before pooling, 8 x 8 after
+    assert p.other_activation_before_bytes == 4 * n * 16 * 16 + 8 * n * 8 * 8  # fp32 input, int64 indices
+    assert p.other_activation_bytes > p.other_activation_before_bytes  # and the loss's, after the blocks
+    g = prof(GPT, ["--steps", "10"], steps=2, warmup=1)
+    assert g.other_activation_before_bytes == 0 < g.other_activation_bytes  # the embedding is a block

@@ -107,6 +107,7 @@ def _values(profile: Profile) -> dict[str, float]:
         v[k + "bwd_transient"] = float(b.bwd_transient_bytes)
         v[k + "fwd_s"], v[k + "bwd_s"] = times[b.name]
     v["other_act"] = float(profile.other_activation_bytes)
+    v["other_act_before"] = float(min(profile.other_activation_before_bytes, profile.other_activation_bytes))
     v["loss_transient"] = float(profile.loss_transient_bytes)
     last = _last_block(profile)
     v["output"] = float(last.output_bytes) if last else 0.0
@@ -347,6 +348,7 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
     sim.opt_transient_bytes = _optimizer_transient(profile)
     sim.opt_s = _opt_s(profile)
     sim.other_act_bytes = val["other_act"]
+    sim.other_act_before_bytes = val["other_act_before"]
     sim.loss_transient_bytes = val["loss_transient"]
     sim.output_bytes = val.get("output", 0.0)
     sim.fixed_bytes = val.get("fixed", 0.0)

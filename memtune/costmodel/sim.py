@@ -73,6 +73,7 @@ class SimStep:
     opt_h2d_bytes: float = 0.0  # per-step transfers of an offloaded optimizer
     opt_d2h_bytes: float = 0.0
     other_act_bytes: float = 0.0  # saved for backward outside every block (loss etc.)
+    other_act_before_bytes: float = 0.0  # the part of it saved before the blocks: kept to the end of backward
     loss_transient_bytes: float = 0.0  # live at the loss, on top of the kept activations
     fixed_bytes: float = 0.0  # inputs/labels and whatever else sits on device at step start
     calib_bytes: float = 0.0  # what the profile's measured peak leaves unexplained (allocator, workspace)

@@ -40,6 +40,8 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
         grads_exist = sim.grads_persist or m > 0
         kept = 0.0
         rec(f"{pre}start", "forward", None, kept, grads)
+        before = sim.other_act_before_bytes  # saved ahead of the blocks (a stem's pooling): until backward ends
+        after = sim.other_act_bytes - before
         for b in sim.blocks:
             # while a block runs its own saved tensors are on device (even when offloaded or recomputed
             # later), plus its largest working allocation
@@ -54,7 +56,7 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
             _loss_forward(rec, f"{pre}loss forward", sim, kept, grads)
         # the model's output (logits) is live until the loss's backward has used it [alloc]
         rec(f"{pre}loss", "loss", None, kept, grads, transient=sim.loss_transient_bytes, output=sim.output_bytes)
-        kept -= sim.other_act_bytes  # the loss's saved tensors go with its backward
+        kept -= after  # the loss's saved tensors go with its backward
         for b in reversed(sim.blocks):
             new = 0.0 if grads_exist else b.grad_bytes
             # re-materialized activations [ckpt][offl] + working set + the gradients it creates
@@ -63,6 +65,7 @@ def _memory(sim: SimStep) -> tuple[list[tuple[str, str, str | None, dict[str, fl
             kept -= b.kept
             if not sim.grads_freed_in_backward:
                 grads += new
+        kept -= before
         if not grads_exist and not sim.grads_freed_in_backward:
             grads += max(0.0, sim.grad_bytes - block_grads)  # gradients of parameters outside the blocks
     rec("optimizer", "optimizer", None, 0.0, grads, transient=sim.opt_transient_bytes)
@@ -97,14 +100,15 @@ def _step_time(sim: SimStep) -> dict[str, float]:
             d2h_free = max(t, d2h_free) + b.d2h_bytes / d2h_bw
             d2h_done[b.name] = d2h_free
     fwd = t
-    # backward: when the backward reaches a repeated block, the newest offloaded block before it is fetched
-    # unless it was already (strategies/offload/activations.py `prefetch_before`: one block ahead, so the
-    # copy of block j overlaps only the backward of the blocks between it and the offloaded block after it);
-    # a block whose tensors were not asked for yet fetches them itself. Copies queue on the h2d engine and
+    # backward: when the backward reaches a repeated block, the repeated block that ran just before it is
+    # fetched if it is offloaded and not fetched yet (strategies/offload/activations.py `prefetch_before`:
+    # one block ahead, so its copy overlaps only this block's backward); a block whose tensors were not
+    # asked for yet fetches them itself. Copies queue on the h2d engine and
     # start once their d2h copy has finished; a block waits for its own.
     h2d_free = t
     compute_bwd = 0.0
-    offloaded = [i for i, b in enumerate(sim.blocks) if b.h2d_bytes > 0]
+    repeated = [i for i, b in enumerate(sim.blocks) if b.kind == "repeated"]
+    prev_repeated = dict(zip(repeated[1:], repeated, strict=False))
     h2d_done: dict[int, float] = {}
 
     def fetch(i: int, at: float) -> None:
@@ -115,10 +119,9 @@ def _step_time(sim: SimStep) -> dict[str, float]:
 
     for i in reversed(range(len(sim.blocks))):
         b = sim.blocks[i]
-        if b.kind == "repeated":
-            before = [j for j in offloaded if j < i]
-            if before and max(before) not in h2d_done:
-                fetch(max(before), t)
+        j = prev_repeated.get(i)
+        if j is not None and sim.blocks[j].h2d_bytes > 0 and j not in h2d_done:
+            fetch(j, t)
         start = t
         if b.h2d_bytes > 0:
             if i not in h2d_done:

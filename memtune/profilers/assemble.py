@@ -111,7 +111,9 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
             bp.calls_per_step = max(1, memrec.block_calls.get(b.name, 1) // max(1, memrec.forwards))
         blocks[b.name] = bp
     if memrec is not None and counter is not None:
-        prof.other_activation_bytes = counter.bytes.get(None, 0)
+        before = counter.bytes.get(mem.BEFORE_BLOCKS, 0)
+        prof.other_activation_bytes = counter.bytes.get(None, 0) + before
+        prof.other_activation_before_bytes = before if p.repeated_ran else 0  # no blocks: no "before"
     for bp in blocks.values():  # one probe per class stands for every repeated block of it
         if bp.kind == "repeated" and bp.cls in p.probe_bytes:
             bp.activation_bytes_bf16_params = p.probe_bytes[bp.cls]

@@ -75,6 +75,10 @@ def tensors_bytes(obj: Any, exclude: set[int] = frozenset()) -> int:
     return sum(seen.values())
 
 
+# the owner of what is saved outside every block before the first repeated block's forward
+BEFORE_BLOCKS = "\0before blocks"
+
+
 class SavedTensorCounter:
     """Counts bytes saved for backward, per owner (a block name, or None for outside every block).
 

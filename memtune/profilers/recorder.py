@@ -70,6 +70,7 @@ class Profiler:
         self.clock: Clock | None = None
         self.peaks: mem.PeakTracker | None = None
         self.counter: mem.SavedTensorCounter | None = None
+        self.repeated_ran = False  # a repeated block's forward ran in the memory step
         self.stack: list[str] = []
         self.model_handles: list[Any] = []
         self.block_handles: list[Any] = []
@@ -128,7 +129,7 @@ class Profiler:
     def ready(self, s: Session) -> None:
         model = s.model
         self._set_device(s.device)
-        self.counter = mem.SavedTensorCounter(lambda: self.stack[-1] if self.stack else None, self.state_ptrs)
+        self.counter = mem.SavedTensorCounter(self._owner, self.state_ptrs)
         if s.compiled or getattr(model, "_compiled_call_impl", None) is not None:
             self.undo_compile = _run_eagerly(s)
         self.model_handles = [
@@ -380,12 +381,18 @@ class Profiler:
         self.other_modules = mem.other_module_bytes(self.s.models or [model], self.device)
         self.counter.reset()
         self.counter.active = True
+        self.repeated_ran = False
         self.io_bytes.clear()
         self.saved_ctx = self.counter.hooks()
         self.saved_ctx.__enter__()
         if self.cuda:
             self.peaks.read()  # start the step's first interval fresh
             self.step_start_bytes = torch.cuda.memory_allocated()
+
+    def _owner(self) -> str | None:
+        if self.stack:
+            return self.stack[-1]
+        return None if self.repeated_ran else mem.BEFORE_BLOCKS
 
     def _close_saved_hooks(self) -> None:
         if self.saved_ctx is not None:
@@ -404,6 +411,8 @@ class Profiler:
                 self._see_autocast()
             calls = rec.block_calls.get(name, 0)
             rec.block_calls[name] = calls + 1
+            if kind == "repeated":
+                self.repeated_ran = True
             if rec.mode in ("memory", "both") and calls == 0:
                 self.io_bytes[name] = [mem.tensors_bytes((args, kwargs), self.state_ptrs), 0]
                 if name not in self.first_order:
