@@ -92,6 +92,12 @@ def main() -> None:
             row.update(status="ok", plan=r.chosen.describe, measured_peak_GiB=round((m.get("peak_bytes") or 0) / 2**30, 2),
                        measured_step_s=m.get("step_s"), verified=len(r.verified),
                        within_budget=bool(m.get("peak_bytes") and m["peak_bytes"] <= budget))
+            # every verified plan in the order run: the cost model's own step and peak against the measured ones
+            row["verified_plans"] = [
+                {"plan": c.describe, "predicted_step_s": c.raw_step_s, "predicted_peak_GiB": round(c.raw_peak_bytes / 2**30, 2),
+                 "measured_step_s": (c.measured or {}).get("step_s"), "status": (c.measured or {}).get("status"),
+                 "measured_peak_GiB": round(((c.measured or {}).get("peak_bytes") or 0) / 2**30, 2)}
+                for c in r.verified]
             bs = rec["profile"]["batch_size"]
             row["samples_per_s"] = bs / m["step_s"] if m.get("step_s") else None
         except MemtuneError as e:
