@@ -1,18 +1,12 @@
 """benchmarks/diag_peak.py's trace replay (the tool itself needs a GPU's allocator history)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def diag():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "diag_peak.py"
-    spec = importlib.util.spec_from_file_location("diag_peak", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("diag_peak")
 
 
 def _ev(action, addr, size, where="train.py"):

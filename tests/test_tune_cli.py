@@ -214,13 +214,9 @@ def test_verify_picks_plans_of_different_kinds(monkeypatch, fake_strategies):
 
 @pytest.fixture(scope="module")
 def bench():
-    import importlib.util
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune.py"
-    spec = importlib.util.spec_from_file_location("bench_tune", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("tune")
 
 
 def test_bench_reduced_space_restricts_and_restores(bench):
