@@ -67,6 +67,11 @@ ZOO: dict[str, dict[str, Any]] = {
     "grad_accum": dict(script=_Z + "grad_accum.py", batch=16, batches=[24], keep=[*_COMMON[:3], "offload opt. state"]),
     "unet_diffusion": dict(script=_Z + "unet_diffusion.py", batch=64, batches=[96], keep=_COMMON),
     "encoder_decoder": dict(script=_Z + "encoder_decoder.py", batch=8, batches=[12], keep=_COMMON),
+    # not measured on a GPU yet (2026-12-02): two models and optimizers, torch.compile, experts, an RNN
+    "gan": dict(script=_Z + "gan.py", batch=1024, batches=[1536], keep=[*_COMMON, "offload opt. state"]),
+    "compiled": dict(script=_Z + "compiled.py", batch=8, batches=[12], keep=[*_COMMON, "offload opt. state"]),
+    "moe": dict(script=_Z + "moe.py", batch=8, batches=[12], keep=[*_COMMON, "offload opt. state"]),
+    "lstm_lm": dict(script=_Z + "lstm_lm.py", batch=128, batches=[192], keep=[*_COMMON, "offload opt. state"]),
 }
 for _z in ZOO.values():
     _z["argv"] = ["--size", "gpu"]
