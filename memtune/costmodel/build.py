@@ -160,11 +160,11 @@ def block_stalls(profile: Profile) -> dict[str, float]:
     return out
 
 
-def _fixed_parts(profile: Profile) -> dict[str, float]:
-    """The part of each value that a single profile says does not scale with the batch."""
+def _fixed_parts(profile: Profile, stalls: dict[str, float]) -> dict[str, float]:
+    """The part of each value that a single profile says does not scale with the batch (`stalls`: the
+    profile's `block_stalls`)."""
     fixed = {f"block:{b.name}:act": _autocast_fixed_bytes(profile, b) for b in profile.blocks}
     times = _block_times(profile)
-    stalls = block_stalls(profile)
     for b in profile.blocks:
         shares = time_fixed_share(b)
         for i, k in enumerate(("fwd_s", "bwd_s")):
@@ -179,8 +179,8 @@ def _fit_one(profile: Profile) -> dict[str, list[float]]:
     """value(B) = fixed + (value - fixed) * B / B0: proportional through the profile's point [kaplan]; for
     block times measured at half the batch too, a third number: the slope above B0 (`_slope_up`)."""
     b0 = profile.batch_size or 1
-    fixed = _fixed_parts(profile)
     stalls = block_stalls(profile)
+    fixed = _fixed_parts(profile, stalls)
     probed = {b.name for b in profile.blocks if "half" in b.what_ifs and "keep" in b.what_ifs}
     out = {}
     for k, v in _values(profile).items():

@@ -103,8 +103,8 @@ def _step_time(sim: SimStep) -> dict[str, float]:
     # backward: when the backward reaches a repeated block, the repeated block that ran just before it is
     # fetched if it is offloaded and not fetched yet (strategies/offload/activations.py `prefetch_before`:
     # one block ahead, so its copy overlaps only this block's backward); a block whose tensors were not
-    # asked for yet fetches them itself. Copies queue on the h2d engine and
-    # start once their d2h copy has finished; a block waits for its own.
+    # asked for yet fetches them itself. Copies queue on the h2d engine and start once their d2h copy has
+    # finished; a block waits for its own.
     h2d_free = t
     compute_bwd = 0.0
     repeated = [i for i, b in enumerate(sim.blocks) if b.kind == "repeated"]

@@ -210,12 +210,11 @@ class Offload(Strategy):
             measured, formula = [], []
             prev_moved = 0.0  # what the repeated block that ran just before sent down (0: not offloaded)
             for b in sim.blocks:
-                if b.kind != "repeated" and b.name not in names:
-                    continue
                 if b.name not in names:
-                    # its backward brings back the offloaded block that ran just before it (activations.py)
-                    b.bwd_extra_bytes += prev_moved
-                    prev_moved = 0.0
+                    if b.kind == "repeated":
+                        # its backward brings back the offloaded block that ran just before it (activations.py)
+                        b.bwd_extra_bytes += prev_moved
+                        prev_moved = 0.0
                     continue
                 m = measured_mode(profile, b, "offload")
                 moved = b.kept  # compressed size when compress ran first

@@ -6,8 +6,8 @@ This is the transport stage of the saved-tensor pipeline (strategies/saved_tenso
 `Packed` whose leaves are moved) and `end` after the forward; every other repeated block's forward calls
 `trigger`. Pack copies each large leaf to a pinned buffer on the D2H side stream (the source kept alive for
 the copy with `record_stream`); the gradient of a block's output arriving (its backward about to run)
-starts copying back the block that ran just before it when that one is offloaded, on the H2D side stream; the first unpack
-of a block not yet fetched fetches it. Parameters and small tensors stay where they are.
+starts copying back the block that ran just before it, if that one is offloaded, on the H2D side stream; the
+first unpack of a block not yet fetched fetches it. Parameters and small tensors stay where they are.
 """
 
 from __future__ import annotations
