@@ -539,6 +539,24 @@ def test_bf16_params_use_the_profiled_probe_and_scale_it_with_the_batch():
     assert dict(est.timeline)["loss"] == pytest.approx(dict(base.timeline)["loss"] - drop + p.param_bytes)
 
 
+def test_bf16_params_probe_carries_to_a_block_that_saves_more_by_dtype():
+    # the probe ran on blocks.0 (the first of its class); blocks.1 saves 20 MB more fp32 and 10 MB more bool
+    # (a frozen base's first block, whose input needs no gradient, saves less): those 20 MB become 10 in bf16,
+    # the bool stays
+    p = make_profile(autocast="bfloat16")
+    for b in p.repeated_blocks:
+        b.activation_bytes_by_dtype = {"float32": 60 * MB, "bfloat16": 40 * MB}
+        b.activation_bytes_bf16_params = 60 * MB
+    b1 = p.repeated_blocks[1]
+    b1.activation_bytes += 30 * MB
+    b1.activation_bytes_by_dtype = {"float32": 80 * MB, "bfloat16": 40 * MB, "bool": 10 * MB}
+    plan = plan_from_dict({"precision": {"params": "bf16"}})
+    for batch, k in ((8, 1), (16, 2)):
+        acts = {b.name: b.act_bytes for b in apply_plan_effects(p, plan, build_sim(p, batch)).blocks}
+        assert acts["blocks.0"] == pytest.approx(60 * MB * k)
+        assert acts["blocks.1"] == pytest.approx(80 * MB * k)
+
+
 # --- the loss's forward: autocast's weight copies outlive checkpointed blocks' saved tensors ------------
 
 
