@@ -78,6 +78,8 @@ class BlockProfile:
     activation_bytes: int = 0  # saved for backward: unique storages, parameters and buffers excluded
     activation_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     input_bytes: int = 0  # tensor inputs of the block's forward (what a checkpointed block keeps)
+    # the part of input_bytes an earlier block of the step took as input too (a shared mask or position bias)
+    shared_input_bytes: int = field(default=0, metadata=OPTIONAL)
     output_bytes: int = 0
     transient_bytes: int = 0  # largest allocation above the running total inside its forward
     bwd_transient_bytes: int = 0  # the same inside its backward
@@ -153,6 +155,9 @@ class Profile:
     micro_batches_per_step: int = 1  # forwards per optimizer step (gradient accumulation)
     grads_persist: bool = False  # grads already allocated when a step's first forward starts
     autocast: str | None = None  # dtype name when the script runs under autocast
+    # whether autocast's cache keeps each weight's cast until the region ends (`cache_enabled`; Lightning's
+    # bf16-mixed turns it off): then a checkpointed block's copies outlive its saved tensors until the loss
+    autocast_cache: bool = field(default=True, metadata=OPTIONAL)
     grad_scaler: bool = False
     hf_gradient_checkpointing: bool = False  # the model's own (transformers) checkpointing is on
     world_size: int = 1

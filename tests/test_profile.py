@@ -109,6 +109,50 @@ def test_hf_llama_decoder_layers():
     assert any("clean step" in n for n in p.notes)
 
 
+MASKED = """
+import torch, torch.nn as nn
+class Block(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.fc = nn.Linear(w, w)
+    def forward(self, h, mask):
+        return h + torch.relu(self.fc(h)) * mask
+class Net(nn.Module):
+    def __init__(self, w=16, n=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(w) for _ in range(n))
+    def forward(self, x, mask):
+        for b in self.blocks:
+            x = b(x, mask)
+        return x
+torch.manual_seed(0)
+net = Net()
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+mask = torch.ones(8, 16)
+for _ in range(10):
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        loss = net(x, mask).float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+def test_inputs_several_blocks_share_and_an_uncached_autocast(tmp_path):
+    # the mask goes into every block: a checkpointed block keeps it, but it is live once (zoo T5's position
+    # bias, Lightning's causal mask); Lightning's bf16-mixed runs autocast with its cache off
+    script = tmp_path / "masked.py"
+    script.write_text(MASKED)
+    p = prof(str(script), steps=2, warmup=1)
+    rep = p.repeated_blocks
+    mask = 8 * 16 * 4
+    assert [b.shared_input_bytes for b in rep] == [0, mask, mask]
+    assert [b.input_bytes for b in rep] == [8 * 16 * 4 + mask] * 3
+    assert p.autocast == "bfloat16" and p.autocast_cache is False
+    assert prof(steps=2, warmup=1).autocast_cache is True  # the default when no autocast is seen
+
+
 def test_output_written_and_refused_without_force(tmp_path):
     out = tmp_path / "p.json"
     prof(argv=["--steps", "5"], steps=1, output=out)

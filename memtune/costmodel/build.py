@@ -102,7 +102,8 @@ def _values(profile: Profile) -> dict[str, float]:
     for b in profile.blocks:
         k = f"block:{b.name}:"
         v[k + "act"] = float(b.activation_bytes)
-        v[k + "input"] = float(b.input_bytes)
+        # what a checkpointed block keeps: its inputs, less those an earlier block took too (live once)
+        v[k + "input"] = float(b.input_bytes - min(b.shared_input_bytes, b.input_bytes))
         v[k + "fwd_transient"] = float(b.transient_bytes)
         v[k + "bwd_transient"] = float(b.bwd_transient_bytes)
         v[k + "fwd_s"], v[k + "bwd_s"] = times[b.name]
@@ -333,7 +334,7 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
             grad_bytes=float(b.trainable_param_bytes),  # a gradient has its parameter's dtype and shape
             autocast_copy_bytes=min(val[k + "act"], _autocast_fixed_bytes(profile, b)),
             autocast_cached_bytes=min(val[k + "act"], _autocast_fixed_bytes(profile, b),
-                                      float(b.trainable_param_bytes) / 2.0),
+                                      float(b.trainable_param_bytes) / 2.0) if profile.autocast_cache else 0.0,
         ))
     sim.param_bytes = float(profile.param_bytes)
     sim.buffer_bytes = float(profile.buffer_bytes)

@@ -81,6 +81,7 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
         prof.notes.append(f"{prof.other_module_bytes / 2**20:.0f} MiB of modules no optimizer trains "
                           f"({', '.join(others)}: an EMA copy, a frozen teacher...) stay on the device")
     prof.batch_size, prof.seq_len, prof.autocast = p.batch_size, p.seq_len, p.autocast
+    prof.autocast_cache = p.autocast_cache
     prof.grad_scaler = bool(s.grad_scalers)
     prof.hf_gradient_checkpointing = _hf_checkpointing(model)
     prof.world_size, prof.rank, prof.ddp = s.world_size, s.rank, s.ddp
@@ -108,6 +109,7 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
             bp.activation_bytes = counter.bytes.get(b.name, 0)
             bp.activation_bytes_by_dtype = dict(counter.by_dtype.get(b.name, {}))
             bp.input_bytes, bp.output_bytes = p.io_bytes.get(b.name, [0, 0])
+            bp.shared_input_bytes = p.shared_input_bytes.get(b.name, 0)
             bp.calls_per_step = max(1, memrec.block_calls.get(b.name, 1) // max(1, memrec.forwards))
         blocks[b.name] = bp
     if memrec is not None and counter is not None:

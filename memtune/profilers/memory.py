@@ -9,6 +9,7 @@ allocated per forward and freed with its backward, like any activation.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -73,6 +74,35 @@ def tensors_bytes(obj: Any, exclude: set[int] = frozenset()) -> int:
         if k is not None and k[0] not in exclude:
             seen[k[0]] = k[1]
     return sum(seen.values())
+
+
+class SharedInputs:
+    """Which block inputs an earlier block of the step took too. Storages are matched by pointer while a
+    tensor of the earlier call is still alive (a weak reference), so a pointer the allocator reused for a
+    new tensor is not taken for the old one."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, list[weakref.ref]] = {}
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+    def take(self, obj: Any, exclude: set[int] = frozenset()) -> tuple[int, int]:
+        """(bytes of the unique storages in `obj`, the part of them an earlier `take` saw alive)."""
+        mine: dict[int, int] = {}
+        shared: set[int] = set()
+        for t in iter_tensors(obj):
+            k = storage_key(t)
+            if k is None or k[0] in exclude:
+                continue
+            mine[k[0]] = k[1]
+            if any(r() is not None for r in self._seen.get(k[0], ())):
+                shared.add(k[0])
+        for t in iter_tensors(obj):
+            k = storage_key(t)
+            if k is not None and k[0] in mine:
+                self._seen[k[0]] = [r for r in self._seen.get(k[0], []) if r() is not None] + [weakref.ref(t)]
+        return sum(mine.values()), sum(mine[p] for p in shared)
 
 
 # the owner of what is saved outside every block before the first repeated block's forward

@@ -54,7 +54,7 @@ def has_fp32_weights(module: nn.Module) -> bool:
 
 
 def saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, device: torch.device,
-                             autocast: str | None) -> int:
+                             autocast: str | None, autocast_cache: bool = True) -> int:
     """Bytes `module` saves for backward when its fp32 parameters are bf16 (precision `params: bf16`) and so
     are its floating inputs (the residual stream that bf16 weights upstream produce), counted like the memory
     step counts them (unique storages, parameters and buffers excluded)."""
@@ -72,8 +72,8 @@ def saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, de
     exclude = mem.state_ptrs(model) | {k[0] for p in params.values() if (k := mem.storage_key(p)) is not None}
     counter = mem.SavedTensorCounter(lambda: "probe", exclude)
     counter.active = True
-    amp = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast and hasattr(torch, autocast)
-           else contextlib.nullcontext())
+    amp = (torch.autocast(device.type, dtype=getattr(torch, autocast), cache_enabled=autocast_cache)
+           if autocast and hasattr(torch, autocast) else contextlib.nullcontext())
     try:
         with torch.enable_grad(), amp, counter.hooks():
             out = torch.func.functional_call(module, params, args, kwargs)
@@ -97,7 +97,8 @@ def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.device, autocast: str | None,
-                modes: tuple[str, ...] = PROBED_MODES, reps: int = 3, batch: int | None = None) -> dict[str, WhatIf]:
+                modes: tuple[str, ...] = PROBED_MODES, reps: int = 3, batch: int | None = None,
+                autocast_cache: bool = True) -> dict[str, WhatIf]:
     """Run `module` forward and backward alone in each block mode, with the strategies' own mechanisms
     (checkpoint's wrapper, compress's codec, offload's transport), and read the CUDA allocator and events.
 
@@ -130,8 +131,8 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
             return t.requires_grad_(True) if h.requires_grad and t.is_floating_point() else t
 
         half = map_tensors(inputs, cut)
-    amp = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast and hasattr(torch, autocast)
-           else contextlib.nullcontext())
+    amp = (torch.autocast(device.type, dtype=getattr(torch, autocast), cache_enabled=autocast_cache)
+           if autocast and hasattr(torch, autocast) else contextlib.nullcontext())
     storages = mem.state_ptrs(model)
 
     def forward(*a: Any, **k: Any) -> Any:

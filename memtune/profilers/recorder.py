@@ -83,7 +83,12 @@ class Profiler:
         self.batch_size: int | None = None
         self.seq_len: int | None = None
         self.autocast: str | None = None
+        self.autocast_cache = True  # autocast keeps its weight casts until the region ends (Lightning turns it off)
         self.io_bytes: dict[str, list[int]] = {}  # block -> [input, output]
+        # block -> bytes of its inputs an earlier block of the step took as input too (a mask, a position
+        # bias): a checkpointed block keeps them, but they are live once however many blocks take them
+        self.shared_input_bytes: dict[str, int] = {}
+        self._inputs = mem.SharedInputs()
         self.first_order: list[str] = []  # blocks in observed forward order
         self.step_start_bytes = 0
         self.grads_persist = False
@@ -283,13 +288,14 @@ class Profiler:
             if has_fp32_weights(module):
                 try:
                     self.probe_bytes[cls] = saved_bytes_bf16_params(s.model, module, inputs, self.device,
-                                                                    self.autocast)
+                                                                    self.autocast, self.autocast_cache)
                 except Exception as e:  # the probe is an extra: a failure costs its number, not the profile
                     self.notes.append(f"bf16-weights probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
                                       "estimates of bf16 parameters fall back to dropping autocast's weight copies")
             if self.cuda and next(module.parameters()).device == self.device:
                 try:
                     self.mode_probes[cls] = probe_modes(s.model, module, inputs, self.device, self.autocast,
+                                                        autocast_cache=self.autocast_cache,
                                                         batch=self.batch_size)
                 except Exception as e:
                     self.notes.append(f"block-mode probe of {cls} failed ({type(e).__name__}: {str(e)[:200]}): "
@@ -383,6 +389,8 @@ class Profiler:
         self.counter.active = True
         self.repeated_ran = False
         self.io_bytes.clear()
+        self.shared_input_bytes.clear()
+        self._inputs.clear()
         self.saved_ctx = self.counter.hooks()
         self.saved_ctx.__enter__()
         if self.cuda:
@@ -414,7 +422,9 @@ class Profiler:
             if kind == "repeated":
                 self.repeated_ran = True
             if rec.mode in ("memory", "both") and calls == 0:
-                self.io_bytes[name] = [mem.tensors_bytes((args, kwargs), self.state_ptrs), 0]
+                total, shared = self._inputs.take((args, kwargs), self.state_ptrs)
+                self.io_bytes[name] = [total, 0]
+                self.shared_input_bytes[name] = shared
                 if name not in self.first_order:
                     self.first_order.append(name)
                 if kind == "repeated" and rec.forwards == 1:
@@ -447,6 +457,7 @@ class Profiler:
         try:
             if torch.is_autocast_enabled(dev):
                 self.autocast = str(torch.get_autocast_dtype(dev)).replace("torch.", "")
+                self.autocast_cache = bool(torch.is_autocast_cache_enabled())
         except (TypeError, RuntimeError, AttributeError):
             pass
 
