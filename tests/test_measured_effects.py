@@ -112,6 +112,28 @@ def test_optimizer_offload_uses_the_measured_host_rate():
     assert "measured on this host" in sim.sources["offload (optimizer state)"]
 
 
+def test_offloaded_update_runs_beside_the_backward_the_script_queued():
+    # 4 blocks of 100 MB of weights (25M params each) + a 4 MB embedding, 1G params/s on the host (101 ms),
+    # 20 GB/s each way, 20 ms of backward a block. Without clipping each block's update starts once its
+    # gradients are down (5 ms after its backward): blocks.3 25->50, .2 50->75, .1 75->100, .0 100->125, the
+    # embedding 125->126: 46 ms after the backward's end (80 ms), + the last 64 MiB chunk up (3.4 ms)
+    def opt_ms(lag, **extra):
+        p = make_profile(block_params=100 * MB, other_params=4 * MB, fwd_s=0.01, bwd_s=0.02, h2d=20.0, d2h=20.0)
+        p.optimizers[0].n_params = 101 * 10**6
+        p.hardware.host_update_params_per_s = 1e9
+        if lag is not None:
+            p.extra["backward_lag_s"] = lag
+        p.extra.update(extra)
+        return estimate(p, {"offload": {"optimizer_state": True}}).time_breakdown["optimizer"] * 1e3
+
+    tail = 64 * 2**20 / 20e9 * 1e3
+    assert opt_ms(1.0) == pytest.approx(46 + tail, abs=0.01)
+    assert opt_ms(0.0) == pytest.approx(101 + tail, abs=0.01)  # step() reached as the backward ends
+    before = 101 + 404 / 20  # the update, then every weight up (the model without the measurement)
+    assert opt_ms(None) == pytest.approx(before, abs=0.01)
+    assert opt_ms(1.0, clip_grad_norm=1.0) == pytest.approx(before, abs=0.01)  # the norm needs every gradient
+
+
 def test_optimizer_offload_writes_back_only_the_optimizers_parameters():
     # a frozen base: the optimizer holds a tenth of the weights, and only those come back after the update
     full = make_profile()

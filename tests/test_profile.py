@@ -266,6 +266,15 @@ def test_gpu_memory_timeline_reaches_the_report(tmp_path):
     assert "allocator (measured)" in (tmp_path / "csv" / "timeline.csv").read_text(), res.notes
 
 
+@pytest.mark.gpu
+def test_gpu_profile_measures_how_far_the_script_runs_ahead_of_the_backward():
+    # a GPU-bound step: the script reaches optimizer.step() while the GPU still runs the backward it queued
+    p = prof(GPT, ["--steps", "10", "--device", "cuda", "--batch-size", "16"], steps=2, warmup=1)
+    lag = p.extra["backward_lag_s"]
+    assert 0 <= lag < p.step_s
+    assert "backward_lag_s" not in prof(GPT, ["--steps", "10"], steps=2, warmup=1).extra  # CPU: no lag
+
+
 def test_saved_before_the_blocks_is_told_apart_from_the_loss():
     # a ResNet stem's max-pool saves its input and indices outside every block, before layer1.0: they live to
     # the end of backward; the loss's saved tensors (after the blocks) go with the loss's backward

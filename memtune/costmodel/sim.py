@@ -70,6 +70,13 @@ class SimStep:
     opt_transient_bytes: float = 0.0  # extra live bytes during optimizer.step()
     opt_s: float = 0.0  # optimizer step seconds not hidden behind anything
     opt_overlap_s: float = 0.0  # optimizer work that overlaps the backward (offloaded CPU update)
+    # an offloaded update that starts on each chunk as its gradients arrive: how long before the backward's end
+    # the script called step() (measured, the profile's `backward_lag_s`), and the update's host seconds;
+    # None: the update starts after the backward
+    opt_ahead_s: float | None = None
+    opt_host_s: float = 0.0
+    opt_tail_bytes: float = 0.0  # the weights the last chunk of that update copies up
+    opt_tail_share: float = 0.0  # the share of the update that chunk is
     opt_h2d_bytes: float = 0.0  # per-step transfers of an offloaded optimizer
     opt_d2h_bytes: float = 0.0
     other_act_bytes: float = 0.0  # saved for backward outside every block (loss etc.)

@@ -110,6 +110,7 @@ def _step_time(sim: SimStep) -> dict[str, float]:
     repeated = [i for i, b in enumerate(sim.blocks) if b.kind == "repeated"]
     prev_repeated = dict(zip(repeated[1:], repeated, strict=False))
     h2d_done: dict[int, float] = {}
+    grads_at: list[tuple[float, float]] = []  # (when a block's gradients are down, its gradient bytes)
 
     def fetch(i: int, at: float) -> None:
         nonlocal h2d_free
@@ -130,6 +131,7 @@ def _step_time(sim: SimStep) -> dict[str, float]:
         work = b.bwd_s + b.recompute_s + b.extra_bwd_s
         compute_bwd += work
         t = start + work
+        grads_at.append((t - fwd + b.grad_bytes / d2h_bw, b.grad_bytes))
     bwd_wall = t - fwd
     m = sim.micro_batches
     exposed = m * max(0.0, bwd_wall - compute_bwd)
@@ -138,6 +140,8 @@ def _step_time(sim: SimStep) -> dict[str, float]:
     bwd_total = m * compute_bwd
     overlap = sim.opt_overlap_s + sim.opt_d2h_bytes / d2h_bw
     opt = sim.opt_s + max(0.0, overlap - bwd_total) + sim.opt_h2d_bytes / h2d_bw
+    if sim.opt_ahead_s is not None and m == 1:
+        opt = min(opt, _update_beside_backward(sim, grads_at, bwd_wall, h2d_bw))
     return {
         "forward": m * sum(b.fwd_s for b in sim.blocks),
         "backward": m * sum(b.bwd_s for b in sim.blocks),
@@ -149,6 +153,23 @@ def _step_time(sim: SimStep) -> dict[str, float]:
         "other": sim.other_s,
         "strategy extra": sim.extra_s,
     }
+
+
+def _update_beside_backward(sim: SimStep, grads_at: list[tuple[float, float]], bwd_wall: float,
+                             h2d_bw: float) -> float:
+    """The offloaded update's exposed seconds when it takes each block's parameters as their gradients come
+    down (optimizer_state.py, the exact schedule without clipping or GradScaler): the host starts once the
+    script reaches step(), `opt_ahead_s` before the backward ends, works in the order the gradients arrive,
+    the parameters outside the blocks last; the last chunk's weights (`opt_tail_bytes`) go up after it."""
+    total = max(sim.grad_bytes, sum(g for _, g in grads_at), 1.0)
+    t = max(0.0, bwd_wall - (sim.opt_ahead_s or 0.0))
+    for at, g in grads_at:
+        t = max(t, at) + sim.opt_host_s * g / total
+    rest = max(0.0, total - sum(g for _, g in grads_at))
+    t = max(t, bwd_wall) + sim.opt_host_s * rest / total if rest else t
+    # the update goes chunk by chunk: the last chunk starts after the last gradient is down
+    t = max(t, bwd_wall + sim.opt_host_s * sim.opt_tail_share)
+    return max(0.0, t - bwd_wall) + sim.opt_tail_bytes / h2d_bw
 
 
 def simulate(sim: SimStep) -> Estimate:

@@ -11,6 +11,8 @@ What-if probes (probes.py) run after the measured steps on inputs the memory ste
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +101,10 @@ class Profiler:
         self.state_ptrs: set[int] = set()
         self.mem_forward_done = False
         self.clip_grad_norm: float | None = None  # max_norm of the script's global-norm clipping, if any
+        # how long the GPU still ran the step's backward after the script called optimizer.step() (the timing
+        # step, on a GPU): what an offloaded update can overlap before the last gradient is even computed
+        self.backward_lag_s: float | None = None
+        self._lag_thread: threading.Thread | None = None
         self.memory_timeline = False  # record the allocator's history over the memory step (CUDA)
         self.device = torch.device("cpu")
         self.recording = False
@@ -376,6 +382,26 @@ class Profiler:
             self.grad_bytes = sum(mem.grad_bytes(m) for m in self.s.models or [self.s.model])
             self._close_saved_hooks()
         self.mark("opt")
+        if self.step.mode == "timing" and self.cuda and self._lag_thread is None:
+            self._watch_backward_lag()
+
+    def _watch_backward_lag(self) -> None:
+        """Time from now until the GPU reaches this point, read on a thread (the script goes on at once)."""
+        ev = torch.cuda.Event()
+        ev.record()
+        t0 = time.perf_counter()
+
+        def wait() -> None:
+            ev.synchronize()  # releases the GIL
+            self.backward_lag_s = time.perf_counter() - t0
+
+        self._lag_thread = threading.Thread(target=wait, name="memtune-lag", daemon=True)
+        self._lag_thread.start()
+
+    def backward_lag(self) -> float | None:
+        if self._lag_thread is not None:
+            self._lag_thread.join(timeout=60)
+        return self.backward_lag_s
 
     def begin_memory_step(self) -> None:
         model = self.s.model

@@ -87,6 +87,8 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
     prof.steps = max(0, session.steps_done - warmup)
     if prof_state.clip_grad_norm is not None:
         prof.extra["clip_grad_norm"] = prof_state.clip_grad_norm
+    if (lag := prof_state.backward_lag()) is not None:
+        prof.extra["backward_lag_s"] = lag
     if prof_state.head_output_uses is not None:
         prof.extra["head_output_uses"] = prof_state.head_output_uses
     prof.notes.extend(prof_state.notes)

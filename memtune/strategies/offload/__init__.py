@@ -268,6 +268,16 @@ class Offload(Strategy):
             d2h_s = sim.grad_bytes / (sim.d2h_gbps * 1e9) if sim.d2h_gbps else 0.0
             sim.opt_s = max(cpu_s, h2d_s)  # pipelined per chunk: the slower of CPU update and copy-back
             sim.opt_overlap_s = d2h_s  # gradients go down during the backward
+            ahead = profile.extra.get("backward_lag_s")
+            if ahead is not None and profile.extra.get("clip_grad_norm") is None and not profile.grad_scaler:
+                # nothing needs every gradient first: each chunk updates once its gradients are down, while
+                # the GPU still runs the backward the script already queued (H200 zoo vit, no clipping: 8 ms
+                # over the baseline measured with a 44 ms update, 35 ms predicted without this)
+                sim.opt_ahead_s, sim.opt_host_s = float(ahead), cpu_s
+                sim.opt_tail_bytes = min(sim.opt_h2d_bytes, CHUNK_BYTES)
+                sim.opt_tail_share = min(1.0, CHUNK_BYTES / max(4.0 * n_params, 1.0))  # fp32 host copies
+                sim.source("offload (update beside backward)", f"measured: step() called {ahead * 1e3:.0f} ms "
+                                                               "before the GPU finished the backward")
 
     def install(self, config: OffloadConfig, session: Any) -> Undo:
         if config.optimizer_state:
