@@ -214,8 +214,13 @@ def test_backward_watch_is_removed_after_profiling():
 
 
 def test_torch_compiled_model_is_profiled_eagerly():
-    p = prof(argv=["--steps", "5", "--compile"], steps=1)
+    p = prof(argv=["--steps", "8", "--compile"], steps=2)
     assert any("torch.compile" in n for n in p.notes)
+    assert [b.name for b in p.repeated_blocks] == ["blocks.0", "blocks.1", "blocks.2"]  # the hooks saw them
+    # then three compiled steps: the first compiles, two are measured (on a GPU their peak too)
+    c = p.extra["compiled"]
+    assert c["steps"] == 2 and 0 < c["step_s"] < 5 and c["peak_bytes"] is None
+    assert p.steps == 2 and p.extra["session"]["steps_done"] == 1 + 2 + 3
     assert len(p.repeated_blocks) == 3 and p.repeated_blocks[0].activation_bytes > 0
 
 

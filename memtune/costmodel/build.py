@@ -382,6 +382,33 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
                 sim.calib_bytes = residual
         if gap is not None:
             sim.loss_fwd_gap_bytes = gap * (bs / b0 if b0 and bs else 1.0)  # logit-sized, like the loss's
+    if calibrate:
+        _compiled_factors(profile, sim)
     if not profile.peak.measured:
         sim.notes.append("CPU profile: the peak is the sum of the modelled parts, not an allocator reading")
     return sim
+
+
+def _compiled_factors(profile: Profile, sim: SimStep) -> None:
+    """A torch.compile'd model: its blocks were profiled eagerly, its steps also measured compiled
+    (`extra.compiled`). What the compiled steps' peak lacks against the eager one comes off the blocks'
+    saved activations, what their time lacks off the blocks' time, each as a share (so it carries to other
+    batch sizes and to the blocks a plan leaves compiled)."""
+    c = profile.extra.get("compiled") or {}
+    acts = float(sum(b.activation_bytes for b in profile.blocks))
+    peak_c = c.get("peak_bytes")
+    if peak_c and profile.peak.measured and acts > 0:
+        less = float(profile.peak.allocated_bytes) - float(peak_c)
+        sim.compiled_act_k = min(1.0, max(0.25, 1.0 - less / acts))
+        if less < 0:  # the compiled run holds more (CUDA graphs' pools, workspaces): a constant
+            sim.calib_bytes += -less
+    times = _block_times(profile)
+    block_s = sum(f + b for f, b in times.values())
+    step_c = c.get("step_s")
+    if step_c and profile.step_s and block_s > 0:
+        sim.compiled_time_k = min(2.0, max(0.2, 1.0 - (profile.step_s - float(step_c)) / block_s))
+    if c:
+        sim.source("torch.compile", f"measured: {c.get('steps', 0)} compiled steps, "
+                   + (f"peak {float(peak_c) / 2**30:.2f} GiB, " if peak_c else "")
+                   + f"{float(step_c or 0) * 1e3:.0f} ms a step; blocks that stay compiled save "
+                     f"x{sim.compiled_act_k:.2f} and take x{sim.compiled_time_k:.2f} their eager bytes and time")

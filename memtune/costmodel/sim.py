@@ -77,6 +77,11 @@ class SimStep:
     opt_host_s: float = 0.0
     opt_tail_bytes: float = 0.0  # the weights the last chunk of that update copies up
     opt_tail_share: float = 0.0  # the share of the update that chunk is
+    # a torch.compile'd model, profiled eagerly, measured compiled (build.py `_compiled_factors`): what its
+    # blocks that run compiled (not offloaded or compressed: saved-tensor hooks run those eagerly) save and
+    # take per byte and second of the eager profile
+    compiled_act_k: float = 1.0
+    compiled_time_k: float = 1.0
     opt_h2d_bytes: float = 0.0  # per-step transfers of an offloaded optimizer
     opt_d2h_bytes: float = 0.0
     other_act_bytes: float = 0.0  # saved for backward outside every block (loss etc.)

@@ -84,7 +84,7 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
                 prof.hardware.host_update_params_per_s = host_update_rate(session.optimizers[0])
             except Exception as e:  # an extra: its failure costs the number, not the profile
                 prof.notes.append(f"host update rate not measured ({type(e).__name__}: {str(e)[:120]})")
-    prof.steps = max(0, session.steps_done - warmup)
+    prof.steps = max(0, session.steps_done - warmup - len(prof_state.compiled_done))
     if prof_state.clip_grad_norm is not None:
         prof.extra["clip_grad_norm"] = prof_state.clip_grad_norm
     if (lag := prof_state.backward_lag()) is not None:
