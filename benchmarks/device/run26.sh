@@ -2,7 +2,7 @@
 # Device call 26 (2026-12-02, one H200): the zoo rows the new profile fields change, profiled and measured again
 # in the same call: shared block inputs and an uncached autocast (encoder_decoder's T5 position biases,
 # Lightning's bf16-mixed), the offloaded update beside the backward (vit, no clipping: backward_lag_s), the
-# bf16-weights probe carried by dtype (lora_handwritten); then the GPU tests of the profiler and offload.
+# bf16-weights probe carried by dtype (lora_handwritten), the compiled steps of a torch.compile'd model; then the GPU tests of the profiler and offload.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -15,6 +15,7 @@ acc() {  # acc <name> <deadline s> args...
   echo "$n rc=$? at ${SECONDS}s" >> $L; rm -f $OUT/$n/accuracy.md
   [ -f $OUT/$n/results.json ] && R=$OUT/$n/results.json
 }
+acc c 240 --models compiled --reprofile compiled --only baseline 'checkpoint half' 'offload opt. state'
 acc a 200 --models encoder_decoder lightning_module --reprofile encoder_decoder lightning_module \
   --only baseline 'checkpoint all' 'checkpoint half' 'offload opt. state'
 acc b 150 --models vit lora_handwritten --reprofile vit lora_handwritten \
