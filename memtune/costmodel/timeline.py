@@ -193,9 +193,8 @@ def _compiled_view(sim: SimStep) -> SimStep:
         if b.mode == "keep":
             nb.act_bytes = b.act_bytes * sim.compiled_act_k
             nb.kept_bytes = None if b.kept_bytes is None else b.kept_bytes * sim.compiled_act_k
-        if b.mode in COMPILED_MODES:
-            nb.fwd_s, nb.bwd_s = b.fwd_s * sim.compiled_time_k, b.bwd_s * sim.compiled_time_k
-            nb.recompute_s = b.recompute_s * sim.compiled_time_k
+        nb.fwd_s, nb.bwd_s = b.fwd_s * sim.compiled_time_k, b.bwd_s * sim.compiled_time_k
+        nb.recompute_s = b.recompute_s * sim.compiled_time_k
         out.blocks.append(nb)
     return out
 

@@ -91,6 +91,7 @@ class SharedInputs:
         """(bytes of the unique storages in `obj`, the part of them an earlier `take` saw alive)."""
         mine: dict[int, int] = {}
         shared: set[int] = set()
+        new: list[tuple[int, torch.Tensor]] = []
         for t in iter_tensors(obj):
             k = storage_key(t)
             if k is None or k[0] in exclude:
@@ -98,10 +99,9 @@ class SharedInputs:
             mine[k[0]] = k[1]
             if any(r() is not None for r in self._seen.get(k[0], ())):
                 shared.add(k[0])
-        for t in iter_tensors(obj):
-            k = storage_key(t)
-            if k is not None and k[0] in mine:
-                self._seen[k[0]] = [r for r in self._seen.get(k[0], []) if r() is not None] + [weakref.ref(t)]
+            new.append((k[0], t))
+        for ptr, t in new:  # recorded after the check: a storage twice in one call is not shared with itself
+            self._seen[ptr] = [r for r in self._seen.get(ptr, []) if r() is not None] + [weakref.ref(t)]
         return sum(mine.values()), sum(mine[p] for p in shared)
 
 
