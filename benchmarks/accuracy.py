@@ -67,11 +67,13 @@ ZOO: dict[str, dict[str, Any]] = {
     "grad_accum": dict(script=_Z + "grad_accum.py", batch=16, batches=[24], keep=[*_COMMON[:3], "offload opt. state"]),
     "unet_diffusion": dict(script=_Z + "unet_diffusion.py", batch=64, batches=[96], keep=_COMMON),
     "encoder_decoder": dict(script=_Z + "encoder_decoder.py", batch=8, batches=[12], keep=_COMMON),
-    # not measured on a GPU yet (2026-12-02): two models and optimizers, torch.compile, experts, an RNN
+    # two models and optimizers, torch.compile, experts, an RNN (first measured in device call 25new, H200)
     "gan": dict(script=_Z + "gan.py", batch=1024, batches=[1536], keep=[*_COMMON, "offload opt. state"]),
     "compiled": dict(script=_Z + "compiled.py", batch=8, batches=[12], keep=[*_COMMON, "offload opt. state"]),
     "moe": dict(script=_Z + "moe.py", batch=8, batches=[12], keep=[*_COMMON, "offload opt. state"]),
     "lstm_lm": dict(script=_Z + "lstm_lm.py", batch=128, batches=[192], keep=[*_COMMON, "offload opt. state"]),
+    # DDP as one plain process (world size 1: DDP's buckets, no peer); not measured on a GPU yet (2026-12-03)
+    "ddp_torchrun": dict(script=_Z + "ddp_torchrun.py", batch=16, batches=[24], keep=[*_COMMON, "offload opt. state"]),
 }
 for _z in ZOO.values():
     _z["argv"] = ["--size", "gpu"]
@@ -82,36 +84,44 @@ TINY: dict[str, dict[str, Any]] = {
 OOM_WORDS = ("out of memory", "OutOfMemoryError")
 
 
-def candidate_plans(n_repeated: int, batch: int, batches: list[int]) -> list[tuple[str, dict[str, Any]]]:
-    """Plans as YAML dicts; those whose strategy is missing or rejects the section are dropped later."""
-    half = f"0-{max(0, n_repeated // 2 - 1)}"
-    last_half = f"{n_repeated // 2}-{n_repeated - 1}"
-    first_quarter = f"0-{max(0, n_repeated // 4 - 1)}"
+def candidate_plans(n_repeated: int, batch: int, batches: list[int],
+                    others: list[str] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """Plans as YAML dicts; those whose strategy is missing or rejects the section are dropped later. A model
+    without repeated blocks (an LSTM, a GAN) gets its large other blocks (`others`, the tuner's choices) for
+    "all", the first half of them for "half" and the first for "quarter"."""
+    if n_repeated:
+        every: Any = "all"
+        half = [f"0-{max(0, n_repeated // 2 - 1)}"]
+        last_half = [f"{n_repeated // 2}-{n_repeated - 1}"]
+        first_quarter = [f"0-{max(0, n_repeated // 4 - 1)}"]
+    else:
+        every, half = list(others), list(others[: max(1, len(others) // 2)])
+        last_half, first_quarter = list(others[len(half):]) or half, half[:1]
     big = max(batches)
     return [
         ("baseline", {}),
-        ("checkpoint all", {"checkpoint": {"blocks": "all"}}),
-        ("checkpoint half", {"checkpoint": {"blocks": [half]}}),
-        ("checkpoint selective", {"checkpoint": {"blocks": "all", "mode": "selective"}}),
-        ("offload act. quarter", {"offload": {"activations": [first_quarter]}}),
-        ("offload act. half", {"offload": {"activations": [half]}}),
+        ("checkpoint all", {"checkpoint": {"blocks": every}}),
+        ("checkpoint half", {"checkpoint": {"blocks": half}}),
+        ("checkpoint selective", {"checkpoint": {"blocks": every, "mode": "selective"}}),
+        ("offload act. quarter", {"offload": {"activations": first_quarter}}),
+        ("offload act. half", {"offload": {"activations": half}}),
         ("offload opt. state", {"offload": {"optimizer_state": True}}),
         ("adamw8bit", {"optimizer": {"name": "adamw8bit"}}),
         ("adamw4bit", {"optimizer": {"name": "adamw4bit"}}),
         ("update in backward", {"optimizer": {"name": "inbackward"}}),
         ("bf16 params", {"precision": {"params": "bf16"}}),
-        ("bf16 params + ckpt half", {"precision": {"params": "bf16"}, "checkpoint": {"blocks": [half]}}),
-        ("ckpt last half + offload quarter", {"checkpoint": {"blocks": [last_half]},
-                                              "offload": {"activations": [first_quarter]}}),
-        ("compress int8 half", {"compress": {"blocks": [half], "dtype": "int8"}}),
+        ("bf16 params + ckpt half", {"precision": {"params": "bf16"}, "checkpoint": {"blocks": half}}),
+        ("ckpt last half + offload quarter", {"checkpoint": {"blocks": last_half},
+                                              "offload": {"activations": first_quarter}}),
+        ("compress int8 half", {"compress": {"blocks": half, "dtype": "int8"}}),
         *[(f"batch {b}", {"run": {"knobs": {"--batch-size": b}}}) for b in batches],
-        (f"batch {big} + ckpt all", {"run": {"knobs": {"--batch-size": big}}, "checkpoint": {"blocks": "all"}}),
+        (f"batch {big} + ckpt all", {"run": {"knobs": {"--batch-size": big}}, "checkpoint": {"blocks": every}}),
         (f"batch {2 * big} + ckpt all", {"run": {"knobs": {"--batch-size": 2 * big}},
-                                        "checkpoint": {"blocks": "all"}}),
+                                        "checkpoint": {"blocks": every}}),
         # what the tuner picks at tight budgets: nothing but the loss and checkpoint inputs on the device
-        ("ckpt all + offload opt. state", {"checkpoint": {"blocks": "all"}, "offload": {"optimizer_state": True}}),
+        ("ckpt all + offload opt. state", {"checkpoint": {"blocks": every}, "offload": {"optimizer_state": True}}),
         (f"batch {big} + ckpt all + offload opt. state", {"run": {"knobs": {"--batch-size": big}},
-                                                          "checkpoint": {"blocks": "all"},
+                                                          "checkpoint": {"blocks": every},
                                                           "offload": {"optimizer_state": True}}),
     ]
 
@@ -261,7 +271,9 @@ def measure_model(name: str, cfg: dict[str, Any], work: Path, args, prev: dict[s
     if args.only:  # named plans are measured again, replacing earlier rows of the same name
         rec["rows"] = [r for r in rec["rows"] if r["plan"] not in args.only]
     done = {r["plan"] for r in rec["rows"]}
-    cands = candidate_plans(len(profile.repeated_blocks), cfg["batch"], cfg["batches"])
+    from memtune.strategies.layout import exception_blocks
+
+    cands = candidate_plans(len(profile.repeated_blocks), cfg["batch"], cfg["batches"], exception_blocks(profile))
     if cfg.get("drop"):
         cands = [c for c in cands if c[0] not in cfg["drop"]]
     if cfg.get("keep"):

@@ -113,6 +113,8 @@ class Session:
     - `on_before_run(session)`: before the script starts; may return an undo run after it ends (always).
     - `on_ready(session)`: once, when the first optimizer's `__init__` returned and the model is found
       (or, for a model built after its optimizer, at the model's first forward), before the first forward.
+    - `on_optimizer(session, optimizer)` then `on_model(session, model)`: another optimizer built after
+      on_ready, and its model when it is one not seen yet (a GAN's generator).
     - `on_step(session, i)`: after every optimizer step, i = 0, 1, ... counting warm-up steps too
       (`i >= session.warmup` are the measured ones; `session.measuring` says so for the current step).
     - `on_end(session)`: after the script ended (normally, stopped or failed), before the undos.
@@ -145,6 +147,8 @@ class Session:
         self.on_ready: list[Callable[[Session], None]] = []
         self.on_step: list[Callable[[Session, int], None]] = []
         self.on_end: list[Callable[[Session], None]] = []
+        # another optimizer built after on_ready (a GAN's second one): (session, optimizer), before on_model
+        self.on_optimizer: list[Callable[[Session, torch.optim.Optimizer], None]] = []
         # another optimizer's model found after on_ready (a GAN's generator): (session, model)
         self.on_model: list[Callable[[Session, nn.Module], None]] = []
 
@@ -264,6 +268,8 @@ class Session:
         self.optimizers.append(opt)
         if self.ready or self._pending_model:
             if self.ready:
+                for cb in list(self.on_optimizer):
+                    cb(self, opt)
                 self._add_model(_find_model(_optimizer_param_ids(opt)))
             return
         top = _find_model(_optimizer_param_ids(opt))

@@ -269,6 +269,18 @@ def run_apply(
             on_notes(ctx.notes[len(result.notes):])
         result.notes = list(ctx.notes)
 
+    def new_optimizer(sess, opt) -> None:
+        ctx, applied = state.get("ctx"), state.get("applied")
+        if ctx is None or applied is None:
+            return
+        ctx.optimizers.append(opt)
+        for name, config in ordered_sections(plan):
+            applied.add(get_strategy(name).add_optimizer(ctx, config, opt), name)
+        if on_notes:
+            on_notes(ctx.notes[len(result.notes):])
+        result.notes = list(ctx.notes)
+
+    session.on_optimizer.append(new_optimizer)
     session.on_model.append(new_model)
     session.on_ready.append(ready)
     try:

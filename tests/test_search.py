@@ -16,7 +16,7 @@ from memtune.plan import SectionConfig, check_keys
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Profile
 from memtune.strategies import plan_from_dict
 from memtune.strategies.base import SearchOptions, Strategy
-from memtune.strategies.layout import available_modes, propose
+from memtune.strategies.layout import available_modes, exception_blocks, propose
 from memtune.tune import margin, records, space
 from memtune.tune.evaluate import Tuner
 
@@ -172,6 +172,19 @@ def test_layout_proposal_and_idempotent(fake_strategies):
     # lossless: compress is not offered at all
     lo = SearchOptions(device="cuda", lossless_only=True)
     assert "compress" not in available_modes(p, lo)
+
+
+def test_a_model_without_repeated_blocks_still_gets_choices_for_its_large_blocks(fake_strategies):
+    """An LSTM LM or a GAN's Sequential: no repeated blocks, but a module that saves most of the activations
+    is still a choice; one that saves under a tenth of them is not."""
+    p = make_profile(n=0)
+    p.blocks.insert(1, BlockProfile(name="rnn", cls="LSTM", kind="other", index=1, activation_bytes=900 * MB,
+                                    input_bytes=MB, fwd_s=0.01, bwd_s=0.02))
+    assert exception_blocks(p) == ["rnn", "head"]  # head 200 MB of 1.1 GB: over a tenth; emb saves nothing
+    prop = propose(space.ProbeTrial({"blocks.other.rnn": "recompute"}), p, SearchOptions(device="cuda"))
+    assert prop.refs["recompute"] == ["rnn"]
+    p.blocks[-1].activation_bytes = 50 * MB
+    assert exception_blocks(p) == ["rnn"]
 
 
 def test_recompute_and_compress_in_one_trial_is_valid(fake_strategies):

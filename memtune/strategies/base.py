@@ -22,8 +22,9 @@ with `@register`. It reads one plan section:
 - `install(config, session)`: optional global patch made before the script starts (take over the script's
   DDP wrapping, guard clip_grad_norm_); returns an undo. Most strategies need none.
 - `apply(ctx, config)`: patch the live run (ApplyContext) and return an undo. The patcher calls it once the
-  model and its optimizer exist, before the first forward, in `order`; `add_model(ctx, config, model)` for a
-  model another optimizer trains that appears later.
+  model and its optimizer exist, before the first forward, in `order`; `add_optimizer(ctx, config, optimizer)` for
+  an optimizer the script builds later (a GAN's second one), then `add_model(ctx, config, model)` when that
+  optimizer trains a model not seen yet.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ class Strategy:
         return noop
 
     def apply(self, ctx: ApplyContext, config: Any) -> Undo:
+        return noop
+
+    def add_optimizer(self, ctx: ApplyContext, config: Any, optimizer: Any) -> Undo:
+        """Another optimizer appeared after `apply` (already in `ctx.optimizers`): patch it too where this
+        strategy works optimizer by optimizer. Most strategies need nothing."""
         return noop
 
     def add_model(self, ctx: ApplyContext, config: Any, model: Any) -> Undo:

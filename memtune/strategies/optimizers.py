@@ -267,3 +267,12 @@ class OptimizerStrategy(Strategy):
             if o not in adam:
                 ctx.note("optimizer", f"{type(o).__name__} left alone (not Adam/AdamW)")
         return undos
+
+    def add_optimizer(self, ctx: ApplyContext, config: OptimizerConfig, optimizer: Any) -> Undo:
+        """A second Adam (a GAN's generator's) is swapped as the first was: the cost model counts both."""
+        if not isinstance(optimizer, torch.optim.Adam):
+            ctx.note("optimizer", f"{type(optimizer).__name__} left alone (not Adam/AdamW)")
+            return noop
+        undo = swap_optimizer(optimizer, config.name, **{k: v for k, v in config.to_dict().items() if k != "name"})
+        ctx.note("optimizer", f"{type(optimizer).__name__} -> {config.name}" + (" (lossy)" if config.lossy else ""))
+        return undo
