@@ -582,3 +582,27 @@ def test_a_second_optimizer_built_after_the_first_is_patched_too(tmp_path, plan,
     plain, patched = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "patched.pt")
     for a, b in zip(plain, patched, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_host_update_compiles_in_one_process_unless_the_user_said(monkeypatch):
+    """inductor's pool of compile workers slowed the host update of a compiled model 5x (H200, call 26)."""
+    import torch._inductor.config as ic
+
+    from memtune.strategies import get_strategy, plan_from_dict
+
+    off = get_strategy("offload")
+    cfg = plan_from_dict({"offload": {"optimizer_state": True}}).get("offload")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(ic, "compile_threads", 8)
+    undo = off.install(cfg, None)
+    assert ic.compile_threads == 1
+    undo()
+    assert ic.compile_threads == 8
+    acts = plan_from_dict({"offload": {"activations": [0]}}).get("offload")
+    undo = off.install(acts, None)
+    assert ic.compile_threads == 8  # no host update
+    undo()
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    undo = off.install(cfg, None)
+    assert ic.compile_threads == 8
+    undo()
