@@ -592,17 +592,21 @@ def test_a_host_update_compiles_in_one_process_unless_the_user_said(monkeypatch)
 
     off = get_strategy("offload")
     cfg = plan_from_dict({"offload": {"optimizer_state": True}}).get("offload")
-    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setattr(ic, "compile_threads", 8)
-    undo = off.install(cfg, None)
-    assert ic.compile_threads == 1
-    undo()
-    assert ic.compile_threads == 8
     acts = plan_from_dict({"offload": {"activations": [0]}}).get("offload")
-    undo = off.install(acts, None)
-    assert ic.compile_threads == 8  # no host update
-    undo()
-    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
-    undo = off.install(cfg, None)
-    assert ic.compile_threads == 8
-    undo()
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    saved = ic.compile_threads  # set back by hand: monkeypatch's undo deletes a config module's entry
+    try:
+        ic.compile_threads = 8
+        undo = off.install(cfg, None)
+        assert ic.compile_threads == 1
+        undo()
+        assert ic.compile_threads == 8
+        undo = off.install(acts, None)
+        assert ic.compile_threads == 8  # no host update
+        undo()
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+        undo = off.install(cfg, None)
+        assert ic.compile_threads == 8
+        undo()
+    finally:
+        ic.compile_threads = saved
