@@ -290,3 +290,12 @@ def test_saved_before_the_blocks_is_told_apart_from_the_loss():
     assert p.other_activation_bytes > p.other_activation_before_bytes  # and the loss's, after the blocks
     g = prof(GPT, ["--steps", "10"], steps=2, warmup=1)
     assert g.other_activation_before_bytes == 0 < g.other_activation_bytes  # the embedding is a block
+
+
+@pytest.mark.gpu
+def test_gpu_a_model_without_repeated_blocks_has_its_large_blocks_probed():
+    # lstm_lm: no repeated blocks; the tuner's choice for `rnn` is measured on it, the small embedding's is not
+    p = prof(str(ROOT / "examples" / "zoo" / "lstm_lm.py"), ["--steps", "20", "--device", "cuda"], steps=3, warmup=1)
+    assert not p.repeated_blocks
+    assert {"keep", "recompute", "offload"} <= set(p.block("rnn").what_ifs)
+    assert not p.block("encoder").what_ifs

@@ -11,6 +11,7 @@ import torch.nn as nn
 from memtune.capture import Session
 from memtune.profile import BlockProfile, Hardware, OptimizerProfile, Peak, Profile
 from memtune.profilers import memory as mem
+from memtune.profilers.probes import OTHER_PROBE
 from memtune.profilers.recorder import _PHASE, Profiler, StepRecord, block_of
 from memtune.profilers.timing import median
 
@@ -121,6 +122,8 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
             bp.activation_bytes_bf16_params = p.probe_bytes[bp.cls]
         if bp.kind == "repeated" and bp.cls in p.mode_probes:
             bp.what_ifs = dict(p.mode_probes[bp.cls])
+        elif bp.kind != "repeated" and OTHER_PROBE + bp.name in p.mode_probes:  # probed on itself
+            bp.what_ifs = dict(p.mode_probes[OTHER_PROBE + bp.name])
 
     # memory intervals: transients, loss transient, peak and its phase
     if memrec is not None and p.cuda:

@@ -85,6 +85,8 @@ def saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, de
 
 # --- what-ifs of the block modes ------------------------------------------------------------------------
 
+# key prefix of a probe of one non-repeated block (by module path) beside the per-class probes of repeated ones
+OTHER_PROBE = "@"
 PROBED_MODES = ("keep", "recompute", "selective", "compress", "offload", "half")
 # "half": kept as it is, at half the batch (inputs sliced along the batch): how the block's time scales
 

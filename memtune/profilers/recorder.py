@@ -24,6 +24,7 @@ import torch.optim.optimizer as _optim_mod
 from memtune.capture import Session
 from memtune.profilers import memory as mem
 from memtune.profilers.probes import (
+    OTHER_PROBE,
     has_fp32_weights,
     map_tensors,
     probe_modes,
@@ -327,13 +328,27 @@ class Profiler:
             self.undo_compile()
 
     # --- what-if: bf16 weights -----------------------------------------------------------------------
-    def _stash_probe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Keep a host copy of the first call's inputs of one repeated block per class: a copy, so that the
-        memory step's allocator peak is unchanged (only this step's times pay for the device-to-host copy)."""
-        cls = type(module).__name__
-        if cls in self.probe_inputs or not probe_worthy(module):
+    def _any_repeated(self) -> bool:
+        return any(b.kind == "repeated" for b in self.s.blocks)
+
+    def _stash_probe_input(self, module: nn.Module, args: tuple, kwargs: dict, name: str | None = None) -> None:
+        """Keep a host copy of the first call's inputs of one repeated block per class (or, in a model without
+        repeated blocks, of each block: `name`, keyed OTHER_PROBE + name): a copy, so that the memory step's
+        allocator peak is unchanged (only this step's times pay for the device-to-host copy)."""
+        key = type(module).__name__ if name is None else OTHER_PROBE + name
+        if key in self.probe_inputs or not probe_worthy(module):
             return
-        self.probe_inputs[cls] = (module, map_tensors((args, kwargs), to_host))
+        self.probe_inputs[key] = (module, map_tensors((args, kwargs), to_host))
+
+    def _worth_probing(self, stash: dict[str, tuple[nn.Module, Any]]) -> dict[str, tuple[nn.Module, Any]]:
+        """Without repeated blocks, only the blocks the tuner gives a choice (a tenth of the saved bytes:
+        `strategies.layout.exception_blocks`) are probed; repeated block classes always are."""
+        from memtune.strategies.layout import ALONE_SHARE
+
+        saved = self.counter.bytes if self.counter is not None else {}
+        others = {k: saved.get(k[len(OTHER_PROBE):], 0) for k in stash if k.startswith(OTHER_PROBE)}
+        floor = ALONE_SHARE * sum(saved.get(b.name, 0) for b in self.s.blocks)
+        return {k: v for k, v in stash.items() if k not in others or (others[k] >= max(1, floor))}
 
     def _probe(self, s: Session) -> None:
         """The what-ifs, after the measured steps, on each stashed block class (the copies are freed at once):
@@ -343,8 +358,8 @@ class Profiler:
         stash, self.probe_inputs = self.probe_inputs, {}
         if not stash or s.failure is not None or (s.world_size > 1 and not s.ddp):
             return  # a sharded block's forward would run collectives on this rank alone
-        for cls, (module, inputs) in stash.items():
-            if has_fp32_weights(module):
+        for cls, (module, inputs) in self._worth_probing(stash).items():
+            if has_fp32_weights(module) and not cls.startswith(OTHER_PROBE):
                 try:
                     self.probe_bytes[cls] = saved_bytes_bf16_params(s.model, module, inputs, self.device,
                                                                     self.autocast, self.autocast_cache)
@@ -506,8 +521,8 @@ class Profiler:
                 self.shared_input_bytes[name] = shared
                 if name not in self.first_order:
                     self.first_order.append(name)
-                if kind == "repeated" and rec.forwards == 1:
-                    self._stash_probe_input(module, args, kwargs)
+                if rec.forwards == 1 and (kind == "repeated" or not self._any_repeated()):
+                    self._stash_probe_input(module, args, kwargs, None if kind == "repeated" else name)
             self.mark("fwd", name)
         return hook
 

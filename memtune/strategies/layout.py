@@ -139,7 +139,7 @@ def available_modes(profile: Profile, opts: SearchOptions) -> list[str]:
 
 # Without repeated blocks (an LSTM LM, a GAN's Sequentials) a block is worth a choice when it saves this share
 # of what all blocks save: lstm_lm's `rnn` saves 4.7 of 5.1 MB at its tiny size.
-_ALONE_SHARE = 0.1
+ALONE_SHARE = 0.1
 
 
 def exception_blocks(profile: Profile) -> list[str]:
@@ -149,7 +149,7 @@ def exception_blocks(profile: Profile) -> list[str]:
     if acts:
         floor = acts[len(acts) // 2]
     else:
-        floor = int(_ALONE_SHARE * sum(b.activation_bytes for b in profile.blocks))
+        floor = int(ALONE_SHARE * sum(b.activation_bytes for b in profile.blocks))
     return [b.name for b in profile.blocks if b.kind != "repeated" and b.activation_bytes >= max(1, floor)]
 
 
@@ -201,5 +201,5 @@ def compact(refs: list[int | str], n_repeated: int) -> list[int | str] | str:
     return out + paths
 
 
-__all__ = ["COMPRESSED", "LOSSY_MODES", "MODES", "OFFLOADED", "RECOMPUTE", "Layout", "Proposal", "available_modes",
+__all__ = ["ALONE_SHARE", "COMPRESSED", "LOSSY_MODES", "MODES", "OFFLOADED", "RECOMPUTE", "Layout", "Proposal", "available_modes",
            "check_refs", "combine", "compact", "exception_blocks", "profile_layout", "propose", "resolve_layout"]
