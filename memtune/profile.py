@@ -51,9 +51,10 @@ class Hardware:
 
 @dataclass
 class WhatIf:
-    """One block of a repeated class re-run by the profiler in one mode (profilers/probes.py), on the inputs
-    it had in the memory step, at the profile's batch size, alone (nothing before or after it). Bytes are
-    CUDA allocator readings relative to the block's own start; times are CUDA-event medians."""
+    """One block of a repeated class (or a large block of a model without repeated ones) re-run by the profiler
+    in one mode (profilers/probes.py), on the inputs it had in the memory step, at the profile's batch size,
+    alone (nothing before or after it). Bytes are CUDA allocator readings relative to the block's own start;
+    times are CUDA-event medians."""
 
     kept_bytes: int = field(default=0, metadata=OPTIONAL)  # allocated from the end of its forward to its backward, its output excluded
     fwd_peak_bytes: int = field(default=0, metadata=OPTIONAL)  # highest allocation above the start during its forward (output included)
