@@ -255,14 +255,11 @@ class OptimizerStrategy(Strategy):
             kinds = ", ".join(type(o).__name__ for o in ctx.optimizers) or "none"
             raise ScriptError(f"optimizer: {{name: {name}}} replaces Adam/AdamW, but the script's optimizers are "
                               f"{kinds}; drop the optimizer section")
-        kw = {k: v for k, v in config.to_dict().items() if k != "name"}
         with Undos() as undos:
             if name == "inbackward":
                 undos.add(install_clip_guard())
             for o in adam:
-                was = type(o).__name__
-                undos.add(swap_optimizer(o, name, **kw))
-                ctx.note("optimizer", f"{was} -> {name}" + (" (lossy)" if config.lossy else ""))
+                undos.add(self._swap(ctx, config, o))
         for o in ctx.optimizers:
             if o not in adam:
                 ctx.note("optimizer", f"{type(o).__name__} left alone (not Adam/AdamW)")
@@ -273,6 +270,11 @@ class OptimizerStrategy(Strategy):
         if not isinstance(optimizer, torch.optim.Adam):
             ctx.note("optimizer", f"{type(optimizer).__name__} left alone (not Adam/AdamW)")
             return noop
-        undo = swap_optimizer(optimizer, config.name, **{k: v for k, v in config.to_dict().items() if k != "name"})
-        ctx.note("optimizer", f"{type(optimizer).__name__} -> {config.name}" + (" (lossy)" if config.lossy else ""))
+        return self._swap(ctx, config, optimizer)
+
+    @staticmethod
+    def _swap(ctx: ApplyContext, config: OptimizerConfig, opt: Any) -> Undo:
+        was = type(opt).__name__
+        undo = swap_optimizer(opt, config.name, **{k: v for k, v in config.to_dict().items() if k != "name"})
+        ctx.note("optimizer", f"{was} -> {config.name}" + (" (lossy)" if config.lossy else ""))
         return undo
