@@ -44,6 +44,10 @@ def main() -> None:
                     help="also: the sliced update at all threads, on a worker thread, at each of these slice sizes")
     ap.add_argument("--compiled", action="store_true",
                     help="also: memtune's one-pass kernel (kernels/host_adamw.py: upcast, AdamW, rounding in one loop)")
+    ap.add_argument("--beside-copies", action="store_true",
+                    help="also (CUDA): the fused update chunk by chunk as optimizer-state offload runs it, alone, "
+                         "beside each chunk's weights copied up, and beside every gradient copied down too (what a "
+                         "script that clips does: its clipped gradients go down again at step time)")
     ap.add_argument("--out")
     args = ap.parse_args()
     n, k = args.elements, args.slice
@@ -55,6 +59,8 @@ def main() -> None:
         rows += _run(kind, n, k, threads, args.iters)
     if args.slices or args.compiled:
         rows += _variants(kinds[-1], n, args.slices, args.compiled, args.iters)
+    if args.beside_copies and torch.cuda.is_available():
+        rows += _beside_copies(n, args.iters)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"elements": n, "slice": k, "rows": rows}, f, indent=1)
@@ -147,6 +153,47 @@ def _variants(kind: str, n: int, slices: list[int], compiled: bool, iters: int) 
             one_pass()
             row = {"memory": kind, "threads": torch.get_num_threads(), "variant": f"compiled {k}",
                    "compile_s": time.perf_counter() - t0, "Mparams_s": n / _on_thread(one_pass, iters) / 1e6}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _beside_copies(n: int, iters: int, chunk: int = 16 << 20) -> list[dict]:
+    """The fused update in `chunk`-element pieces on pinned fp32 tensors (the offload's 64 MiB chunks), with the
+    PCIe copies the run makes beside it on side streams: none; each chunk's weights up once it is updated; and
+    also every gradient down, queued at the start."""
+    p, m, v, g32 = (torch.empty(n, pin_memory=True).uniform_() for _ in range(4))
+    dev_p, dev_g = torch.empty(n, device="cuda"), torch.empty(n, device="cuda").uniform_()
+    up, down = torch.cuda.Stream(), torch.cuda.Stream()
+    step = torch.tensor(1.0)
+    lr, b1, b2, wd, eps = HP
+    cuts = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+
+    def run(copy_up: bool, grads_down: bool):
+        evs = []
+        if grads_down:
+            with torch.cuda.stream(down):
+                for a, b in cuts:
+                    g32[a:b].copy_(dev_g[a:b], non_blocking=True)
+                    evs.append(torch.cuda.Event())
+                    evs[-1].record(down)
+        for i, (a, b) in enumerate(cuts):
+            if evs:
+                evs[i].synchronize()
+            torch._fused_adamw_([p[a:b]], [g32[a:b]], [m[a:b]], [v[a:b]], [], [step], amsgrad=False, lr=lr,
+                                beta1=b1, beta2=b2, weight_decay=wd, eps=eps, maximize=False, grad_scale=None,
+                                found_inf=None)
+            if copy_up:
+                with torch.cuda.stream(up):
+                    dev_p[a:b].copy_(p[a:b], non_blocking=True)
+        torch.cuda.synchronize()
+
+    rows = []
+    for name, cu, gd in (("alone", False, False), ("weights up beside", True, False),
+                         ("weights up and gradients down beside", True, True)):
+        s = _time(lambda cu=cu, gd=gd: run(cu, gd), iters)
+        row = {"memory": "pinned", "threads": torch.get_num_threads(), "variant": f"chunked {chunk}: {name}",
+               "elements": n, "Mparams_s": n / s / 1e6}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
