@@ -220,6 +220,28 @@ def test_offload_prefetch_one_block_ahead_overlaps_previous_backward():
     assert simulate(sim).time_breakdown["exposed transfer"] > 0
 
 
+
+
+def test_offload_self_fetch_starts_as_far_ahead_as_the_host_ran():
+    # the last block before a slow head fetches itself at its first unpack: with the host measured ahead of
+    # the GPU at the backward's end, that unpack comes while the head's backward still runs on the GPU
+    p = make_profile(act=40 * MB, fwd_s=0.030, h2d=2.0, d2h=2.0)
+    p.blocks.append(BlockProfile(name="head", cls="Linear", kind="other", index=9, activation_bytes=10 * MB,
+                                 fwd_s=0.030, bwd_s=0.060))
+    sim = build_sim(p)
+    offload(sim, {"blocks.3"})
+    alone = simulate(sim).time_breakdown["exposed transfer"]
+    p.extra["backward_lag_s"] = 0.5
+    sim = build_sim(p)
+    assert sim.cpu_ahead_s == 0.5
+    offload(sim, {"blocks.3"})
+    ahead = simulate(sim).time_breakdown["exposed transfer"]
+    assert alone == pytest.approx(0.020)  # its 20 ms copy back starts when the GPU reaches it
+    assert ahead == pytest.approx(0.0, abs=1e-12)
+    p.extra["compiled"] = {"step_s": 0.1}  # a compiled backward is one graph: no lead is taken
+    assert build_sim(p).cpu_ahead_s == 0.0
+
+
 def test_peak_phase_moves_to_optimizer_as_activations_shrink():
     p = make_profile(act=150 * MB, block_params=60 * MB, other_act=0, loss_tr=0, fwd_tr=0, bwd_tr=0)
     est = estimate(p)

@@ -384,6 +384,9 @@ def build_sim(profile: Profile, batch_size: int | None = None, *, calibrate: boo
             sim.loss_fwd_gap_bytes = gap * (bs / b0 if b0 and bs else 1.0)  # logit-sized, like the loss's
     if calibrate:
         _compiled_factors(profile, sim)
+    lag = profile.extra.get("backward_lag_s")
+    if lag is not None and profile.extra.get("compiled") is None:  # a compiled backward is one graph
+        sim.cpu_ahead_s = max(0.0, float(lag))
     if not profile.peak.measured:
         sim.notes.append("CPU profile: the peak is the sum of the modelled parts, not an allocator reading")
     return sim
