@@ -76,11 +76,11 @@ class SimStep:
     opt_ahead_s: float | None = None
     opt_host_s: float = 0.0
     opt_tail_bytes: float = 0.0  # the weights the last chunk of that update copies up
+    opt_tail_share: float = 0.0  # the share of the update that chunk is
     # how far the script's host ran ahead of the GPU when the backward ended (the profile's `backward_lag_s`;
     # 0: not measured): an offloaded block nobody prefetches asks for its tensors when the autograd engine
     # reaches it on the host, that much before the GPU does by the backward's end
     cpu_ahead_s: float = 0.0
-    opt_tail_share: float = 0.0  # the share of the update that chunk is
     # a torch.compile'd model, profiled eagerly, measured compiled (build.py `_compiled_factors`): what its
     # blocks that run compiled (not offloaded or compressed: saved-tensor hooks run those eagerly) save and
     # take per byte and second of the eager profile
