@@ -28,7 +28,6 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     import memtune.patcher as patcher
-    from memtune.patcher import run_apply
 
     rec = max(1, args.steps - args.skip)
     sched = schedule(wait=args.skip, warmup=0, active=rec, repeat=1)
@@ -43,7 +42,7 @@ def main() -> None:
     patcher.Session = Stepped
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
         try:
-            res = run_apply(args.plan, steps=args.steps)
+            res = patcher.run_apply(args.plan, steps=args.steps)
         finally:
             patcher.Session = base
     print(f"steps {args.steps}, recorded {rec}; median step {res.step_s * 1e3 if res.step_s else float('nan'):.1f} ms")
