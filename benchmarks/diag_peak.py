@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 from pathlib import Path
 
@@ -48,19 +49,32 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cli", action="store_true", help="run the plan through the CLI's `apply` (in-process)")
+    ap.add_argument("--no-history", action="store_true", help="only the peak, without the allocator's history")
     args = ap.parse_args()
 
     import torch
 
     from memtune.patcher import run_apply
 
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    res = run_apply(args.plan, steps=args.steps)
+    if not args.no_history:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    if args.cli:
+        from memtune.cli import app
+
+        with contextlib.suppress(SystemExit):
+            app(["apply", args.plan, "--steps", str(args.steps)], standalone_mode=False)
+        peak_alloc = torch.cuda.max_memory_allocated()  # reset once the plan was applied (patcher.ready)
+    else:
+        peak_alloc = run_apply(args.plan, steps=args.steps).peak_allocated_bytes
+    if args.no_history:
+        print(f"max_memory_allocated {peak_alloc / 2**30:.3f} GiB (no history)")
+        return
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snap["device_traces"][0]
     peak, at, live = peak_live(trace)
-    print(f"max_memory_allocated {res.peak_allocated_bytes / 2**30:.3f} GiB; trace peak {peak / 2**30:.3f} GiB "
+    print(f"max_memory_allocated {peak_alloc / 2**30:.3f} GiB; trace peak {peak / 2**30:.3f} GiB "
           f"at event {at} of {len(trace)} (history from the first recorded allocation)")
     groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for e in live.values():
