@@ -96,6 +96,11 @@ class CloneTransport:
         dst.copy_(src)
         return None
 
+    def d2h_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        for dst, src in pairs:
+            dst.copy_(src)
+        return None
+
     def h2d_new(self, host: torch.Tensor, device: torch.device, after=None):
         return host.clone(), None
 
@@ -150,6 +155,21 @@ class CudaTransport:
             ev = torch.cuda.Event()
             ev.record(s)
         src.record_stream(s)  # the allocator must not reuse src's memory before the copy ran
+        return ev
+
+    def d2h_many(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        """`d2h` for several (dst, src) pairs: one stream switch, one event for all."""
+        if not pairs:
+            return None
+        s = self.d2h_stream
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(s)
+        for _, src in pairs:
+            src.record_stream(s)
         return ev
 
     def h2d_new(self, host: torch.Tensor, device: torch.device, after=None):
