@@ -62,6 +62,10 @@ class WhatIf:
     fwd_s: float = field(default=0.0, metadata=OPTIONAL)
     bwd_s: float = field(default=0.0, metadata=OPTIONAL)
     moved_bytes: int = field(default=0, metadata=OPTIONAL)  # offload: bytes its saved tensors sent to the host
+    # host seconds to issue its forward and its backward (medians; 0: not measured): what a mode's hooks cost
+    # the host, which a host-bound script pays in its step
+    fwd_host_s: float = field(default=0.0, metadata=OPTIONAL)
+    bwd_host_s: float = field(default=0.0, metadata=OPTIONAL)
 
 
 @dataclass

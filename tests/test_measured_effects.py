@@ -90,6 +90,32 @@ def test_offload_moves_what_the_transport_measured():
     assert b.extra_fwd_s == 0 and b.extra_bwd_s == 0
 
 
+def test_offload_host_time_shows_beyond_the_hosts_lead():
+    """The probe timed the host issuing each mode: offload's pack and unpack hooks cost 3 ms more per block
+    than keep mode. A host-bound script (no lead) pays all of it in its step; a host 4 ms ahead of the GPU hides
+    that much of it; a profile without host times adds nothing."""
+    keep = WhatIf(kept_bytes=90 * MB, fwd_peak_bytes=150 * MB, bwd_peak_bytes=30 * MB, fwd_s=0.008, bwd_s=0.016,
+                  fwd_host_s=0.001, bwd_host_s=0.002)
+    off = WhatIf(kept_bytes=5 * MB, moved_bytes=80 * MB, fwd_s=0.009, bwd_s=0.02, fwd_host_s=0.0025,
+                 bwd_host_s=0.0035)
+    p = make_profile()
+    for b in p.repeated_blocks:
+        b.what_ifs = {"keep": keep, "offload": off}
+    plan = {"offload": {"activations": [0, 1]}}
+    p.extra["backward_lag_s"] = 0.0
+    sim = sim_of(p, plan)
+    assert sim.extra_s == pytest.approx(0.006)
+    assert "6.0 ms of host time" in sim.sources["offload (host time)"]
+    p.extra["backward_lag_s"] = 0.004
+    assert sim_of(p, plan).extra_s == pytest.approx(0.002)
+    p.extra["backward_lag_s"] = 0.0
+    for b in p.repeated_blocks:
+        b.what_ifs = {"keep": WhatIf(kept_bytes=90 * MB, fwd_s=0.008, bwd_s=0.016),
+                      "offload": WhatIf(kept_bytes=5 * MB, moved_bytes=80 * MB, fwd_s=0.009, bwd_s=0.02)}
+    sim = sim_of(p, plan)
+    assert sim.extra_s == 0 and "offload (host time)" not in sim.sources
+
+
 def test_offload_moves_shared_storages_once_each():
     """Saved tensors that share a storage (a ReLU's output saved again by the next conv) go down and come back
     separately: the probe moved 1.3x what the block saved, and the run's block moves and fetches that much."""

@@ -112,6 +112,13 @@ class ModeMeasurement:
     def extra_bwd_s(self, minus_s: float = 0.0) -> float:
         return max(0.0, self.mode.bwd_s - self.keep.bwd_s - minus_s) * self.bwd_ratio
 
+    def extra_host_s(self) -> float | None:
+        """Host seconds the mode's hooks add to the block's forward and backward (per call, whatever the
+        batch: the cost is per saved tensor); None when the profile did not time the host."""
+        if min(self.mode.fwd_host_s, self.mode.bwd_host_s, self.keep.fwd_host_s, self.keep.bwd_host_s) <= 0:
+            return None
+        return max(0.0, self.mode.fwd_host_s + self.mode.bwd_host_s - self.keep.fwd_host_s - self.keep.bwd_host_s)
+
     # A recompute is the block's forward run again inside its backward, so the probe's extra backward time
     # converts to this block by the forward's ratio (in-situ forward per probe forward), not the backward's
     # (H200 zoo, 12 scripts, checkpoint-all overhead: summed |error| 198 -> 115 ms; peft_lora 171 -> 117 ms

@@ -4,6 +4,7 @@ bf16, ...). Each probe measures on the user's own blocks what the cost model wou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -160,7 +161,7 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
     def _one_mode(mode: str) -> WhatIf:
         args, kwargs = half if mode == "half" else full
         fwd, ctx, off = runner(mode)
-        times_f, times_b = [], []
+        times_f, times_b, host_f, host_b = [], [], [], []
         w = WhatIf()
         for rep in range(reps + 1):  # the first run warms up (kernels, pinned buffers)
             cuda.synchronize(device)
@@ -170,8 +171,10 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
             moved0 = off.bytes_offloaded if off is not None else 0
             with torch.enable_grad(), amp:
                 e[0].record()
+                h0 = time.perf_counter()
                 with ctx():
                     y = fwd(*args, **kwargs)
+                h1 = time.perf_counter()
                 e[1].record()
             cuda.synchronize(device)
             a1, p1 = cuda.memory_allocated(device), cuda.max_memory_allocated(device)
@@ -184,13 +187,17 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
             a2 = cuda.memory_allocated(device)
             cuda.reset_peak_memory_stats(device)
             e[2].record()
+            h2 = time.perf_counter()
             torch.autograd.backward(t, gy)
+            h3 = time.perf_counter()
             e[3].record()
             cuda.synchronize(device)
             p2 = cuda.max_memory_allocated(device)
             if rep:
                 times_f.append(e[0].elapsed_time(e[1]) / 1e3)
                 times_b.append(e[2].elapsed_time(e[3]) / 1e3)
+                host_f.append(h1 - h0)
+                host_b.append(h3 - h2)
                 w = WhatIf(kept_bytes=max(0, a1 - a0 - out_bytes), fwd_peak_bytes=max(0, p1 - a0),
                            bwd_peak_bytes=max(0, p2 - a2 - grad_bytes),
                            moved_bytes=(off.bytes_offloaded - moved0) if off is not None else 0)
@@ -200,6 +207,7 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
             for x in mem.iter_tensors((args, kwargs)):
                 x.grad = None
         w.fwd_s, w.bwd_s = statistics.median(times_f), statistics.median(times_b)
+        w.fwd_host_s, w.bwd_host_s = statistics.median(host_f), statistics.median(host_b)
         return w
 
 

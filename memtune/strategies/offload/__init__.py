@@ -229,6 +229,7 @@ class Offload(Strategy):
         if config.activations:
             names = set(profile.resolve_blocks(config.activations, "offload.activations"))
             measured, formula = [], []
+            host_s = 0.0  # host seconds the hooks of offloaded blocks add per micro-batch (measured ones)
             prev_moved = 0.0  # what the repeated block that ran just before sent down (0: not offloaded)
             for b in sim.blocks:
                 if b.name not in names:
@@ -248,6 +249,7 @@ class Offload(Strategy):
                     # move more than it saved (torchvision Bottleneck 1.31x, ViT block 1.05x, H200 zoo); codes
                     # of a compressed block are their own tensors.
                     measured.append(b.name)
+                    host_s += m.extra_host_s() or 0.0
                     kept = b.kept * m.kept_share()
                     moved *= m.moved_share(cap=b.mode == "compress")
                 else:
@@ -261,6 +263,17 @@ class Offload(Strategy):
                 b.bwd_extra_bytes = max(b.bwd_extra_bytes, moved + prev_moved)
                 prev_moved = moved
             note_sources(sim, "offload (activations)", measured, formula, "formula: every saved byte moves, no overhead")
+            if host_s > 0:
+                # pack and unpack run on the host, ~0.2 ms per tensor moved (H200 host, torch 2.11: T5 and MoE
+                # spent 63 and 80 ms per step in them, benchmarks/transport_costs.py 0.23 ms a tensor). The step
+                # pays what the host's lead over the GPU cannot absorb: all of it in a host-bound script (the
+                # zoo's T5 and MoE led by 0.5 and 1.7 ms: -26% step errors without this)
+                lead = float(profile.extra.get("backward_lag_s") or 0.0)
+                shown = max(0.0, host_s * sim.micro_batches - lead)
+                sim.extra_s += shown
+                sim.source("offload (host time)", f"measured: the hooks add {host_s * 1e3:.1f} ms of host time per "
+                                                  f"forward and backward; {shown * 1e3:.1f} ms beyond the host's "
+                                                  f"{lead * 1e3:.1f} ms lead over the GPU")
         if config.optimizer_state and config.new_path:
             _costs.host_update(profile, config, sim)
         elif config.optimizer_state:
