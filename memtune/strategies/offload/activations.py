@@ -47,7 +47,7 @@ class _Group:
     def __init__(self, block: str, seq: int):
         self.block, self.seq = block, seq
         self.recs: list[weakref.ref] = []
-        self.seen: dict[tuple, tuple] = {}  # (id, version) of a saved tensor -> (weakref to it, its record)
+        self.seen: dict[tuple, tuple] = {}  # (id, version) of a saved tensor -> (weakrefs to it and its record)
         self.started = False
         self.fetched = False
 
@@ -137,9 +137,9 @@ class ActivationOffloader:
         if t is not None:
             key = (id(t), t._version)
             hit = group.seen.get(key)
-            if hit is not None and hit[0]() is t:
-                hit[1].uses += 1
-                return hit[1]
+            if hit is not None and hit[0]() is t and (prev := hit[1]()) is not None:
+                prev.uses += 1
+                return prev
         out = []
         for x in leaves:
             if self._offloadable(x):
@@ -156,7 +156,9 @@ class ActivationOffloader:
         rec = _Rec(group, out, spec)
         group.recs.append(weakref.ref(rec))
         if key is not None:
-            group.seen[key] = (weakref.ref(t), rec)
+            # weak both ways: a record points at its group, so a strong one here would be a cycle that keeps
+            # the group's pinned buffers until the GC runs (a caller that never calls `end`: the profiler's probe)
+            group.seen[key] = (weakref.ref(t), weakref.ref(rec))
         return rec
 
     # backward --------------------------------------------------------------------------------------
