@@ -300,12 +300,12 @@ def test_a_group_without_end_is_freed_with_its_graph():
     x = torch.randn(64, 64, requires_grad=True)
     gc.disable()
     try:
-        g = off.begin("probe")
-        alive = weakref.ref(g)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: off.pack(g, t, t), off.unpack):
+        box = [off.begin("probe")]
+        alive = weakref.ref(box[0])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: off.pack(box[0], t, t), off.unpack):
             y = (x * x).sum()  # x saved twice by one op: deduped through the group's table
-        assert len(g.seen) == 1
-        del g
+        assert len(box[0].seen) == 1
+        box.clear()
         y.backward()
         del y
         assert alive() is None

@@ -168,3 +168,41 @@ def test_frozen_weights_get_no_master_copies():
     p.trainable_param_bytes = p.param_bytes // 10
     sim = estimate(p, {"precision": {"params": "bf16"}})
     assert sim.breakdown["master weights"] == pytest.approx(p.trainable_param_bytes)
+
+
+class _RNNLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.rnn = torch.nn.LSTM(16, 16, 2)
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.emb(x))[0])
+
+
+def test_cpu_autocast_of_an_rnn_is_refused_in_one_line():
+    # torch's CPU autocast leaves an LSTM's hidden state fp32 and oneDNN refuses the mix: the plan says so
+    # instead of the script's forward failing inside torch
+    model = _RNNLM()
+    with pytest.raises(PlanError, match="cannot run this model's LSTM"):
+        memtune.apply_plan(model, None, {"precision": {"autocast": "bf16"}})
+    assert model(torch.randint(50, (5, 2))).dtype == torch.float32  # nothing left applied
+
+
+def test_tune_does_not_propose_cpu_autocast_for_an_rnn():
+    import optuna
+
+    from memtune.strategies.context import SearchOptions
+    from memtune.strategies.precision import Precision
+
+    class _P:
+        autocast = None
+        blocks = [type("B", (), {"cls": "LSTM"})()]
+
+    seen = set()
+    for i in range(20):
+        trial = optuna.trial.FixedTrial({"precision.autocast": "bf16", "precision.params": ["fp32", "bf16"][i % 2]})
+        got = Precision().space(trial, _P(), None, SearchOptions(device="cpu"))
+        seen.add(None if got is None else got["autocast"])
+    assert "bf16" not in seen

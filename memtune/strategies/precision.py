@@ -89,6 +89,8 @@ class MasterWeights:
         return loss
 
 
+RNN_CLASSES = ("LSTM", "GRU", "RNN")  # torch.nn.RNNBase subclasses, as block classes in a profile
+
 @dataclass(frozen=True)
 class PrecisionConfig(SectionConfig):
     autocast: str = "none"
@@ -176,7 +178,10 @@ class Precision(Strategy):
             return {"params": "bf16", "cast": "autocast", "master_weights": True}  # lossless under bf16 autocast
         if opts.lossless_only:
             return None
-        autocast = "none" if profile.autocast else trial.suggest_categorical("precision.autocast", ["none", "bf16"])
+        # torch's CPU autocast cannot run an LSTM/GRU/RNN (the hidden state stays fp32: oneDNN refuses the mix)
+        rnn_on_cpu = opts.device != "cuda" and any(b.cls in RNN_CLASSES for b in profile.blocks)
+        autocast = "none" if profile.autocast or rnn_on_cpu else \
+            trial.suggest_categorical("precision.autocast", ["none", "bf16"])
         params = trial.suggest_categorical("precision.params", list(PARAMS))
         if autocast == "none" and params == "fp32":
             return None
@@ -263,6 +268,13 @@ class Precision(Strategy):
 
     def _autocast(self, ctx: ApplyContext, name: str, models: list[Any] | None = None) -> Undo:
         dtype, dev = _DT[name], ctx.device.type
+        if dev == "cpu":
+            rnn = next((type(m).__name__ for mod in (models if models is not None else ctx.all_models)
+                        for m in mod.modules() if isinstance(m, torch.nn.RNNBase)), None)
+            if rnn is not None:
+                raise PlanError(f"precision.autocast: {name} on a CPU cannot run this model's {rnn} (torch's CPU "
+                                "autocast leaves its hidden state fp32, which oneDNN refuses): set autocast: none, "
+                                "or run on a GPU")
 
         def make(forward):
             @functools.wraps(forward)
