@@ -299,3 +299,16 @@ def test_gpu_a_model_without_repeated_blocks_has_its_large_blocks_probed():
     assert not p.repeated_blocks
     assert {"keep", "recompute", "offload"} <= set(p.block("rnn").what_ifs)
     assert not p.block("encoder").what_ifs
+
+
+@pytest.mark.gpu
+def test_gpu_mode_probes_time_the_host_and_offload_costs_it_more():
+    # the probe times the host issuing each mode; offload's pack and unpack hooks add host time per saved
+    # tensor (the cost model charges it to host-bound scripts), and its pinned buffers come from the cache
+    # after the first rep (a group kept alive by a cycle made each rep allocate anew: ~20x keep's forward)
+    p = prof(GPT, ["--steps", "10", "--device", "cuda"], steps=2, warmup=1)
+    w = p.repeated_blocks[0].what_ifs
+    keep, off = w["keep"], w["offload"]
+    assert keep.fwd_host_s > 0 and keep.bwd_host_s > 0
+    assert off.fwd_host_s + off.bwd_host_s > keep.fwd_host_s + keep.bwd_host_s
+    assert off.fwd_host_s < 10 * keep.fwd_host_s + 0.005
