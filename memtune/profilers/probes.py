@@ -151,17 +151,9 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
         if mode == "offload":
             off = ActivationOffloader(make_transport(device), device, storages)
 
-            @contextlib.contextmanager
             def hooks():
                 g = off.begin("probe")
-                try:
-                    with torch.autograd.graph.saved_tensors_hooks(lambda t: off.pack(g, t, t), off.unpack):
-                        yield
-                finally:
-                    # as `end` does in the run: a group's records point back at it, so its dedupe table would
-                    # make a cycle that keeps every rep's pinned buffers until the GC runs, and each rep then
-                    # allocated new ones (H200 call 33: 97 ms of host time per T5 block's forward, 5 in the run)
-                    g.seen = {}
+                return torch.autograd.graph.saved_tensors_hooks(lambda t: off.pack(g, t, t), off.unpack)
 
             return forward, hooks, off
         return forward, contextlib.nullcontext, None

@@ -216,15 +216,8 @@ class OptimizerOffload:
                     st[k] = h
 
     def _grad_ready(self, p: torch.Tensor) -> None:
-        g = p.grad
-        if g is None:
-            return
-        st = self.ps[id(p)]
-        if st.grad_buf is None or st.grad_buf.shape != g.shape or st.grad_buf.dtype != g.dtype:
-            st.grad_buf = self.t.host_like(g)
-        st.grad_ev = self.t.d2h(st.grad_buf, g)
-        st.grad_ptr, st.grad_ver = g.data_ptr(), g._version
-        st.scales = []
+        if p.grad is not None:
+            self._grads_ready([p])
 
     def mark_stale(self) -> None:
         """Every host gradient copy is out of date (changed in place without a version bump)."""
@@ -346,9 +339,9 @@ class OptimizerOffload:
         return todo
 
     def _grads_ready(self, ps: list[torch.Tensor]) -> None:
-        """`_grad_ready` for several gradients at once: one batch of copies, one event (a clipping script
-        copies every gradient down again at step time; one by one, the H200 host spent ~0.1 ms issuing each,
-        lightning zoo, call 31)."""
+        """Copy these parameters' gradients to their host buffers in one batch, with one event (a clipping
+        script copies every gradient down again at step time; one by one, the H200 host spent ~0.1 ms issuing
+        each, lightning zoo, call 31)."""
         pairs, sts = [], []
         for p in ps:
             g = p.grad
