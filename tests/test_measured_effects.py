@@ -4,6 +4,7 @@ import pytest
 from test_costmodel import MB, make_profile
 
 from memtune.costmodel import build_sim
+from memtune.costmodel.timeline import _step_time as simulate_time
 from memtune.estimate import apply_plan_effects, estimate
 from memtune.profile import WhatIf
 from memtune.strategies import plan_from_dict
@@ -90,10 +91,11 @@ def test_offload_moves_what_the_transport_measured():
     assert b.extra_fwd_s == 0 and b.extra_bwd_s == 0
 
 
-def test_offload_host_time_shows_beyond_the_hosts_lead():
+def test_offload_host_time_shows_beyond_the_hosts_lead_and_the_copies():
     """The probe timed the host issuing each mode: offload's pack and unpack hooks cost 3 ms more per block
-    than keep mode. A host-bound script (no lead) pays all of it in its step; a host 4 ms ahead of the GPU hides
-    that much of it; a profile without host times adds nothing."""
+    than keep mode. A host-bound script (no lead) pays all of it beyond the copies' exposed time (the host runs
+    the hooks while the GPU waits on the copies); a host 4 ms ahead of the GPU hides that much of it; a profile
+    without host times adds nothing."""
     keep = WhatIf(kept_bytes=90 * MB, fwd_peak_bytes=150 * MB, bwd_peak_bytes=30 * MB, fwd_s=0.008, bwd_s=0.016,
                   fwd_host_s=0.001, bwd_host_s=0.002)
     off = WhatIf(kept_bytes=5 * MB, moved_bytes=80 * MB, fwd_s=0.009, bwd_s=0.02, fwd_host_s=0.0025,
@@ -104,16 +106,26 @@ def test_offload_host_time_shows_beyond_the_hosts_lead():
     plan = {"offload": {"activations": [0, 1]}}
     p.extra["backward_lag_s"] = 0.0
     sim = sim_of(p, plan)
-    assert sim.extra_s == pytest.approx(0.006)
+    assert sim.host_hooks_s == pytest.approx(0.006)
     assert "6.0 ms of host time" in sim.sources["offload (host time)"]
+    times = simulate_time(sim)
+    assert times["strategy extra"] == pytest.approx(max(0.0, 0.006 - times["exposed transfer"]))
     p.extra["backward_lag_s"] = 0.004
-    assert sim_of(p, plan).extra_s == pytest.approx(0.002)
+    assert sim_of(p, plan).host_hooks_s == pytest.approx(0.002)
+    # copies that hide nothing: the hooks show in full; copies exposed longer than the hooks: nothing more
     p.extra["backward_lag_s"] = 0.0
+    fast = sim_of(p, plan)
+    fast.d2h_gbps = fast.h2d_gbps = 1e6
+    assert simulate_time(fast)["strategy extra"] == pytest.approx(0.006, rel=1e-3)
+    slow = sim_of(p, plan)
+    slow.d2h_gbps = slow.h2d_gbps = 1.0
+    t = simulate_time(slow)
+    assert t["exposed transfer"] > 0.006 and t["strategy extra"] == 0
     for b in p.repeated_blocks:
         b.what_ifs = {"keep": WhatIf(kept_bytes=90 * MB, fwd_s=0.008, bwd_s=0.016),
                       "offload": WhatIf(kept_bytes=5 * MB, moved_bytes=80 * MB, fwd_s=0.009, bwd_s=0.02)}
     sim = sim_of(p, plan)
-    assert sim.extra_s == 0 and "offload (host time)" not in sim.sources
+    assert sim.host_hooks_s == 0 and "offload (host time)" not in sim.sources
 
 
 def test_offload_moves_shared_storages_once_each():

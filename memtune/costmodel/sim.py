@@ -99,6 +99,9 @@ class SimStep:
     loss_fwd_gap_bytes: float | None = None
     other_s: float = 0.0  # step time outside blocks and optimizer (data loading, loss, glue)
     extra_s: float = 0.0  # time added by strategies outside any block
+    # host seconds offload's pack/unpack hooks add beyond the host's lead over the GPU: the host runs them while
+    # the GPU waits on the copies, so the step pays only what the copies' exposed time does not cover
+    host_hooks_s: float = 0.0
     comm_s: float = 0.0  # communication not hidden (sharding)
     h2d_gbps: float = 0.0
     d2h_gbps: float = 0.0

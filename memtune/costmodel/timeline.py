@@ -159,7 +159,7 @@ def _step_time(sim: SimStep) -> dict[str, float]:
         "optimizer": opt,
         "communication": sim.comm_s,
         "other": sim.other_s,
-        "strategy extra": sim.extra_s,
+        "strategy extra": sim.extra_s + max(0.0, sim.host_hooks_s - exposed),
     }
 
 

@@ -52,6 +52,19 @@ AUTOCAST_BYTES = 0.5
 AUTOCAST_TIME = 0.5
 
 
+# A 16-bit matmul measured slower than fp32 is charged as measured, up to this factor (a 2-core CPU without
+# bf16 units, torch 2.13: 25x slower matmuls, the README's GPT 16x slower per step under bf16 autocast).
+MAX_SLOWDOWN = 50.0
+
+
+def _measured_rate_ratio(profile: Any, dtype: str) -> float | None:
+    """fp32 over 16-bit matmul time on this device, from the profile's measured rates; None when not measured."""
+    rates = profile.hardware.matmul_tflops or {}
+    if rates.get("fp32") and rates.get(dtype):
+        return min(MAX_SLOWDOWN, max(0.1, rates["fp32"] / rates[dtype]))
+    return None
+
+
 class MasterWeights:
     """fp32 masters for one optimizer's low-precision parameters; the update runs on them."""
 
@@ -217,18 +230,24 @@ class Precision(Strategy):
             if profile.autocast:
                 # elsewhere: autocast no longer keeps 16-bit copies of weights that are 16-bit already
                 drop_autocast_copies(sim)
+        rate_ratio = _measured_rate_ratio(profile, config.autocast if config.autocast != "none" else "bf16")
         if config.autocast != "none" and not profile.autocast:
             # no measured rates: a GPU's tensor cores roughly halve the time; a CPU gains nothing to count on
-            ratio = AUTOCAST_TIME if profile.device == "cuda" else 1.0
-            rates = profile.hardware.matmul_tflops or {}
-            if rates.get("fp32") and rates.get(config.autocast):
-                ratio = min(1.0, max(0.1, rates["fp32"] / rates[config.autocast]))
+            ratio = rate_ratio or (AUTOCAST_TIME if profile.device == "cuda" else 1.0)
             for b in sim.blocks:
                 if b.name not in probed:  # a probed block's bytes were measured in bf16 already
                     b.act_bytes *= AUTOCAST_BYTES
                 b.fwd_s *= ratio
                 b.bwd_s *= ratio
             sim.notes.append(f"autocast: activations assumed x{AUTOCAST_BYTES}, block time x{ratio:.2f}")
+        elif config.params == "bf16" and not profile.autocast and rate_ratio and rate_ratio > 1.0:
+            # bf16 weights make the script's matmuls bf16; where this device runs those slower (a CPU without
+            # bf16 units), that is measured and must not be left out. A speed-up is not counted: the script's
+            # own casts decide which of its ops follow the weights
+            for b in sim.blocks:
+                b.fwd_s *= rate_ratio
+                b.bwd_s *= rate_ratio
+            sim.notes.append(f"bf16 weights: block time x{rate_ratio:.2f} (this device's measured matmul rates)")
 
     def _matmul_effect(self, profile: Any, config: PrecisionConfig, sim: Any) -> None:
         """cast: autocast: matmul weights in 16 bits on the device, fp32 masters, the script's fp32 gradients

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Device call 37 (2026-12-03, one H200): HF Trainer profiled again and all its rows measured in the same call
+# (its optimizer-state rows measured 222 and 266 ms in two calls).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+L=$OUT/log.txt
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> $L
+timeout 420 python3 benchmarks/accuracy.py --resume benchmarks/results/zoo_final.json --out $OUT/a --work /tmp/accw \
+  --jobs 1 --model-jobs 1 --steps 6 --profile-steps 5 --profile-warmup 1 --timeout 90 --deadline 380 \
+  --models hf_trainer --reprofile hf_trainer \
+  --only baseline 'checkpoint all' 'checkpoint half' 'offload act. half' 'offload opt. state' 'bf16 params' 'batch 16' 'ckpt all + offload opt. state' > $OUT/a.log 2>&1
+echo "acc rc=$? at ${SECONDS}s" >> $L
+python3 -c "
+import json; z=json.load(open('$OUT/a/results.json'))
+json.dump({'models': [m for m in z['models'] if m['model']=='hf_trainer']}, open('$OUT/models37.json','w'))" >> $L 2>&1
+grep -h "rc=" $OUT/a.log >> $L
+rm -rf $OUT/a
