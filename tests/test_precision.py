@@ -206,3 +206,48 @@ def test_tune_does_not_propose_cpu_autocast_for_an_rnn():
         got = Precision().space(trial, _P(), None, SearchOptions(device="cpu"))
         seen.add(None if got is None else got["autocast"])
     assert "bf16" not in seen
+
+
+def test_measured_slow_16bit_matmuls_are_charged_and_fast_ones_under_autocast_only():
+    """A CPU without bf16 units measured 16-bit matmuls 25x slower than fp32 (the CI host): bf16 autocast and
+    bf16 weights are charged that; a GPU's faster bf16 speeds up autocast and leaves bf16 weights alone."""
+    from test_costmodel import make_profile
+
+    from memtune.estimate import estimate
+    from memtune.strategies import plan_from_dict
+
+    def step(p, plan):
+        return estimate(p, plan_from_dict(plan)).step_s
+
+    cpu = make_profile(device="cpu")
+    cpu.hardware.matmul_tflops = {"fp32": 0.033, "bf16": 0.0013}
+    base = step(cpu, {})
+    assert step(cpu, {"precision": {"autocast": "bf16"}}) > 10 * base
+    assert step(cpu, {"precision": {"params": "bf16"}}) > 10 * base
+    gpu = make_profile()
+    gpu.hardware.matmul_tflops = {"fp32": 50.0, "bf16": 700.0}
+    base = step(gpu, {})
+    assert step(gpu, {"precision": {"autocast": "bf16"}}) < 0.5 * base
+    assert step(gpu, {"precision": {"params": "bf16"}}) == pytest.approx(base, rel=0.05)
+
+
+def test_bf16_params_leave_batch_norms_fp32_so_a_cpu_convnet_trains_under_autocast():
+    """bf16 weights beside fp32 running statistics: torch's CPU batch_norm refuses the mix (the zoo's GAN,
+    tuned with bf16 weights + autocast, crashed in apply). The norms keep fp32 weights; the convs go bf16."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.LeakyReLU(0.2),
+                            torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 1))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    undo = memtune.apply_plan(m, opt, {"precision": {"autocast": "bf16", "params": "bf16"}})
+    try:
+        assert m[0].weight.dtype == torch.bfloat16 and m[1].weight.dtype == torch.float32
+        x = torch.randn(4, 3, 8, 8)
+        for _ in range(2):
+            loss = m(x).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert torch.isfinite(loss)
+    finally:
+        undo()
+    assert m[0].weight.dtype == torch.float32

@@ -9,6 +9,7 @@ tests/test_distributed_cli.py runs it on two ranks.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+LOSS = re.compile(r"loss[^0-9\-]{0,12}-?\d+\.\d+", re.IGNORECASE)  # a loss the script printed
 
 ZOO = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 # script -> its own arguments (enough steps for the profile's warm-up and measured steps; it is stopped after)
@@ -79,6 +82,7 @@ def _pipeline(name: str, work: Path) -> dict:
     rc, text, s = _memtune(["profile", str(ZOO / name), "-o", str(prof), "--steps", "3", "--warmup", "1", "--",
                             *script_args], work)
     out["secs"]["profile"] = s
+    out["output"] = text
     if rc != 0 or not prof.is_file():
         return out | {"failed": f"profile: exit {rc}\n{text[-3000:]}"}
     peak = json.loads(prof.read_text())["peak"]["allocated_bytes"]
@@ -93,6 +97,7 @@ def _pipeline(name: str, work: Path) -> dict:
     out["plan"] = yaml.safe_load(plan.read_text())
     rc, text, s = _memtune(["apply", str(plan), "--steps", "2", "--report", str(rep)], work)
     out["secs"]["apply"] = s
+    out["output"] += text
     if rc != 0 or not rep.is_file():
         return out | {"failed": f"apply: exit {rc}\n{text[-3000:]}"}
     out["report"] = json.loads(rep.read_text())
@@ -126,3 +131,5 @@ def test_zoo_scripts_profile_tune_and_apply(pipelines):
         assert changes, f"{name}: a plan under the profiled peak that changes nothing"
         assert rep["steps"] == 2 and rep["step_times"], f"{name}: apply ran {rep.get('steps')} steps"
         assert rep.get("notes"), f"{name}: apply said nothing of what it patched ({sorted(changes)})"
+        # the script itself ran and trained under memtune (tests/test_zoo_scripts.py runs it without)
+        assert LOSS.search(r["output"]), f"{name}: no loss printed under profile or apply\n{r['output'][-2000:]}"

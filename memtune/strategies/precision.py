@@ -317,7 +317,12 @@ class Precision(Strategy):
         if config.matmul_only:
             params = [p for m in ctx.all_models for p in matmul_weights(m) if p.dtype == torch.float32]
         else:
-            params = [p for m in ctx.all_models for p in m.parameters() if p.dtype == torch.float32]
+            # batch norms keep fp32 weights beside their fp32 running statistics (a CPU batch_norm refuses the
+            # mix: the zoo's GAN under bf16 weights + autocast); their few bytes stay uncounted by the cost model
+            norms = {id(p) for m in ctx.all_models for mod in m.modules()
+                     if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for p in mod.parameters(recurse=False)}
+            params = [p for m in ctx.all_models for p in m.parameters()
+                      if p.dtype == torch.float32 and id(p) not in norms]
         params = list({id(p): p for p in params}.values())
         offload = ctx.facts.update_on_host  # then the masters live on the host and offload does the update
         if config.master_weights and not offload:
