@@ -131,5 +131,5 @@ def test_zoo_scripts_profile_tune_and_apply(pipelines):
         assert changes, f"{name}: a plan under the profiled peak that changes nothing"
         assert rep["steps"] == 2 and rep["step_times"], f"{name}: apply ran {rep.get('steps')} steps"
         assert rep.get("notes"), f"{name}: apply said nothing of what it patched ({sorted(changes)})"
-        # the script itself ran and trained under memtune (tests/test_zoo_scripts.py runs it without)
+        # the script itself ran and trained (its profile runs it unpatched)
         assert LOSS.search(r["output"]), f"{name}: no loss printed under profile or apply\n{r['output'][-2000:]}"
