@@ -19,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-# The longest tests (minutes of subprocesses) start first: under `pytest -n 2` the other worker runs the rest
-# beside them instead of both waiting on them at the end (2-core CI: 691 s with them last).
-FIRST = ("test_zoo_pipeline.py", "test_zoo_scripts.py", "test_distributed_cli.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda it: rank.get(it.path.name, len(FIRST)))  # stable: the rest keep their order
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the device)")

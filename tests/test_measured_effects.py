@@ -3,8 +3,7 @@
 import pytest
 from test_costmodel import MB, make_profile
 
-from memtune.costmodel import build_sim
-from memtune.costmodel.timeline import _step_time as simulate_time
+from memtune.costmodel import build_sim, simulate
 from memtune.estimate import apply_plan_effects, estimate
 from memtune.profile import WhatIf
 from memtune.strategies import plan_from_dict
@@ -108,7 +107,7 @@ def test_offload_host_time_shows_beyond_the_hosts_lead_and_the_copies():
     sim = sim_of(p, plan)
     assert sim.host_hooks_s == pytest.approx(0.006)
     assert "6.0 ms of host time" in sim.sources["offload (host time)"]
-    times = simulate_time(sim)
+    times = simulate(sim).time_breakdown
     assert times["strategy extra"] == pytest.approx(max(0.0, 0.006 - times["exposed transfer"]))
     p.extra["backward_lag_s"] = 0.004
     assert sim_of(p, plan).host_hooks_s == pytest.approx(0.002)
@@ -116,10 +115,10 @@ def test_offload_host_time_shows_beyond_the_hosts_lead_and_the_copies():
     p.extra["backward_lag_s"] = 0.0
     fast = sim_of(p, plan)
     fast.d2h_gbps = fast.h2d_gbps = 1e6
-    assert simulate_time(fast)["strategy extra"] == pytest.approx(0.006, rel=1e-3)
+    assert simulate(fast).time_breakdown["strategy extra"] == pytest.approx(0.006, rel=1e-3)
     slow = sim_of(p, plan)
     slow.d2h_gbps = slow.h2d_gbps = 1.0
-    t = simulate_time(slow)
+    t = simulate(slow).time_breakdown
     assert t["exposed transfer"] > 0.006 and t["strategy extra"] == 0
     for b in p.repeated_blocks:
         b.what_ifs = {"keep": WhatIf(kept_bytes=90 * MB, fwd_s=0.008, bwd_s=0.016),
