@@ -44,6 +44,9 @@ class Hardware:
     # optimizer-state offload's host update: parameters per second with the script's optimizer (measured on
     # GPU profiles by profilers/probes.py `host_update_rate`; None: not measured)
     host_update_params_per_s: float | None = field(default=None, metadata=OPTIONAL)
+    # ... and the one-pass AdamW (kernels/host_adamw.py) for 16-bit weights with fp32 masters, where this host
+    # builds it (None: not measured, or no compiler)
+    host_one_pass_params_per_s: float | None = field(default=None, metadata=OPTIONAL)
     world_size: int = 1
     allgather_gbps: float | None = None  # measured when distributed (bus bandwidth)
     reduce_scatter_gbps: float | None = None

@@ -285,3 +285,38 @@ def host_update_rate(opt: torch.optim.Optimizer, max_elements: int = 32 * 2**20,
     else:
         run()
     return n / min(times) if times and min(times) > 0 else None
+
+
+def host_one_pass_rate(opt: torch.optim.Optimizer, elements: int = 16 * 2**20, reps: int = 2) -> float | None:
+    """Parameters per second of the one-pass host AdamW (kernels/host_adamw.py) that optimizer-state offload
+    runs for 16-bit weights with fp32 masters and streamed gradients, measured here as it runs there: pinned
+    memory, a worker thread, bf16 gradients. None unless the optimizer is torch's AdamW and this host builds
+    the kernel (the cost model then charges the three-pass update's extra traffic)."""
+    import threading
+
+    from memtune.kernels import host_adamw
+
+    if type(opt) is not torch.optim.AdamW:
+        return None
+    fn = host_adamw.kernel()
+    if fn is None:
+        return None
+    pin = torch.cuda.is_available()
+    gen = torch.Generator().manual_seed(0)
+    p, m, v = (torch.empty(elements, pin_memory=pin).normal_(generator=gen) for _ in range(3))
+    v.abs_()
+    g = torch.empty(elements, dtype=torch.bfloat16, pin_memory=pin).normal_(generator=gen)
+    out = torch.empty(elements, dtype=torch.bfloat16, pin_memory=pin)
+    times: list[float] = []
+
+    def run() -> None:
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            fn(p, g, m, v, out, 1e-4, 0.9, 0.999, 0.01, 1e-8, 2.0 + i)
+            if i:
+                times.append(time.perf_counter() - t0)
+
+    th = threading.Thread(target=run, name="memtune-host-update-probe")
+    th.start()
+    th.join()
+    return elements / min(times) if times and min(times) > 0 else None

@@ -18,7 +18,7 @@ from memtune.capture import ScriptFailure, Session
 from memtune.errors import ScriptError
 from memtune.profile import Profile
 from memtune.profilers.assemble import _hardware, assemble
-from memtune.profilers.probes import host_update_rate
+from memtune.profilers.probes import host_one_pass_rate, host_update_rate
 from memtune.profilers.recorder import Profiler
 
 
@@ -82,6 +82,7 @@ def profile_script(script: str | None = None, *, module: str | None = None, argv
         if measure_hardware and prof.device == "cuda" and session.optimizers:
             try:  # optimizer-state offload would run this update on the host: how fast is it here?
                 prof.hardware.host_update_params_per_s = host_update_rate(session.optimizers[0])
+                prof.hardware.host_one_pass_params_per_s = host_one_pass_rate(session.optimizers[0])
             except Exception as e:  # an extra: its failure costs the number, not the profile
                 prof.notes.append(f"host update rate not measured ({type(e).__name__}: {str(e)[:120]})")
     prof.steps = max(0, session.steps_done - warmup - len(prof_state.compiled_done))

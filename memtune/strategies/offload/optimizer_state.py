@@ -163,7 +163,7 @@ class OptimizerOffload:
         self._group_ev: list[Any] = []
         self.undo_step = wrap_step(opt, self._step)
         if self.hg is not None and self.overrides.get("fused") and SLICE_ELEMENTS:
-            host_adamw.kernel()  # (when turned on) built here, on the training thread, not in the first update
+            host_adamw.kernel()  # built here, on the training thread (its thread count), not in the first update
         _LIVE.add(self)
 
     def _wrap_zero_grad(self) -> Undo:
@@ -191,8 +191,8 @@ class OptimizerOffload:
                     f"{h['norm_s'] / n * 1e3:.0f} ms, unscale {h['unscale_s'] / n * 1e3:.0f} ms per step")
         if self.stats.get("sliced"):
             out += f"; {self.stats['sliced']} sliced fused updates"
-            if self.stats.get("compiled"):
-                out += f" ({self.stats['compiled']} in one compiled pass)"
+            if self.stats.get("one_pass"):
+                out += f" ({self.stats['one_pass']} in one pass)"
             elif host_adamw.unavailable():
                 out += f" (three passes: the one-pass kernel is unavailable, {host_adamw.unavailable()})"
         return out
@@ -481,24 +481,20 @@ class OptimizerOffload:
         n = sub.numel()
         k = min(n, SLICE_ELEMENTS)
         b1, b2 = g["betas"]
+        factors = self.hg.factors(p)
+        fn = host_adamw.kernel() if factors is not None else None
+        if fn is not None and fn.supports(sub, src, out16) and src.is_contiguous():  # one pass
+            scale = 1.0
+            for f in factors:
+                scale *= float(f)
+            fn(sub, src, m, v, out16, float(g["lr"]), float(b1), float(b2), float(g["weight_decay"]),
+               float(g["eps"]), float(state["step"]), scale)
+            self.stats["sliced"] = self.stats.get("sliced", 0) + 1
+            self.stats["one_pass"] = self.stats.get("one_pass", 0) + 1
+            return
         if torch.float32 not in self._scratch or self._scratch[torch.float32].numel() < k:
             self._scratch[torch.float32] = torch.empty(k, dtype=torch.float32)
         scratch = self._scratch[torch.float32]
-        factors = self.hg.factors(p)
-        fn = host_adamw.kernel() if factors is not None and len(factors) <= 2 else None
-        if fn is not None:  # one pass: upcast, update, rounding
-            hp = (float(g["lr"]), float(b1), float(b2), float(g["weight_decay"]), float(g["eps"]))
-            for a in range(0, n, k):
-                b = min(n, a + k)
-                args = (sub[a:b], src[a:b], m[a:b], v[a:b], out16[a:b], *hp, state["step"], scratch, factors)
-                fn = host_adamw.kernel()  # (None once a failure turned it off: the reference from there on)
-                if fn is not None:
-                    host_adamw.safe_call(fn, *args)
-                else:
-                    host_adamw.reference(*args)
-            self.stats["sliced"] = self.stats.get("sliced", 0) + 1
-            self.stats["compiled"] = self.stats.get("compiled", 0) + (host_adamw.kernel() is not None)
-            return
         for a in range(0, n, k):
             b = min(n, a + k)
             grad = self.hg.update_grad(p, scratch[:b - a], src[a:b])
