@@ -69,9 +69,8 @@ class HostWorker:
         return done
 
     def _run(self) -> None:
-        # this thread's own OpenMP team size, as the training thread's: torch's ops set it lazily, but a
-        # kernel compiled by torch.compile (kernels/host_adamw.py) runs `omp parallel` with whatever the
-        # thread has (suspected in the one-pass kernel's single-thread rate on the H200 host, call 15)
+        # this thread's own OpenMP team size, as the training thread's: torch's ops set it lazily (the
+        # one-pass kernel, kernels/host_adamw.py, takes its count as an argument)
         torch.set_num_threads(torch.get_num_threads())
         while True:
             item = self._q.get()
