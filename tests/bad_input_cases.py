@@ -67,7 +67,8 @@ class Outcome:
         msg = lines[-1] if lines else ""
         for d in {str(workdir.resolve()), str(workdir)}:
             msg = msg.replace(d, "<dir>")
-        return re.sub(r"\b\d+ trials kept", "N trials kept", msg)  # how many the search got to before Ctrl-C
+        msg = re.sub(r"\b\d+ trials kept", "N trials kept", msg)  # how many the search got to before Ctrl-C
+        return re.sub(r"memtune-[0-9a-f]{16}-", "memtune-<digest>-", msg)  # changes with any new profile field
 
 
 # --- the folder each case runs in --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ what the case sets up (a symlink, a named pipe, an edited copy of the profile...
 stderr and exits 1 (130 on Ctrl-C), without a traceback unless the user's own script raised, and no file in
 the folder changes, `--force` or not: outputs are checked before anything runs, and memtune replaces only
 regular files (never a symlink, a device or a folder). `<dir>` is the folder, `N` a count that depends on
-the machine's speed.
+the machine's speed, `<digest>` the profile's hash.
 
 The table is generated: `python tests/scripts/bad_input_doc.py` runs every case of
 `tests/bad_input_cases.py` and writes this file; `tests/test_bad_input.py` runs the same cases (checking the
