@@ -169,6 +169,32 @@ def test_closed_loop_corrects_a_systematic_under_prediction(monkeypatch, fake_st
     assert prov["predicted"]["peak_bytes"] == int(res.chosen.peak_bytes) > prov["model_predicted"]["peak_bytes"]
 
 
+def test_a_verified_over_prediction_opens_the_larger_batches(monkeypatch, fake_strategies):
+    """Every real run peaks at 60% of its prediction: once a plan is verified, the same plan at the knob's
+    other batch sizes is evaluated under the corrected model, and a larger batch the raw model said would not
+    fit is verified and chosen (the search alone never tried it in the 7B run that found this)."""
+    p = make_profile()
+    ran = []
+
+    def fake_run(cmd, **kw):
+        doc = yaml.safe_load(Path(cmd[cmd.index("apply") + 1]).read_text())
+        bs = int(doc["run"]["knobs"]["--batch-size"])
+        peak = estimate(p, plan_from_dict(doc), batch_size=bs).peak_bytes * 0.6
+        ran.append(bs)
+        Path(cmd[cmd.index("--report") + 1]).write_text(json.dumps({"step_s": 0.1 + 0.01 * bs, "peak_allocated_bytes": peak}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(verify.subprocess, "run", fake_run)
+    values = [2, 4, 8, 16, 32]
+    raw = {b: estimate(p, plan_from_dict({"checkpoint": {"blocks": "all"}}), batch_size=b).peak_bytes for b in values}
+    budget = int(raw[8] * 1.02)  # the raw model fits batch 8 at most; at 60% of it batch 16 fits too
+    assert raw[16] * 0.6 < budget * 0.97 < raw[16]
+    res = tuning.tune(p, opts(budget_bytes=budget, trials=10, verify=1, batch_flag="--batch-size",
+                              batch_values=values, lossless_only=True))
+    assert res.chosen.verified_ok and res.chosen.batch_size > max(b for b in values if raw[b] <= budget)
+    assert res.chosen.measured["peak_bytes"] <= budget and ran[0] <= 8
+
+
 def test_verify_avoids_a_section_every_crashed_plan_had(monkeypatch, fake_strategies):
     """The script cannot run 8-bit states (a crash, not an OOM): after k crashes, a plan without them wins."""
     p = make_profile()

@@ -21,6 +21,7 @@ def drop_autocast_copies(sim: SimStep, fraction: float = 1.0) -> None:
     for b in sim.blocks:
         gone = b.autocast_copy_bytes * fraction
         b.act_bytes = max(0.0, b.act_bytes - gone)
+        b.fwd_transient = max(0.0, b.fwd_transient - gone)  # the forward's peak held them too
         if b.kept_bytes is not None:
             b.kept_bytes = max(0.0, b.kept_bytes - gone)
         b.autocast_copy_bytes -= gone
@@ -59,6 +60,7 @@ def use_bf16_params_probe(profile: Profile, sim: SimStep) -> set[str]:
         new = at_profile * (now / base) if base > 0 else at_profile
         if b.kept_bytes is not None:
             b.kept_bytes = max(0.0, b.kept_bytes - (b.act_bytes - new))
+        b.fwd_transient = max(0.0, b.fwd_transient - max(0.0, b.act_bytes - new))  # what it saves, it holds
         b.act_bytes = new
         b.autocast_copy_bytes = 0.0
         done.add(b.name)

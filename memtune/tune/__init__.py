@@ -276,7 +276,22 @@ def _tune(profile: Profile, opts: TuneOptions, t0: float, state: dict[str, Any])
                 flush(study, store, n0)
             return _candidates(study, tuner)
 
-        chosen = verify_best((study, store), tuner, cands, opts, verified, research=research)
+        def neighbours(c: Candidate) -> list[Candidate]:
+            """The verified plan at the knob's other batch sizes, evaluated (and recorded) under the model
+            its measurement corrected: the search may never have tried them, and an over-predicted peak
+            hid the larger ones (H200 7B, 2026-12-04: batch 10 verified, 12 and 14 never tried)."""
+            n0 = len(study.get_trials(deepcopy=False))
+            todo = [v for v in tuner.knob_values if v != c.batch_size]
+            for v in todo:
+                study.enqueue_trial({**c.params, KNOB_PARAM: v}, skip_if_exists=True)
+            try:
+                study.optimize(objective, n_trials=len(todo), gc_after_trial=False, show_progress_bar=False)
+            finally:
+                flush(study, store, n0)
+            return _candidates(study, tuner)
+
+        chosen = verify_best((study, store), tuner, cands, opts, verified, research=research,
+                             neighbours=neighbours if tuner.knob else None)
         cands = _candidates(study, tuner)
         tuner.corrections.apply(cands, tuner.limit)
 

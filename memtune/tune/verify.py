@@ -170,12 +170,13 @@ BETTER_BY = 0.02
 
 
 def verify_best(studies, tuner: Tuner, cands: list[Candidate], opts: TuneOptions,
-                verified: list[Candidate], research: Any = None) -> Candidate:
+                verified: list[Candidate], research: Any = None, neighbours: Any = None) -> Candidate:
     """The closed loop. Verify the best plan of each kind (k at a time); each measurement corrects the cost
     model for its plan family (`Corrections`), the candidates are ranked again with the corrected model (and,
     with `research`, the search runs again under it to find plans the correction newly admits), and the loop
     goes on until a verified plan fits and none unverified is predicted faster, or no candidate with a lower
-    corrected peak remains. Picks the winner on measurements."""
+    corrected peak remains. With `neighbours`, a plan that runs within the budget is also evaluated at the
+    other batch sizes once (per family). Picks the winner on measurements."""
     k = opts.verify
     study = studies[0]
     failed: list[tuple[Candidate, Plan]] = []
@@ -188,8 +189,13 @@ def verify_best(studies, tuner: Tuner, cands: list[Candidate], opts: TuneOptions
                 failed.append((c, tuner.plan_for(c.params)))
     max_total = max(2 * k, 3 * k)
     rounds = 0
+    widened: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="memtune-verify-") as tmp:
         while len(verified) < max_total:
+            if neighbours is not None:
+                for c in [c for c in verified if c.verified_ok and (c.family or "") not in widened]:
+                    widened.add(c.family or "")
+                    cands[:] = neighbours(c)
             corr.apply(cands, tuner.limit)
             todo = [c for c in cands if c.feasible and c.measured is None
                     and not _likely_fails(c, tuner.plan_for(c.params), failed)]
