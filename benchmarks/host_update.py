@@ -48,6 +48,11 @@ def main() -> None:
                     help="also (CUDA): the fused update chunk by chunk as optimizer-state offload runs it, alone, "
                          "beside each chunk's weights copied up, and beside every gradient copied down too (what a "
                          "script that clips does: its clipped gradients go down again at step time)")
+    ap.add_argument("--contention", action="store_true",
+                    help="also: the one-pass kernel on a worker thread (as the offload runs it), static against "
+                         "dynamic OpenMP schedule, at N, N-1, N-2 threads, while the main thread idles, spins in "
+                         "Python, spins on a CUDA sync, copies weights up, or runs torch CPU ops; and at several "
+                         "sizes (what the profile's probe should use)")
     ap.add_argument("--out")
     args = ap.parse_args()
     n, k = args.elements, args.slice
@@ -59,6 +64,8 @@ def main() -> None:
         rows += _run(kind, n, k, threads, args.iters)
     if args.slices or args.one_pass:
         rows += _variants(kinds[-1], n, args.slices, args.one_pass, args.iters)
+    if args.contention:
+        rows += _contention(n, args.iters)
     if args.beside_copies and torch.cuda.is_available():
         rows += _beside_copies(n, args.iters)
     if args.out:
@@ -153,6 +160,68 @@ def _variants(kind: str, n: int, slices: list[int], compiled: bool, iters: int) 
                    "build_s": build_s, "Mparams_s": rate / 1e6}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def _contention(n: int, iters: int) -> list[dict]:
+    """The one-pass kernel where the training thread competes for the cores (see --contention)."""
+    cuda = torch.cuda.is_available()
+    kind = "pinned" if cuda else "pageable"
+    p, m, v, _, g16, out16 = _tensors(kind, n)
+    most = torch.get_num_threads()
+    libs = {"dynamic": host_adamw._build(), "static": host_adamw._build("static")}
+    busy = {}
+    if cuda:
+        host = torch.empty(256 << 20, pin_memory=True)
+        dev = torch.empty(256 << 20, device="cuda")
+        busy["cuda sync spin"] = lambda: (torch.cuda._sleep(20_000_000), torch.cuda.synchronize())
+        busy["weights up (1 GiB copies)"] = lambda: (dev.copy_(host, non_blocking=True), torch.cuda.synchronize())
+    small = torch.empty(4 << 20)
+    busy["torch CPU ops"] = lambda: small.mul_(1.0)
+
+    def python_spin():
+        sum(i * i for i in range(20000))  # pure Python: holds the GIL
+
+    busy["python spin"] = python_spin
+    rows = []
+
+    def measure(fn, size: int, beside) -> float:
+        box: dict = {}
+        done = threading.Event()
+        a, b, c, d, e = p[:size], g16[:size], m[:size], v[:size], out16[:size]
+
+        def work():
+            try:
+                box["s"] = _time(lambda: fn(a, b, c, d, e, *HP, 2.0), iters)
+            finally:
+                done.set()
+
+        th = threading.Thread(target=work)
+        th.start()
+        while not done.is_set():
+            if beside is None:
+                done.wait()
+            else:
+                beside()
+        th.join()
+        return box["s"]
+
+    for sched, lib in libs.items():
+        for nt in sorted({most, max(1, most - 1), max(1, most - 2)}, reverse=True):
+            fn = host_adamw.Kernel(lib, nt)
+            for name, beside in [("idle", None), *busy.items()]:
+                row = {"memory": kind, "threads": nt, "variant": f"one-pass {sched}, main thread: {name}",
+                       "elements": n, "Mparams_s": n / measure(fn, n, beside) / 1e6}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    fn = host_adamw.Kernel(libs["dynamic"], most)
+    for size in (16 << 20, 64 << 20, n):
+        if size > n:
+            continue
+        row = {"memory": kind, "threads": most, "variant": "one-pass dynamic, main thread: idle", "elements": size,
+               "Mparams_s": size / measure(fn, size, None) / 1e6}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 

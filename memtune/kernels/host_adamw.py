@@ -37,6 +37,9 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#ifndef MEMTUNE_SCHEDULE
+#define MEMTUNE_SCHEDULE dynamic, 4
+#endif
 
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, NaN kept quiet: c10::BFloat16's */
@@ -69,7 +72,9 @@ void memtune_adamw16(float *p, const void *g, int grad_bf16, float *m, float *v,
     const int64_t blk = 1 << 14;  /* 16K elements a task: whole cache lines, and slices for every thread */
     int64_t nb = (n + blk - 1) / blk;
     int64_t esz = grad_bf16 ? 2 : 4;
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    /* dynamic: a thread the OS takes away (the training thread spinning on a CUDA sync, torch's own OpenMP
+       pool) holds up only its current task, not a static 1/threads share of the loop */
+    #pragma omp parallel for schedule(MEMTUNE_SCHEDULE) num_threads(threads)
     for (int64_t b = 0; b < nb; b++) {
         int64_t a = b * blk, k = (n - a < blk) ? n - a : blk;
         range(p + a, (const char *)g + a * esz, grad_bf16, m + a, v + a, out + a, k, decay, w1, beta2, w2,
@@ -122,11 +127,13 @@ def _cpu_key() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> ctypes.CDLL:
+def _build(schedule: str | None = None) -> ctypes.CDLL:
+    """`schedule`: an OpenMP schedule clause's argument in place of the source's (the benchmark compares)."""
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if cc is None or not shutil.which(cc.split()[0]):
         raise RuntimeError("no C compiler on PATH (set CC)")
-    key = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, f"-DMEMTUNE_SCHEDULE={schedule}"] if schedule else _FLAGS
+    key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"host_adamw_{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +141,7 @@ def _build() -> ctypes.CDLL:
             src = Path(tmp) / "host_adamw.c"
             src.write_text(_SOURCE)
             so = Path(tmp) / out.name
-            r = subprocess.run([*cc.split(), *_FLAGS, str(src), "-o", str(so), "-lm"], capture_output=True,
+            r = subprocess.run([*cc.split(), *flags, str(src), "-o", str(so), "-lm"], capture_output=True,
                                text=True, timeout=120)
             if r.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1][:200]}")

@@ -192,7 +192,8 @@ class OptimizerOffload:
         if self.stats.get("sliced"):
             out += f"; {self.stats['sliced']} sliced fused updates"
             if self.stats.get("one_pass"):
-                out += f" ({self.stats['one_pass']} in one pass)"
+                out += (f" ({self.stats['one_pass']} in one pass, {self.stats['kernel_s'] / n * 1e3:.0f} ms per step "
+                        "inside the kernel)")
             elif host_adamw.unavailable():
                 out += f" (three passes: the one-pass kernel is unavailable, {host_adamw.unavailable()})"
         return out
@@ -487,8 +488,10 @@ class OptimizerOffload:
             scale = 1.0
             for f in factors:
                 scale *= float(f)
+            t0 = time.perf_counter()
             fn(sub, src, m, v, out16, float(g["lr"]), float(b1), float(b2), float(g["weight_decay"]),
                float(g["eps"]), float(state["step"]), scale)
+            self.stats["kernel_s"] = self.stats.get("kernel_s", 0.0) + time.perf_counter() - t0
             self.stats["sliced"] = self.stats.get("sliced", 0) + 1
             self.stats["one_pass"] = self.stats.get("one_pass", 0) + 1
             return
