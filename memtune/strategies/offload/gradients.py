@@ -135,6 +135,7 @@ class HostGradients:
         self.worker = HostWorker()
         self.norm_type: float | None = None  # set once the script clipped: the hook computes device norms
         self.stats = {"copied_bytes": 0, "accumulated": 0, "norm_s": 0.0, "unscale_s": 0.0, "device_norms": 0}
+        self.norm_times: list[float] = []  # per clip: mostly the wait for the backward's device norms
 
     def manages(self, p: torch.Tensor) -> bool:
         return id(p) in self.g
@@ -266,6 +267,7 @@ class HostGradients:
             res.append(n)
         self.norm_type = norm_type  # from now on the hooks measure device norms for this clip
         self.stats["norm_s"] += time.perf_counter() - t0
+        self.norm_times.append(time.perf_counter() - t0)
         return res
 
     def scale(self, params: list[torch.Tensor], factor: torch.Tensor) -> None:

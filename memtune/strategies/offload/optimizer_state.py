@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import statistics
 import time
 import weakref
 from typing import Any
@@ -131,6 +132,9 @@ class OptimizerOffload:
         # per-step costs, cumulative (benchmarks/strategies.py reports them): seconds the CPU waited for
         # gradients, seconds in the CPU update, gradients copied down again, gradients scaled on the host
         self.stats = {"steps": 0, "wait_s": 0.0, "update_s": 0.0, "recopied": 0, "host_scaled": 0}
+        # per step (the exact schedule): the update's wall time on the host thread, and how long the training
+        # thread blocked on it in the next forward (the first step's, which builds the state, is not typical)
+        self.timeline: dict[str, list[float]] = {"update": [], "blocked": []}
         self.state_to_host()
         trained = [p for p in self.params if p.requires_grad]
         self.hg = HostGradients(trained, transport, ref_dtypes) if gradients else None
@@ -160,6 +164,7 @@ class OptimizerOffload:
             self.order = order
         self.group_of = {id(p): i for i, g in enumerate(self.order or []) for p in g}
         self._group_done: list[Any] = []
+        self._blocked = 0.0  # seconds the training thread waited in wait_group this step
         self._group_ev: list[Any] = []
         self.undo_step = wrap_step(opt, self._step)
         if self.hg is not None and self.overrides.get("fused") and SLICE_ELEMENTS:
@@ -185,10 +190,18 @@ class OptimizerOffload:
         n = max(1, self.stats["steps"])
         out = (f"{self.stats['steps']} host updates: {self.stats['update_s'] / n * 1e3:.0f} ms per step updating, "
                f"{self.stats['wait_s'] / n * 1e3:.0f} ms waiting for gradients")
+        upd, blocked = self.timeline["update"][1:], self.timeline["blocked"][1:]
+        if upd:  # after the first update, which builds the state
+            out += f" (steady: {statistics.median(upd) * 1e3:.0f} ms per update"
+            if blocked:
+                out += f", the next forward blocked {statistics.median(blocked) * 1e3:.0f} ms on it"
+            out += ")"
         if self.hg is not None:
             h = self.hg.stats
             out += (f"; {h['copied_bytes'] / n / 1e9:.2f} GB of gradients down per step, norms "
                     f"{h['norm_s'] / n * 1e3:.0f} ms, unscale {h['unscale_s'] / n * 1e3:.0f} ms per step")
+            if len(self.hg.norm_times) > 1:
+                out += f" (steady: norms {statistics.median(self.hg.norm_times[1:]) * 1e3:.0f} ms)"
         if self.stats.get("sliced"):
             out += f"; {self.stats['sliced']} sliced fused updates"
             if self.stats.get("one_pass"):
@@ -524,6 +537,9 @@ class OptimizerOffload:
         todo = self._todo()
         have = {id(p) for p in todo}
         groups = [[p for p in g if id(p) in have] for g in self.order]
+        if self.stats["steps"]:
+            self.timeline["blocked"].append(self._blocked)
+        self._blocked = 0.0
         self._group_done = [threading.Event() for _ in groups]
         self._group_ev = [None] * len(groups)
         if not todo:
@@ -538,6 +554,7 @@ class OptimizerOffload:
 
     def _update_groups(self, shadow, groups: list[list[torch.Tensor]]) -> None:
         done = 0
+        t0 = time.perf_counter()
         try:
             for i, g in enumerate(groups):
                 if g:
@@ -545,6 +562,8 @@ class OptimizerOffload:
                     if self.hg is not None:
                         self.hg.release(g)  # the next backward may write these host gradients
                 done = i + 1
+                if done == len(groups):
+                    self.timeline["update"].append(time.perf_counter() - t0)
                 self._group_done[i].set()
         finally:
             if done < len(groups):  # a failure: release the rest, wake the waiters (they raise it)
@@ -557,7 +576,10 @@ class OptimizerOffload:
         """(forward) group i's weights are updated and (`stream`) copied up for the compute stream."""
         if i >= len(self._group_done):
             return
-        self._group_done[i].wait()
+        if not self._group_done[i].is_set():
+            t0 = time.perf_counter()
+            self._group_done[i].wait()
+            self._blocked += time.perf_counter() - t0
         self._bg.raise_error()
         if stream:
             self.t.use(self._group_ev[i])
