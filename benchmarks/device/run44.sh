@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore COLUMNS=200
 L=$OUT/log.txt
 timeout 530 python3 benchmarks/offload7b.py --plan benchmarks/results/run42/llama7b_24gib.yaml \
-  --only memtune_b14,torchao_b8,fsdp2_b8 --steps 6 --warmup 2 --timeout 190 --budget-s 420 \
+  --only plan_b14,torchao_b8,fsdp2_b8 --steps 6 --warmup 2 --timeout 190 --budget-s 420 \
   --out $OUT/offload7b.json > $OUT/offload7b.log 2>&1
 echo "offload7b rc=$? at ${SECONDS}s" >> $L
 timeout $((585 - SECONDS)) python3 -m pytest -q -m gpu -p no:cacheprovider > $OUT/pytest.log 2>&1
