@@ -394,6 +394,31 @@ def test_gpu_streamed_weights_leave_the_device():
     assert streamed < 0.5 * params, (streamed, params)  # not even the fp32 weights once
 
 
+@pytest.mark.gpu
+def test_gpu_phases_measured_on_the_compute_stream():
+    from memtune.strategies.offload.optimizer_state import _LIVE
+
+    torch.manual_seed(0)
+    m = GPT(4, 512, 8, 128, 64).cuda()
+    opt = torch.optim.AdamW(m.parameters())
+    undo = memtune.apply_plan(m, opt, {**CAST, **STREAM})
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x = torch.randint(64, (4, 128), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            m(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    (o,) = [o for o in _LIVE if o.opt is opt]
+    fwd, bwd = o.gpu_phases()
+    assert fwd > 0 and bwd > 0 and 3 * (fwd + bwd) < wall, (fwd, bwd, wall)
+    assert "GPU per step" in o.summary()
+    undo()
+
+
 def test_the_tuned_7b_plan_on_the_tiny_script_gives_its_losses(tmp_path):
     """benchmarks/plans/llama7b_24gib.yaml (what `memtune tune` found for 24 GiB) applied to
     examples/zoo/llama7b_full.py at tiny size: 20 steps of a transformers Llama with clipping and a schedule,

@@ -33,6 +33,7 @@ runs the next forward and backward; each weight is one update behind.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import functools
 import statistics
@@ -56,6 +57,7 @@ SCHEDULES = ("exact", "delayed")
 # AdamW with streamed gradients once a parameter has state; slices are multiples of 4096 elements. 0: off.
 SLICE_ELEMENTS = 4 << 20
 
+MARKED_STEPS = 64  # the GPU phase marks kept (two events per step)
 CHUNK_BYTES = 64 * 2**20  # optimizer offload pipelines the CPU update and the H2D copy in chunks this big
 # Clipped gradients: multiply the host copy by the clip coefficient (True) or copy the clipped gradients down
 # again (False; also the fallback whenever the host copy is not the one the clip saw). Both exact. On the H100
@@ -134,11 +136,16 @@ class OptimizerOffload:
         self.stats = {"steps": 0, "wait_s": 0.0, "update_s": 0.0, "recopied": 0, "host_scaled": 0}
         # per step (the exact schedule): the update's wall time on the host thread, and how long the training
         # thread blocked on it in the next forward (the first step's, which builds the state, is not typical)
-        self.timeline: dict[str, list[float]] = {"update": [], "blocked": []}
+        self.timeline: dict[str, list[float]] = {"update": [], "blocked": [], "wait": [], "kernel": []}
+        # (CUDA) events on the compute stream at each step() and at each step's first gradient: the GPU's
+        # time from one step() to the next backward (forward, loss and the waits on the update) and of the
+        # backward (recompute and weight fetches included), measured where the step's time goes
+        self._marks: collections.deque = collections.deque(maxlen=2 * MARKED_STEPS)
+        self._grad_marked = False
         self.state_to_host()
         trained = [p for p in self.params if p.requires_grad]
         self.hg = HostGradients(trained, transport, ref_dtypes) if gradients else None
-        hook = self.hg.on_grad if self.hg is not None else self._grad_ready
+        hook = self._marking(self.hg.on_grad if self.hg is not None else self._grad_ready)
         self.handles = [p.register_post_accumulate_grad_hook(hook) for p in trained]
         self.handles.append(opt.register_load_state_dict_post_hook(lambda o: self.state_to_host()))
         self.handles.append(opt.register_state_dict_pre_hook(lambda o: self.finish_pending()))
@@ -171,6 +178,35 @@ class OptimizerOffload:
             host_adamw.kernel()  # built here, on the training thread (its thread count), not in the first update
         _LIVE.add(self)
 
+    def _mark(self, kind: str) -> None:
+        if self.t.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append((kind, ev))
+
+    def _marking(self, hook):
+        def marked(p: torch.Tensor) -> None:
+            if not self._grad_marked and p.grad is not None:
+                self._grad_marked = True
+                self._mark("grad")
+            hook(p)
+
+        return marked
+
+    def gpu_phases(self) -> tuple[float, float] | None:
+        """Median GPU seconds (steady steps) from a step() to the next backward's first gradient, and from
+        there to the next step(); None without CUDA marks."""
+        marks = list(self._marks)
+        fwd, bwd = [], []
+        for (k0, e0), (k1, e1), (k2, e2) in zip(marks, marks[1:], marks[2:], strict=False):
+            if (k0, k1, k2) == ("step", "grad", "step"):
+                e2.synchronize()
+                fwd.append(e0.elapsed_time(e1) / 1e3)
+                bwd.append(e1.elapsed_time(e2) / 1e3)
+        if len(fwd) > 1:  # the first follows the state-building update
+            fwd, bwd = fwd[1:], bwd[1:]
+        return (statistics.median(fwd), statistics.median(bwd)) if fwd else None
+
     def _wrap_zero_grad(self) -> Undo:
         orig = self.opt.zero_grad
         me = weakref.ref(self)
@@ -190,12 +226,19 @@ class OptimizerOffload:
         n = max(1, self.stats["steps"])
         out = (f"{self.stats['steps']} host updates: {self.stats['update_s'] / n * 1e3:.0f} ms per step updating, "
                f"{self.stats['wait_s'] / n * 1e3:.0f} ms waiting for gradients")
-        upd, blocked = self.timeline["update"][1:], self.timeline["blocked"][1:]
-        if upd:  # after the first update, which builds the state
-            out += f" (steady: {statistics.median(upd) * 1e3:.0f} ms per update"
-            if blocked:
-                out += f", the next forward blocked {statistics.median(blocked) * 1e3:.0f} ms on it"
+        tl = {k: v[1:] for k, v in self.timeline.items()}  # after the first update, which builds the state
+        if tl["update"]:
+            out += f" (steady: {statistics.median(tl['update']) * 1e3:.0f} ms per update"
+            if tl["wait"]:
+                out += (f" of which {statistics.median(tl['wait']) * 1e3:.0f} waiting for gradients and "
+                        f"{statistics.median(tl['kernel']) * 1e3:.0f} in the one-pass kernel")
+            if tl["blocked"]:
+                out += f", the next forward blocked {statistics.median(tl['blocked']) * 1e3:.0f} ms on it"
             out += ")"
+        gpu = self.gpu_phases()
+        if gpu:
+            out += (f"; GPU per step: {gpu[0] * 1e3:.0f} ms from step() to the first gradient (forward, loss, "
+                    f"waits on the update), {gpu[1] * 1e3:.0f} ms backward")
         if self.hg is not None:
             h = self.hg.stats
             out += (f"; {h['copied_bytes'] / n / 1e9:.2f} GB of gradients down per step, norms "
@@ -319,6 +362,8 @@ class OptimizerOffload:
     @torch.no_grad()
     def _step(self, opt, closure=None):
         loss = run_closure(closure)
+        self._mark("step")
+        self._grad_marked = False
         if self.schedule == "delayed":
             self._step_delayed()
             return loss
@@ -555,6 +600,7 @@ class OptimizerOffload:
     def _update_groups(self, shadow, groups: list[list[torch.Tensor]]) -> None:
         done = 0
         t0 = time.perf_counter()
+        w0, k0 = self.stats["wait_s"], self.stats.get("kernel_s", 0.0)
         try:
             for i, g in enumerate(groups):
                 if g:
@@ -564,6 +610,8 @@ class OptimizerOffload:
                 done = i + 1
                 if done == len(groups):
                     self.timeline["update"].append(time.perf_counter() - t0)
+                    self.timeline["wait"].append(self.stats["wait_s"] - w0)
+                    self.timeline["kernel"].append(self.stats.get("kernel_s", 0.0) - k0)
                 self._group_done[i].set()
         finally:
             if done < len(groups):  # a failure: release the rest, wake the waiters (they raise it)
