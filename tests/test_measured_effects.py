@@ -59,6 +59,18 @@ def test_block_time_above_the_profiled_batch_grows_between_the_secant_and_the_or
     assert build_sim(plain, 16).blocks[1].fwd_s == pytest.approx(w * (0.4 + 0.6 * 2))
 
 
+def test_block_time_at_batch_one_scales_as_the_doubled_batch_measured():
+    # a batch of one cannot be halved: twice the batch measured at 1.8x the time (keep: 0.008 s forward,
+    # 0.016 s backward) leaves 0.2 of it fixed, so batch 14 reads 0.2 + 0.8 * 14 = 11.4x, not the formula's 8.8x
+    p = with_what_ifs(make_profile(batch=1), double=WhatIf(fwd_s=0.0144, bwd_s=0.0304))
+    v, vb = build_sim(p, 1).blocks[1].fwd_s, build_sim(p, 1).blocks[1].bwd_s
+    assert build_sim(p, 14).blocks[1].fwd_s == pytest.approx(v * (0.2 + 0.8 * 14))
+    assert build_sim(p, 14).blocks[1].bwd_s == pytest.approx(vb * (0.1 + 0.9 * 14))
+    plain = make_profile(batch=1)
+    w = build_sim(plain, 1).blocks[1].fwd_s
+    assert build_sim(plain, 14).blocks[1].fwd_s == pytest.approx(w * (0.4 + 0.6 * 14))
+
+
 def test_selective_keeps_what_was_measured():
     p = with_what_ifs(make_profile(), selective=WhatIf(kept_bytes=40 * MB, bwd_peak_bytes=80 * MB, fwd_s=0.008,
                                                        bwd_s=0.018))

@@ -302,6 +302,16 @@ def test_gpu_a_model_without_repeated_blocks_has_its_large_blocks_probed():
 
 
 @pytest.mark.gpu
+def test_gpu_a_batch_of_one_is_probed_at_twice_the_batch():
+    # a batch of one cannot be halved: the repeated block runs at batch 2 too (its time then tells how much of
+    # it does not scale), and twice the batch takes longer and keeps more
+    p = prof(GPT, ["--steps", "10", "--device", "cuda", "--batch-size", "1"], steps=2, warmup=1)
+    w = p.repeated_blocks[0].what_ifs
+    assert "half" not in w and "double" in w
+    assert w["double"].fwd_s > w["keep"].fwd_s and w["double"].kept_bytes > w["keep"].kept_bytes
+
+
+@pytest.mark.gpu
 def test_gpu_mode_probes_time_the_host_and_offload_costs_it_more():
     # the probe times the host issuing each mode; offload's pack and unpack hooks add host time per saved
     # tensor (the cost model charges it to host-bound scripts), and its pinned buffers come from the cache

@@ -133,10 +133,14 @@ def time_fixed_share(b: BlockProfile) -> tuple[float, float]:
     """(forward, backward) share of a block's time that does not scale with the batch: measured when the
     profiler ran this block's class at half the batch [whatif] (t_half = f t + (1 - f) t / 2), else
     BLOCK_TIME_FIXED_SHARE."""
-    keep, half = b.what_ifs.get("keep"), b.what_ifs.get("half")
-    if keep is None or half is None or keep.fwd_s <= 0 or keep.bwd_s <= 0:
+    keep, half, double = b.what_ifs.get("keep"), b.what_ifs.get("half"), b.what_ifs.get("double")
+    if keep is None or keep.fwd_s <= 0 or keep.bwd_s <= 0:
         return BLOCK_TIME_FIXED_SHARE, BLOCK_TIME_FIXED_SHARE
-    return tuple(min(0.9, max(0.0, 2 * h / k - 1)) for h, k in ((half.fwd_s, keep.fwd_s), (half.bwd_s, keep.bwd_s)))
+    if half is not None:
+        return tuple(min(0.9, max(0.0, 2 * h / k - 1)) for h, k in ((half.fwd_s, keep.fwd_s), (half.bwd_s, keep.bwd_s)))
+    if double is not None:  # t_double = f t + (1 - f) 2 t
+        return tuple(min(0.9, max(0.0, 2 - d / k)) for d, k in ((double.fwd_s, keep.fwd_s), (double.bwd_s, keep.bwd_s)))
+    return BLOCK_TIME_FIXED_SHARE, BLOCK_TIME_FIXED_SHARE
 
 
 # A block's time in the run above this multiple of its time run alone [whatif] holds a stall.
@@ -181,7 +185,8 @@ def _fixed_parts(profile: Profile, stalls: dict[str, float]) -> dict[str, float]
 
 def _fit_one(profile: Profile) -> dict[str, list[float]]:
     """value(B) = fixed + (value - fixed) * B / B0: proportional through the profile's point [kaplan]; for
-    block times measured at half the batch too, a third number: the slope above B0 (`_slope_up`)."""
+    block times measured at half the batch too, a third number: the slope above B0 (`_slope_up`); measured at
+    twice a batch of one, the line is the secant through that point (the fixed share `time_fixed_share` read)."""
     b0 = profile.batch_size or 1
     stalls = block_stalls(profile)
     fixed = _fixed_parts(profile, stalls)

@@ -88,8 +88,11 @@ def saved_bytes_bf16_params(model: nn.Module, module: nn.Module, inputs: Any, de
 
 # key prefix of a probe of one non-repeated block (by module path) beside the per-class probes of repeated ones
 OTHER_PROBE = "@"
-PROBED_MODES = ("keep", "recompute", "selective", "compress", "offload", "half")
-# "half": kept as it is, at half the batch (inputs sliced along the batch): how the block's time scales
+PROBED_MODES = ("keep", "recompute", "selective", "compress", "offload", "half", "double")
+# "half": kept as it is, at half the batch (inputs sliced along the batch): how the block's time scales;
+# "double": at twice a batch of one, which cannot be halved (inputs repeated along the batch). At batch 1 the
+# formula's share of time that does not scale (0.4, fitted on small models) made the 7B full fine-tune's
+# forward and backward at batch 14 read 2.43 s for about 3.2 measured (H200, 2026-12-04, call 45)
 
 
 def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
@@ -134,6 +137,15 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
             return t.requires_grad_(True) if h.requires_grad and t.is_floating_point() else t
 
         half = map_tensors(inputs, cut)
+    double = None
+    if batch == 1:
+        def twice(h: HostTensor) -> torch.Tensor:
+            t = h.t.to(device)
+            if t.dim() >= 1 and t.shape[0] == 1:
+                t = torch.cat([t, t])
+            return t.requires_grad_(True) if h.requires_grad and t.is_floating_point() else t
+
+        double = map_tensors(inputs, twice)
     amp = (torch.autocast(device.type, dtype=getattr(torch, autocast), cache_enabled=autocast_cache)
            if autocast and hasattr(torch, autocast) else contextlib.nullcontext())
     storages = mem.state_ptrs(model)
@@ -159,7 +171,7 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
         return forward, contextlib.nullcontext, None
 
     def _one_mode(mode: str) -> WhatIf:
-        args, kwargs = half if mode == "half" else full
+        args, kwargs = {"half": half, "double": double}.get(mode) or full
         fwd, ctx, off = runner(mode)
         times_f, times_b, host_f, host_b = [], [], [], []
         w = WhatIf()
@@ -214,7 +226,7 @@ def probe_modes(model: nn.Module, module: nn.Module, inputs: Any, device: torch.
 
     out: dict[str, WhatIf] = {}
     for mode in modes:
-        if mode == "half" and half is None:
+        if mode == "half" and half is None or mode == "double" and double is None:
             continue
         try:
             out[mode] = _one_mode(mode)
@@ -287,17 +299,27 @@ def host_update_rate(opt: torch.optim.Optimizer, max_elements: int = 32 * 2**20,
     return n / min(times) if times and min(times) > 0 else None
 
 
-def host_one_pass_rate(opt: torch.optim.Optimizer, elements: int = 16 * 2**20, reps: int = 2) -> float | None:
+# The one-pass probe's size bounds: the update streams 16 B per parameter through memory, and the rate falls
+# with the working set (the H200 host: 5.02G params/s at 16M elements, 4.66G at 128M, 4.7G in the 7B run's
+# 6.74B; call 43-45, 2026-12-04): as many elements as the script trains, inside these
+ONE_PASS_PROBE = (16 * 2**20, 128 * 2**20)
+
+
+def host_one_pass_rate(opt: torch.optim.Optimizer, elements: int | None = None, reps: int = 2) -> float | None:
     """Parameters per second of the one-pass host AdamW (kernels/host_adamw.py) that optimizer-state offload
     runs for 16-bit weights with fp32 masters and streamed gradients, measured here as it runs there: pinned
-    memory, a worker thread, bf16 gradients. None unless the optimizer is torch's AdamW and this host builds
-    the kernel (the cost model then charges the three-pass update's extra traffic)."""
+    memory, a worker thread, bf16 gradients, on as many elements as the optimizer holds (ONE_PASS_PROBE
+    bounds). None unless the optimizer is torch's AdamW and this host builds the kernel (the cost model then
+    charges the three-pass update's extra traffic)."""
     import threading
 
     from memtune.kernels import host_adamw
 
     if type(opt) is not torch.optim.AdamW:
         return None
+    if elements is None:
+        n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        elements = min(ONE_PASS_PROBE[1], max(ONE_PASS_PROBE[0], n))
     fn = host_adamw.kernel()
     if fn is None:
         return None
