@@ -320,11 +320,11 @@ class Loss(Strategy):
             return
         budget = LOW_CHUNK_BYTES if config.low_memory else CHUNK_BYTES
         head = _head_profile(profile, config.head)
-        tokens = (profile.tokens_per_step or 0) // max(1, profile.micro_batches_per_step)
+        tokens = profiled = (profile.tokens_per_step or 0) // max(1, profile.micro_batches_per_step)
         if profile.batch_size and sim.batch_size:  # the simulated batch's tokens, not the profiled one's: at
             # the profile's it left 9 of 10 logits on the 7B at batch 10 (+2.4 GiB, H200 2026-12-04)
             tokens = round(tokens * sim.batch_size / profile.batch_size)
-        if head is None or not tokens or not sum(head.param_bytes.values()) or not head.n_params:
+        if head is None or not tokens or not profiled or not sum(head.param_bytes.values()) or not head.n_params:
             # (a head tied to the embedding has its weight counted there: its width is not known here)
             sim.loss_transient_bytes = min(sim.loss_transient_bytes, budget)
             sim.notes.append("loss: fused; no head/token count in the profile, only the loss transient is capped")
@@ -332,7 +332,9 @@ class Loss(Strategy):
         params = sum(head.param_bytes.values())
         n_params = max(1, head.n_params)
         elem = params / n_params
-        hidden = max(1, round((head.input_bytes / elem) / tokens)) if head.input_bytes else 0
+        # the head's input was seen at the profiled batch: its width from the profiled tokens (the simulated
+        # batch's read the 7B's vocab as 447344 at batch 14)
+        hidden = max(1, round((head.input_bytes / elem) / profiled)) if head.input_bytes else 0
         vocab = n_params // hidden if hidden else 0
         # eager keeps the fp32 log-softmax of the logits for backward (N x V x 4 bytes, counted outside
         # blocks); the fused op keeps dx and dW from its forward instead
