@@ -104,7 +104,16 @@ def _loop(model, opt, sched, cfg, args, batch, clip, device):
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.item()))
         times.append(time.perf_counter() - t0)
+        _progress(f"step {len(times)}: {times[-1]:.2f} s, loss {losses[-1]:.4f}")
     return losses, times
+
+
+_T0 = time.perf_counter()
+
+
+def _progress(msg: str) -> None:
+    """A child's progress on its stdout: what a timeout reports (where the time went)."""
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", flush=True)
 
 
 def child_inprocess(name: str, c: dict, args) -> dict:
@@ -114,6 +123,7 @@ def child_inprocess(name: str, c: dict, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, cfg = build(args.size)
+    _progress("model built")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     clip = c.get("clip", args.clip)
@@ -140,6 +150,7 @@ def child_inprocess(name: str, c: dict, args) -> dict:
         notes.append("bf16 weights without masters (lossy)")
     else:
         raise ValueError(c["kind"])
+    _progress(f"{c['kind']} set up")
     if sched is None and isinstance(opt, torch.optim.Optimizer):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     losses, times = _loop(model, opt, sched, cfg, args, c["batch"], clip, device)
@@ -354,8 +365,10 @@ def main() -> None:
                 import signal
 
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                r = {"error": f"timeout after {limit:.0f} s"}
+                log, _ = proc.communicate()
+                last = [ln for ln in (log or "").splitlines() if ln.startswith("[")][-1:]
+                r = {"error": f"timeout after {limit:.0f} s" + (f" (last: {last[0]})" if last else ""),
+                     "log_tail": (log or "")[-3000:]}
             watcher.join(timeout=2)
             r.update(batch=c["batch"], wall_s=time.perf_counter() - t0, host_rss_bytes=peak_rss[0], kind=c["kind"])
             results[name] = r
