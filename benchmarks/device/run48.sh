@@ -9,9 +9,9 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore COLUMNS=200
 L=$OUT/log.txt
 P=benchmarks/results/run46/llama7b_24gib.yaml
 timeout 300 python3 benchmarks/offload7b.py --plan $P --only plan_b14,torchao_b8 --steps 6 --warmup 2 \
-  --timeout 150 --budget-s 290 --out $OUT/offload7b.json > $OUT/offload7b.log 2>&1
+  --timeout 150 --budget-s 295 --out $OUT/offload7b.json > $OUT/offload7b.log 2>&1
 echo "offload7b rc=$? at ${SECONDS}s" >> $L
-timeout $((555 - SECONDS)) python3 benchmarks/offload7b.py --plan $P --only fsdp2_b8 --steps 3 --warmup 1 \
-  --timeout $((530 - SECONDS)) --budget-s 100 --out $OUT/fsdp2.json > $OUT/fsdp2.log 2>&1
+timeout $((588 - SECONDS)) python3 benchmarks/offload7b.py --plan $P --only fsdp2_b8 --steps 3 --warmup 1 \
+  --timeout $((575 - SECONDS)) --budget-s $((578 - SECONDS)) --out $OUT/fsdp2.json > $OUT/fsdp2.log 2>&1
 echo "fsdp2 rc=$? at ${SECONDS}s" >> $L
 free -g >> $L
