@@ -324,7 +324,7 @@ class Loss(Strategy):
         if profile.batch_size and sim.batch_size:  # the simulated batch's tokens, not the profiled one's: at
             # the profile's it left 9 of 10 logits on the 7B at batch 10 (+2.4 GiB, H200 2026-12-04)
             tokens = round(tokens * sim.batch_size / profile.batch_size)
-        if head is None or not tokens or not profiled or not sum(head.param_bytes.values()) or not head.n_params:
+        if head is None or not tokens or not sum(head.param_bytes.values()) or not head.n_params:
             # (a head tied to the embedding has its weight counted there: its width is not known here)
             sim.loss_transient_bytes = min(sim.loss_transient_bytes, budget)
             sim.notes.append("loss: fused; no head/token count in the profile, only the loss transient is capped")
