@@ -207,9 +207,18 @@ def child_memtune(name: str, c: dict, args, tmp: Path) -> dict:
                "from memtune.cli import app; sys.argv = ['memtune'] + sys.argv[1:]; keep = simulate_host(); keep.__enter__(); app()",
                *cmd[3:]]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    # its lines pass through as progress: a timeout then says how far `memtune apply` got (call 48's plan
+    # run timed out at 150 s with nothing to show)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=str(ROOT))
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            tail = (tail + [line])[-3:]
+            _progress(f"apply: {line[:160]}")
+    proc.wait()
     if not out.exists():
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
         return {"error": f"memtune apply exit {proc.returncode}: {' | '.join(tail)}"}
     r = json.loads(out.read_text())
     rep = json.loads(report.read_text()) if report.exists() else {}
