@@ -217,11 +217,44 @@ def test_torch_compiled_model_is_profiled_eagerly():
     p = prof(argv=["--steps", "8", "--compile"], steps=2)
     assert any("torch.compile" in n for n in p.notes)
     assert [b.name for b in p.repeated_blocks] == ["blocks.0", "blocks.1", "blocks.2"]  # the hooks saw them
-    # then three compiled steps: the first compiles, two are measured (on a GPU their peak too)
+    # then four compiled steps: the first compiles, three are measured (on a GPU their peak too)
     c = p.extra["compiled"]
-    assert c["steps"] == 2 and 0 < c["step_s"] < 5 and c["peak_bytes"] is None
-    assert p.steps == 2 and p.extra["session"]["steps_done"] == 1 + 2 + 3
+    assert c["steps"] == 3 and 0 < c["step_s"] < 5 and c["peak_bytes"] is None
+    assert p.steps == 2 and p.extra["session"]["steps_done"] == 1 + 2 + 4
     assert len(p.repeated_blocks) == 3 and p.repeated_blocks[0].activation_bytes > 0
+
+
+COMPILED_STEP = """
+import torch, torch.nn as nn
+net = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)])
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1))
+
+@torch.compile(backend="eager")
+def train_step(x):
+    loss = net(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+for _ in range(12):
+    train_step(torch.randn(8, 16))
+    sched.step()
+"""
+
+
+def test_a_compiled_train_step_function_is_run_compiled_too(tmp_path):
+    # the script compiles its step, not its model: profiled eagerly, then run compiled like a compiled model;
+    # the LR schedule's float makes a later step compile again, and that step is not the step time
+    script = tmp_path / "compiled_step.py"
+    script.write_text(COMPILED_STEP)
+    p = prof(str(script), steps=2, warmup=1)
+    assert any("compile's a function" in n for n in p.notes), p.notes
+    assert len(p.repeated_blocks) == 3 and p.repeated_blocks[0].activation_bytes > 0  # the hooks saw them
+    c = p.extra["compiled"]
+    assert p.extra["session"]["steps_done"] == 1 + 2 + 4
+    assert 1 <= c["steps"] < 3 and c["step_s"] > 0  # one of the three after the first compiled again
 
 
 @pytest.mark.gpu

@@ -217,7 +217,9 @@ def assemble(p: Profiler, s: Session, prof: Profile) -> None:
     prof.step_s = median(durations)
     if not clean and prof.step_s:
         p.notes.append("no clean step was left (raise --steps to 3 or more): step time includes instrumentation")
-    measured = [between[i - 1] for i in p.compiled_done[1:] if 1 <= i <= len(between)]
+    after = [i for i in p.compiled_done[1:] if 1 <= i <= len(between)]
+    steady = [i for i in after if i not in p.compiled_again] or after  # steps that compiled nothing again
+    measured = [between[i - 1] for i in steady]
     if measured:  # the compiled steps after the one that compiled (recorder.py COMPILED_STEPS)
         prof.extra["compiled"] = {"step_s": median(measured), "steps": len(measured),
                                   "peak_bytes": p.compiled_peak if p.cuda else None}

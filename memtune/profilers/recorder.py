@@ -11,6 +11,7 @@ What-if probes (probes.py) run after the measured steps on inputs the memory ste
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +50,17 @@ class _Mark:
 # A torch.compile'd model is profiled eagerly (hooks must see every module), then run this many more steps
 # compiled, without hooks: the first compiles, the others measure the peak and step time the script really
 # has (compiled kernels fuse what eager code saves: zoo compiled.py's peak was 33% under the eager profile's)
-COMPILED_STEPS = 3
+COMPILED_STEPS = 4
+# a compiled step that compiled again (a float that changes each step, as an LR schedule's, is specialised once
+# before Dynamo makes it dynamic) is not the run's step time: such steps are left out of it
+
+
+def _graphs_compiled() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # no Dynamo: nothing compiled
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 _PHASE = {"model": "forward", "fwd": "forward", "fwd_end": "forward", "loss": "loss", "bwd_call": "loss",
           "bwd": "backward",
@@ -105,6 +116,9 @@ class Profiler:
         self.undo_compile: Callable[[], None] | None = None
         self.compiled_steps = 0  # steps added after the eager ones to run compiled
         self.compiled_done: list[int] = []  # indices of the compiled steps run
+        self.compiled_again: set[int] = set()  # of those, the steps that compiled a graph
+        self._graphs = 0
+        self.script_compiles = False  # the script torch.compile'd a function (not its model): _watch_compile
         self.compiled_peak = 0  # allocator peak over the compiled steps after the first (CUDA)
         self.notes: list[str] = []
         self.state_ptrs: set[int] = set()
@@ -168,7 +182,8 @@ class Profiler:
         """Once the model is seen compiled (at ready, or at a step's end when the script compiles it after
         building its optimizer): the compiled steps go after the eager ones."""
         if (not self.compiled_steps and s.steps and s.model is not None
-                and (s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None)):
+                and (s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None
+                     or self.script_compiles)):
             self.compiled_steps = COMPILED_STEPS
             s.steps += COMPILED_STEPS
 
@@ -211,9 +226,14 @@ class Profiler:
         stance = getattr(torch.compiler, "set_stance", None)
         if stance is not None:
             stance("default")
+        self._graphs = _graphs_compiled()
 
     def _compiled_step_done(self, i: int) -> None:
         self.compiled_done.append(i)
+        graphs = _graphs_compiled()
+        if graphs != self._graphs:
+            self.compiled_again.add(i)
+        self._graphs = graphs
         if not self.cuda:
             return
         if len(self.compiled_done) == 1:  # the compiling step: its peak is not the run's
@@ -248,6 +268,7 @@ class Profiler:
         undos = Undos()
         undos.add(self._watch_clipping())
         undos.add(self._watch_backward())
+        undos.add(self._watch_compile())
         stance = getattr(torch.compiler, "set_stance", None)
         if stance is not None:
             stance("force_eager")
@@ -290,6 +311,26 @@ class Profiler:
 
         return patch_functions([(torch.autograd, "backward")], wrap)
 
+    def _watch_compile(self) -> Callable[[], None]:
+        """A script that compiles a function (its train step, its loss) rather than its model runs that compiled
+        too: the force_eager stance hides it while profiling, so the compiled steps are added for it as for a
+        compiled model. Calls from torch or installed libraries (flex attention's own compile) do not count."""
+        import os
+
+        lib_dirs = tuple(os.path.dirname(d) + os.sep for d in (torch.__file__, os.__file__))
+
+        def wrap(orig):
+            def watched(model=None, *args, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                if (not isinstance(model, torch.nn.Module) and not caller.startswith(lib_dirs)
+                        and "-packages" + os.sep not in caller):
+                    self.script_compiles = True
+                return orig(model, *args, **kwargs) if model is not None else orig(*args, **kwargs)
+
+            return watched
+
+        return patch_functions([(torch, "compile")], wrap)
+
     def _watch_clipping(self) -> Callable[[], None]:
         import torch.nn.utils as nu
         import torch.nn.utils.clip_grad as cg
@@ -313,9 +354,10 @@ class Profiler:
     def end(self, s: Session) -> None:
         if self.cuda:
             self._stop_recording()
-        if s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None:
+        if s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None or self.script_compiles:
             self.notes.append(
-                "the model is torch.compile'd: its blocks profiled eagerly"
+                ("the model is torch.compile'd" if not self.script_compiles else
+                 "the script torch.compile's a function") + ": its blocks profiled eagerly"
                 + (f", then {len(self.compiled_done)} steps run compiled for its real peak and step time"
                    if len(self.compiled_done) >= 2 else
                    " (compiled kernels fuse some activations, so the measured activations are an upper bound)"))
