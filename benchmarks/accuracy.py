@@ -70,6 +70,9 @@ ZOO: dict[str, dict[str, Any]] = {
     # two models and optimizers, torch.compile, experts, an RNN (first measured in device call 25new, H200)
     "gan": dict(script=_Z + "gan.py", batch=1024, batches=[1536], keep=[*_COMMON, "offload opt. state"]),
     "compiled": dict(script=_Z + "compiled.py", batch=8, batches=[12], keep=[*_COMMON, "offload opt. state"]),
+    # the train step compiled as a function, not the model (added 2026-12-04; not measured on a GPU yet)
+    "compiled_step": dict(script=_Z + "compiled_step.py", batch=256, batches=[384],
+                          keep=[*_COMMON, "offload opt. state"]),
     "moe": dict(script=_Z + "moe.py", batch=8, batches=[12], keep=[*_COMMON, "offload opt. state"]),
     "lstm_lm": dict(script=_Z + "lstm_lm.py", batch=128, batches=[192], keep=[*_COMMON, "offload opt. state"]),
     # DDP as one plain process (world size 1: DDP's buckets, no peer); not measured on a GPU yet (2026-12-03)

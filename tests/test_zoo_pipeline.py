@@ -25,6 +25,7 @@ ZOO = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 # script -> its own arguments (enough steps for the profile's warm-up and measured steps; it is stopped after)
 ARGS = {
     "compiled.py": [],  # first: torch.compile on CPU takes longest
+    "compiled_step.py": ["--backend", "eager"],  # Dynamo through the compiled train step, no inductor
     "hf_trainer.py": ["--logging-steps", "1"],
     "lightning_module.py": [],
     "accelerate_loop.py": [],
