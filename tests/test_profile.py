@@ -72,6 +72,13 @@ def test_gradient_accumulation_micro_batches():
                    "--vocab", "64", "--batch-size", "2", "--grad-accum", "3"])
     assert p.micro_batches_per_step == 3 and p.tokens_per_step == 2 * 16 * 3
     assert all(b.calls_per_step == 1 for b in p.blocks)  # per micro-batch
+    # the CPU peak (no allocator) is the cost model's baseline: the later micro-batches' losses run beside the
+    # first one's gradients, which the plain sum of parts left out (tune compared budgets with less)
+    from memtune.estimate import estimate
+
+    assert not p.peak.measured and p.peak.allocated_bytes == int(estimate(p).peak_bytes)
+    assert p.peak.allocated_bytes >= p.param_bytes + p.optimizer_state_bytes + p.grad_bytes + sum(
+        b.activation_bytes for b in p.blocks)
 
 
 def test_convnet_steps_counted():
