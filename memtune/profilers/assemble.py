@@ -265,17 +265,17 @@ def _cpu_peak(prof: Profile) -> None:
     at_loss = states + grads_fwd + acts
     at_opt = states + prof.grad_bytes
     phase, total = ("loss", at_loss) if at_loss >= at_opt else ("optimizer", at_opt)
-    try:  # the cost model's own sum of these parts over the step's events (accumulation's gradients, the head's
-        # output): the peak `tune` compares a budget with is then the one `estimate` shows for the baseline
-        from memtune.costmodel.build import build_sim
-        from memtune.costmodel.timeline import simulate
+    # the cost model's own sum of these parts over the step's events (accumulation's gradients, the head's
+    # output): the peak `tune` compares a budget with is then the one `estimate` shows for the baseline
+    from memtune.costmodel.build import build_sim
+    from memtune.costmodel.timeline import simulate
 
-        prof.peak = Peak(allocated_bytes=int(total), reserved_bytes=0, phase=phase, measured=False)
+    try:
         r = simulate(build_sim(prof, calibrate=False))
-        if r.peak_bytes > total:
-            total, phase = r.peak_bytes, r.peak_phase or phase
     except Exception:  # a profile the cost model cannot read yet: the plain sum stands
-        pass
+        r = None
+    if r is not None and r.peak_bytes > total:
+        total, phase = r.peak_bytes, r.peak_phase or phase
     prof.peak = Peak(allocated_bytes=int(total), reserved_bytes=0, phase=phase, measured=False)
     if not prof.step_start_bytes:
         prof.step_start_bytes = int(states + grads_fwd)

@@ -11,6 +11,7 @@ What-if probes (probes.py) run after the measured steps on inputs the memory ste
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -168,7 +169,7 @@ class Profiler:
         model = s.model
         self._set_device(s.device)
         self.counter = mem.SavedTensorCounter(self._owner, self.state_ptrs)
-        if s.compiled or getattr(model, "_compiled_call_impl", None) is not None:
+        if self._runs_compiled(s):
             self.undo_compile = _run_eagerly(s)
         self._add_compiled_steps(s)
         self.model_handles = [
@@ -178,12 +179,16 @@ class Profiler:
         ]
         self.set_mode(self.mode_for(0))
 
+    def _runs_compiled(self, s: Session) -> bool:
+        """The script runs compiled code of its own: a compiled model (wrapped, or `module.compile()`), or a
+        function it compiled (`_watch_compile`)."""
+        return (s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None
+                or self.script_compiles)
+
     def _add_compiled_steps(self, s: Session) -> None:
         """Once the model is seen compiled (at ready, or at a step's end when the script compiles it after
         building its optimizer): the compiled steps go after the eager ones."""
-        if (not self.compiled_steps and s.steps and s.model is not None
-                and (s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None
-                     or self.script_compiles)):
+        if not self.compiled_steps and s.steps and s.model is not None and self._runs_compiled(s):
             self.compiled_steps = COMPILED_STEPS
             s.steps += COMPILED_STEPS
 
@@ -315,8 +320,6 @@ class Profiler:
         """A script that compiles a function (its train step, its loss) rather than its model runs that compiled
         too: the force_eager stance hides it while profiling, so the compiled steps are added for it as for a
         compiled model. Calls from torch or installed libraries (flex attention's own compile) do not count."""
-        import os
-
         lib_dirs = tuple(os.path.dirname(d) + os.sep for d in (torch.__file__, os.__file__))
 
         def wrap(orig):
@@ -325,7 +328,7 @@ class Profiler:
                 if (not isinstance(model, torch.nn.Module) and not caller.startswith(lib_dirs)
                         and "-packages" + os.sep not in caller):
                     self.script_compiles = True
-                return orig(model, *args, **kwargs) if model is not None else orig(*args, **kwargs)
+                return orig(model, *args, **kwargs)
 
             return watched
 
@@ -354,7 +357,7 @@ class Profiler:
     def end(self, s: Session) -> None:
         if self.cuda:
             self._stop_recording()
-        if s.compiled or getattr(s.model, "_compiled_call_impl", None) is not None or self.script_compiles:
+        if self._runs_compiled(s):
             self.notes.append(
                 ("the model is torch.compile'd" if not self.script_compiles else
                  "the script torch.compile's a function") + ": its blocks profiled eagerly"
